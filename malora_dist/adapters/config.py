@@ -1,0 +1,157 @@
+"""The adapter configuration: which method, its ranks, and where it is injected (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from ..config_utils import from_dict, load_yaml
+
+METHODS = ("lora", "molora", "malora")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    """Adapter hyper-parameters. Every key has an effect; unknown keys are rejected.
+
+    method: ``lora`` | ``molora`` | ``malora``.
+    rank: r, the LoRA rank (lora) or the per-expert rank of MoLoRA; for MALoRA the MoLoRA rank
+        from which d and r̄ are derived.
+    num_experts: N (molora/malora).
+    top_k: experts per token (molora/malora).
+    lam: λ, MALoRA's budget split: d = λ·r·N, r̄ = (2−λ)·r.
+    shared_dim: explicit d (MALoRA), overrides λ.
+    expert_rank: explicit r̄ (MALoRA), overrides λ.
+    alpha: scaling numerator; default 2 × the expert rank (r for lora/molora, r̄ for malora).
+    beta: MALoRA's weight balance scale β, applied to the initial S_A and P_t only.
+    dropout: dropout on the adapter's input (after the router, which sees x itself).
+    target_modules: names of the linear layers to adapt.
+    balance_loss_coef: coefficient of the Switch load-balancing loss.
+    router_z_loss_coef: coefficient of the router z-loss (mean squared logsumexp of the logits).
+    normalize_gates: renormalise the top-k gates to sum to one (the paper does not).
+    capacity_factor: None for dropless routing; else each expert takes at most
+        ceil(capacity_factor · slots / N) slots per source rank and drops the rest (counted).
+    """
+
+    method: str = "malora"
+    rank: int = 8
+    num_experts: int = 8
+    top_k: int = 2
+    lam: float = 0.5
+    shared_dim: Optional[int] = None
+    expert_rank: Optional[int] = None
+    alpha: Optional[float] = None
+    beta: float = 1.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    balance_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    normalize_gates: bool = False
+    capacity_factor: Optional[float] = None
+
+    def __post_init__(self):
+        self.target_modules = list(self.target_modules)
+        self._validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.method != "lora"
+
+    @property
+    def d(self) -> int:
+        """MALoRA's shared subspace dimension."""
+        if self.shared_dim is not None:
+            return self.shared_dim
+        return _integral(self.lam * self.rank * self.num_experts, "d = lam·rank·num_experts", "shared_dim")
+
+    @property
+    def r_bar(self) -> int:
+        """MALoRA's per-expert up-projection rank."""
+        if self.expert_rank is not None:
+            return self.expert_rank
+        return _integral((2 - self.lam) * self.rank, "r̄ = (2−lam)·rank", "expert_rank")
+
+    @property
+    def adapter_rank(self) -> int:
+        """The rank of one expert's update: r̄ for MALoRA, r otherwise."""
+        return self.r_bar if self.method == "malora" else self.rank
+
+    @property
+    def scaling(self) -> float:
+        alpha = self.alpha if self.alpha is not None else 2.0 * self.adapter_rank
+        return alpha / self.adapter_rank
+
+    def check_fits(self, in_features: int, name: str = "") -> None:
+        """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n."""
+        if self.method == "malora" and self.d > in_features:
+            raise ValueError(
+                f"adapter.shared_dim d={self.d} exceeds the input size n={in_features} of "
+                f"{name or 'the adapted layer'}; the SVD initialisation needs d ≤ n: lower "
+                f"adapter.shared_dim, adapter.lam or adapter.rank"
+            )
+
+    # ---- validation ----------------------------------------------------------------------
+    def _validate(self):
+        if self.method not in METHODS:
+            raise ValueError(f"adapter.method must be one of {METHODS}, got {self.method!r}")
+        for key in ("rank", "num_experts", "top_k"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"adapter.{key} must be a positive integer, got {value!r}")
+        for key in ("shared_dim", "expert_rank"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"adapter.{key} must be a positive integer or null, got {value!r}")
+        if self.is_moe and self.top_k > self.num_experts:
+            raise ValueError(
+                f"adapter.top_k={self.top_k} exceeds adapter.num_experts={self.num_experts}: "
+                f"set top_k ≤ num_experts"
+            )
+        if not 0.0 < self.lam < 2.0:
+            raise ValueError(f"adapter.lam must lie in (0, 2), got {self.lam!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter.dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.beta <= 0:
+            raise ValueError(f"adapter.beta must be positive, got {self.beta!r}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"adapter.alpha must be positive or null, got {self.alpha!r}")
+        for key in ("balance_loss_coef", "router_z_loss_coef"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"adapter.{key} must be ≥ 0, got {getattr(self, key)!r}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"adapter.capacity_factor must be positive or null, got {self.capacity_factor!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError("adapter.target_modules must be a non-empty list of module names")
+        if self.method == "malora":
+            d, r_bar = self.d, self.r_bar  # raise if not integral
+            if r_bar > d:
+                raise ValueError(
+                    f"MALoRA needs r̄ ≤ d for its SVD initialisation, got r̄={r_bar} > d={d} "
+                    f"(rank={self.rank}, num_experts={self.num_experts}, lam={self.lam}): raise "
+                    f"adapter.lam or adapter.num_experts, or set adapter.shared_dim/expert_rank"
+                )
+
+    # ---- io ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AdapterConfig":
+        return from_dict(cls, data, "adapter")
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "AdapterConfig":
+        """Read the adapter keys at the top level, or from an ``adapter:`` section of a training config."""
+        data = load_yaml(path)
+        return cls.from_dict(data["adapter"] if "adapter" in data else data)
+
+
+def _integral(value: float, formula: str, override_key: str) -> int:
+    if abs(value - round(value)) > 1e-9:
+        raise ValueError(
+            f"{formula} = {value:g} is not an integer: choose lam/rank/num_experts that give one, "
+            f"or set adapter.{override_key} explicitly"
+        )
+    return int(round(value))

@@ -1,0 +1,65 @@
+"""Put adapters into a causal LM: wrap the target linears, freeze everything else."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import AdapterConfig
+from .layer import AdapterLinear
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (
+        hasattr(module, "parallel_mode") and hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap every linear whose name ends in one of ``config.target_modules``; return the model.
+
+    All base parameters are frozen. A target name that matches no linear layer is an error (a typo
+    would otherwise train nothing there).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    targets = set(config.target_modules)
+    found = set()
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and _is_linear_like(module) and not isinstance(module, AdapterLinear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, leaf, AdapterLinear(module, config, name=name))
+            found.add(leaf)
+    missing = sorted(targets - found)
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear_like(m)})
+        raise ValueError(
+            f"adapter.target_modules {missing} match no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {available}"
+        )
+    return model
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, layer in adapter_layers(model) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor:
+    """The router losses of the last forward: each averaged over the MoE layers, times its coefficient."""
+    layers = [layer for _, layer in adapter_layers(model) if layer.balance_loss is not None]
+    if not layers:
+        return torch.zeros(())
+    config = layers[0].config
+    total = config.balance_loss_coef * torch.stack([l.balance_loss for l in layers]).mean()
+    if config.router_z_loss_coef > 0:
+        total = total + config.router_z_loss_coef * torch.stack([l.z_loss for l in layers]).mean()
+    return total

@@ -1,0 +1,173 @@
+"""One adapter layer family around a frozen linear: LoRA, MoLoRA and MALoRA (DESIGN.md §1).
+
+The layer wraps ``base_layer`` (an ``nn.Linear`` or a tensor-parallel base from
+``malora_dist.models``) and never changes its weights. Tensor parallelism enters only through two
+hooks chosen from the base's ``parallel_mode`` (DESIGN.md §2):
+
+- ``row`` (input sharded on n): every product that contracts n (router logits, ``S_A x``, MoLoRA's
+  ``A_t x``) is a partial sum and is all-reduced over tp;
+- ``column`` (output sharded on m): the rank-space tensors that enter the sharded up-projection
+  (``h = P_t z`` and the gates) pass through ``copy_to_tensor_model_parallel_region`` exactly once,
+  which sums their partial gradients; nothing else is reduced over tp.
+
+Expert parallelism enters only through ``self.exchange`` (local, or all-to-all across EP ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import AdapterConfig
+from .exchange import LocalExchange
+from .init import kaiming_uniform, malora_svd_init
+from .routing import balance_loss, global_routing_counts, plan_slots, top_k_gates, z_loss
+from .tags import tag
+
+
+class AdapterLinear(nn.Module):
+    """``y = base(x) + scaling · Σ_{t ∈ topk} g_t · up_t(down_t(shared(drop(x))))``.
+
+    Parameters (full shapes; experts stacked on dim 0 by global index):
+
+    - ``shared_A`` (d, n): MALoRA's shared down-projection S_A (absent otherwise);
+    - ``expert_down``: MALoRA's P_t (N, r̄, d), MoLoRA's A_t (N, r, n), LoRA's A (1, r, n);
+    - ``expert_up``: MALoRA's B̄_t (N, m, r̄), MoLoRA's B_t (N, m, r), LoRA's B (1, m, r);
+    - ``router`` (MoE methods): ``nn.Linear(n, N, bias=False)``, fed x before dropout.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str = ""):
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.name = name
+        self.method = config.method
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.parallel_mode: Optional[str] = getattr(base_layer, "parallel_mode", None)
+        self.tp_group = getattr(base_layer, "tp_group", None)
+        self.dp_group = None  # set by the expert-parallel step; None = this process alone
+        self.num_experts = config.num_experts if config.is_moe else 1
+        self.top_k = config.top_k if config.is_moe else 1
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.exchange = LocalExchange()
+        self.expert_offset = 0  # global index of this rank's first expert
+        config.check_fits(self.in_features, name)
+        self._init_parameters(config)
+        self.balance_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self.expert_load: Optional[torch.Tensor] = None
+
+    # ---- parameters ----------------------------------------------------------------------
+    def _init_parameters(self, config: AdapterConfig) -> None:
+        n, m, N = self.in_features, self.out_features, self.num_experts
+        base_weight = getattr(self.base_layer, "weight", None)
+        on_meta = base_weight is not None and base_weight.device.type == "meta"
+        # Tags say which dim tensor parallelism splits: n on a row-parallel base, m on a column one.
+        n_dim = lambda dim: dim if self.parallel_mode == "row" else None  # noqa: E731
+        m_dim = lambda dim: dim if self.parallel_mode == "column" else None  # noqa: E731
+        expert = config.is_moe
+        if self.method == "malora":
+            shapes = ((config.d, n), (N, config.r_bar, config.d))
+            shared, down = (
+                [torch.empty(s, device="meta") for s in shapes] if on_meta
+                else malora_svd_init(N, config.d, config.r_bar, n, config.beta)
+            )
+            self.shared_A = tag(nn.Parameter(shared), expert=False, tp_dim=n_dim(1))
+            self.expert_down = tag(nn.Parameter(down), expert=True, tp_dim=None)
+            up_rank = config.r_bar
+        else:
+            down = (
+                torch.empty(N, config.rank, n, device="meta") if on_meta
+                else torch.stack([kaiming_uniform(config.rank, n) for _ in range(N)])
+            )
+            self.shared_A = None
+            self.expert_down = tag(nn.Parameter(down), expert=expert, tp_dim=n_dim(2))
+            up_rank = config.rank
+        up = torch.zeros(N, m, up_rank, device="meta" if on_meta else "cpu")
+        self.expert_up = tag(nn.Parameter(up), expert=expert, tp_dim=m_dim(1))
+        if config.is_moe:
+            self.router = nn.Linear(n, N, bias=False, device="meta" if on_meta else None)
+            tag(self.router.weight, expert=False, tp_dim=n_dim(1))
+        else:
+            self.router = None
+        if base_weight is not None and not on_meta:
+            # Built on the CPU from the global RNG (the same on every rank), then moved next to the base.
+            self.to(base_weight.device)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.expert_down.shape[0]
+
+    # ---- tensor-parallel hooks -----------------------------------------------------------
+    def _sum_partial_over_tp(self, t: torch.Tensor) -> torch.Tensor:
+        if self.parallel_mode != "row":
+            return t
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        return reduce_from_tensor_model_parallel_region(t, group=self.tp_group)
+
+    def _copy_into_sharded_up(self, t: torch.Tensor) -> torch.Tensor:
+        if self.parallel_mode != "column":
+            return t
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        return copy_to_tensor_model_parallel_region(t, group=self.tp_group)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        flat = x.reshape(-1, x.shape[-1])
+        delta = self._moe(flat) if self.router is not None else self._lora(flat)
+        return out + (self.scaling * delta).to(out.dtype).reshape(*out.shape[:-1], -1)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_experts(self.dropout(x), [x.shape[0]])
+
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        logits = self._sum_partial_over_tp(self.router(x))
+        probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
+        counts, tokens = global_routing_counts(experts, self.num_experts, self.dp_group)
+        tokens = tokens.clamp(min=1)
+        self.expert_load = counts
+        self.balance_loss = balance_loss(probs, counts, tokens, self.top_k)
+        self.z_loss = z_loss(logits, tokens) if cfg.router_z_loss_coef > 0 else None
+
+        z = self.dropout(x)
+        if self.shared_A is not None:
+            # S_A x once per token, before routing: the shared part, and what travels (d numbers).
+            z = self._sum_partial_over_tp(z @ self.shared_A.t())
+        plan = plan_slots(experts, self.num_experts, cfg.capacity_factor)
+        self.exchange.traffic.dropped_slots += plan.dropped
+        rows, local_counts, state = self.exchange.dispatch(z[plan.token_of_slot], plan.counts)
+        rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
+        slot_gates = self._copy_into_sharded_up(gates).reshape(-1)[plan.order]
+        out = rows.new_zeros(x.shape[0], rows.shape[-1])
+        return out.index_add(0, plan.token_of_slot, rows * slot_gates.unsqueeze(-1).to(rows.dtype))
+
+    def _run_experts(self, rows: torch.Tensor, counts: list) -> torch.Tensor:
+        """Rows grouped by local expert → ``up_t(down_t(rows))``: a loop over the few local experts.
+
+        An expert with no rows still runs (a zero-row matmul): its gradient is an exact zero, and
+        every rank keeps issuing the same collectives.
+        """
+        outputs = []
+        for t, chunk in enumerate(rows.split(counts)):
+            h = chunk @ self.expert_down[t].t()
+            if self.shared_A is None:  # A_t contracts n, which a row-parallel base shards
+                h = self._sum_partial_over_tp(h)
+            outputs.append(self._copy_into_sharded_up(h) @ self.expert_up[t].t())
+        return torch.cat(outputs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        shape = f"d={c.d}, r̄={c.r_bar}" if self.method == "malora" else f"r={c.rank}"
+        moe = f", experts={self.num_experts} (local {self.num_local_experts}), top_k={self.top_k}" if c.is_moe else ""
+        return f"method={self.method}, {shape}{moe}, scaling={self.scaling:g}, tp={self.parallel_mode}"

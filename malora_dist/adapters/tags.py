@@ -1,0 +1,26 @@
+"""Parameter tags, set when a parameter is created, so reduction and sharding never match on names.
+
+- ``malora_expert``: the parameter belongs to routed experts (stacked on dim 0 by global expert
+  index); its gradient is summed over the expert-data-parallel group, its dim 0 is split by ep.
+- ``malora_tp_dim``: the dim split across tensor-parallel ranks, or None when replicated over tp.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def tag(param: torch.nn.Parameter, *, expert: bool, tp_dim: Optional[int] = None) -> torch.nn.Parameter:
+    param.malora_expert = expert
+    param.malora_tp_dim = tp_dim
+    return param
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    return getattr(param, "malora_expert", False)
+
+
+def tp_dim(param: torch.Tensor) -> Optional[int]:
+    return getattr(param, "malora_tp_dim", None)

@@ -1,0 +1,46 @@
+"""Split full adapter tensors into this rank's shard, and gather shards back into full tensors.
+
+Layout rules come from the parameter tags (``malora_dist.adapters.tags``): expert tensors are split
+on dim 0 across the EP group (rank e owns experts [e·N/ep, (e+1)·N/ep)), tp-sharded tensors on their
+``tp_dim`` across the tp group. Keys of full tensors never depend on the layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..adapters.tags import is_expert, tp_dim
+from .groups import ParallelGroups
+
+
+def local_slice(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """This rank's part of ``full`` for a parameter tagged like ``param``."""
+    part = full
+    if is_expert(param) and groups.ep > 1:
+        part = part.chunk(groups.ep, dim=0)[groups.ep_rank]
+    dim = tp_dim(param)
+    if dim is not None and groups.tp > 1:
+        part = part.chunk(groups.tp, dim=dim)[groups.tp_rank]
+    return part.contiguous()
+
+
+def _gather(t: torch.Tensor, dim: int, size: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def full_tensor(param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of a (possibly sharded) parameter; a collective on the tp and EP groups."""
+    full = param.detach()
+    dim = tp_dim(param)
+    if dim is not None:
+        full = _gather(full, dim, groups.tp, groups.tp_group)
+    if is_expert(param):
+        full = _gather(full, 0, groups.ep, groups.ep_group)
+    return full

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+# Tested: torch 2.13.0 (CPU), megatron-core 0.16.1, transformers 5.24, datasets 5.2, peft 0.21.2
+# (Python 3.11). Install torch first (the CPU or CUDA build you want): an unpinned torch pulled in
+# by another package would be the multi-GB CUDA build.
+setup(
+    name="malora_dist",
+    version="0.1.0",
+    description="Distributed training of mixture-of-LoRA-experts adapters (MALoRA, MoLoRA, LoRA)",
+    packages=find_packages(include=["malora_dist", "malora_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.13,<2.14",
+        "megatron-core>=0.16.1,<0.17",
+        "transformers>=5.20,<6",
+        "datasets>=5.0,<6",
+        "nvidia-ml-py>=13.0",
+        "safetensors>=0.6",
+        "PyYAML>=6.0",
+        "tqdm>=4.66",
+        "gguf>=0.17",
+        "accelerate>=1.10",
+        "numpy>=2.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=9.0", "peft>=0.21,<0.22"],
+        "plots": ["matplotlib>=3.8"],
+    },
+)

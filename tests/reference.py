@@ -1,0 +1,40 @@
+"""An independent dense reference for the adapter layer, written from DESIGN.md §1's formulas.
+
+It computes every expert for every token (einsum) and masks with the top-k gates, so it shares no
+code with the sparse, sorted, exchanged implementation under test.
+"""
+
+import torch
+
+
+def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scaling):
+    y = x @ base_weight.t()
+    if method == "lora":
+        return y + scaling * (x @ params["expert_down"][0].t()) @ params["expert_up"][0].t()
+    probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
+    top_values, top_index = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        top_values = top_values / top_values.sum(-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(1, top_index, top_values)
+    if method == "malora":
+        h = torch.einsum("td,erd->ter", x @ params["shared_A"].t(), params["expert_down"])
+    else:
+        h = torch.einsum("tn,ern->ter", x, params["expert_down"])
+    per_expert = torch.einsum("ter,emr->tem", h, params["expert_up"])
+    return y + scaling * torch.einsum("te,tem->tm", gates, per_expert)
+
+
+def randomize_adapter_(layer, generator):
+    """Give every adapter parameter random values (B̄ = 0 at init would hide most gradients)."""
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def adapter_params(layer):
+    return {n: p for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()

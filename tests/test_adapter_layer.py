@@ -1,0 +1,157 @@
+"""The adapter layer against the independent dense reference, its initialisation and its router losses."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from malora_dist.adapters.config import AdapterConfig
+from malora_dist.adapters.inject import auxiliary_loss
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.routing import balance_loss, plan_slots
+from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
+
+SHAPES = [  # (n, m, rank, num_experts, tokens)
+    (16, 24, 4, 4, 13),
+    (40, 8, 2, 4, 7),
+    (24, 24, 2, 8, 33),
+]
+CASES = [
+    (method, shape, top_k, normalize)
+    for method, shape, top_k, normalize in itertools.product(("malora", "molora", "lora"), SHAPES, (1, 2), (False, True))
+    if not (method == "lora" and (top_k == 2 or normalize))
+]
+
+
+def make_layer(method, n, m, rank, num_experts, top_k, normalize=False, seed=0, **extra):
+    torch.manual_seed(seed)
+    config = AdapterConfig(method=method, rank=rank, num_experts=num_experts, top_k=top_k,
+                           normalize_gates=normalize, **extra)
+    return AdapterLinear(nn.Linear(n, m, bias=False), config)
+
+
+@pytest.mark.parametrize("method,shape,top_k,normalize", CASES)
+def test_forward_and_gradients_match_dense_reference(method, shape, top_k, normalize):
+    n, m, rank, num_experts, tokens = shape
+    layer = make_layer(method, n, m, rank, num_experts, top_k, normalize)
+    gen = torch.Generator().manual_seed(1)
+    randomize_adapter_(layer, gen)
+    x = torch.randn(tokens, n, generator=gen, requires_grad=True)
+    grad_out = torch.randn(tokens, m, generator=gen)
+
+    out = layer(x)
+    (out * grad_out).sum().backward()
+
+    ref_params = {k: v.detach().clone().requires_grad_() for k, v in adapter_params(layer).items()}
+    ref_x = x.detach().clone().requires_grad_()
+    ref = dense_adapter_output(ref_x, layer.base_layer.weight, ref_params, method, top_k, normalize, layer.scaling)
+    (ref * grad_out).sum().backward()
+
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(x.grad, ref_x.grad) <= 1e-5
+    for name, param in adapter_params(layer).items():
+        assert param.grad is not None, name
+        if name == "router.weight" and normalize and top_k == 1:
+            # A single renormalised gate is 1 whatever the logits: the true gradient is zero, and
+            # both sides hold only rounding noise.
+            assert param.grad.norm() < 1e-4 and ref_params[name].grad.norm() < 1e-4
+            continue
+        assert rel_err(param.grad, ref_params[name].grad) <= 1e-5, name
+
+
+def test_leading_dims_are_kept():
+    layer = make_layer("malora", 16, 24, 4, 4, 2)
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 24)
+
+
+@pytest.mark.parametrize("method", ["malora", "molora", "lora"])
+def test_output_is_exactly_the_base_at_step_zero(method):
+    layer = make_layer(method, 16, 24, 4, 4, 2)
+    x = torch.randn(9, 16)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_malora_init_shapes_and_beta():
+    one = make_layer("malora", 32, 20, 4, 4, 2, beta=1.0, seed=3)
+    other = make_layer("malora", 32, 20, 4, 4, 2, beta=1.25, seed=3)
+    cfg = one.config
+    assert one.shared_A.shape == (cfg.d, 32) and one.expert_down.shape == (4, cfg.r_bar, cfg.d)
+    assert one.expert_up.shape == (4, 20, cfg.r_bar) and torch.count_nonzero(one.expert_up) == 0
+    # P_t S_A does not depend on β; S_A S_Aᵀ = β² I.
+    torch.testing.assert_close(one.expert_down @ one.shared_A, other.expert_down @ other.shared_A, rtol=1e-5, atol=1e-6)
+    for layer, beta in ((one, 1.0), (other, 1.25)):
+        gram = layer.shared_A @ layer.shared_A.t()
+        torch.testing.assert_close(gram, beta**2 * torch.eye(cfg.d), rtol=0, atol=1e-5)
+    assert not torch.allclose(one.shared_A, other.shared_A)
+    # P_0 S_A = (U_0 Σ_0)[:r̄] V_0 is the first r̄ rows of K_0, a Kaiming-uniform draw: inside U(±1/√n).
+    assert (one.expert_down[0] @ one.shared_A).abs().max() <= 1.0 / 32**0.5 + 1e-6
+
+
+def test_malora_gradients_at_step_zero():
+    layer = make_layer("malora", 32, 20, 4, 4, 1, seed=5)
+    x = torch.randn(64, 32)
+    layer(x).pow(2).sum().backward()  # non-zero upstream gradient
+    (layer(x) * torch.randn(64, 20)).sum().backward()
+    assert torch.count_nonzero(layer.shared_A.grad) == 0
+    assert torch.count_nonzero(layer.expert_down.grad) == 0
+    routed = torch.bincount(torch.topk(layer.router(x), 1).indices.reshape(-1), minlength=4)
+    for t in range(4):
+        assert (torch.count_nonzero(layer.expert_up.grad[t]) > 0) == bool(routed[t] > 0), t
+    assert routed.sum() == 64
+
+
+def test_balance_loss_on_hand_built_routings():
+    num_experts, tokens = 4, 8
+    uniform = torch.full((tokens, num_experts), 1.0 / num_experts)
+    round_robin = torch.arange(tokens * 2).reshape(tokens, 2) % num_experts
+    counts = torch.bincount(round_robin.reshape(-1), minlength=num_experts).float()
+    loss = balance_loss(uniform, counts, torch.tensor(float(tokens)), top_k=2)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+
+    one_hot = torch.zeros(tokens, num_experts)
+    one_hot[:, 2] = 1.0
+    all_on_two = torch.full((tokens, 1), 2)
+    counts = torch.bincount(all_on_two.reshape(-1), minlength=num_experts).float()
+    loss = balance_loss(one_hot, counts, torch.tensor(float(tokens)), top_k=1)
+    assert loss.item() == pytest.approx(num_experts, abs=1e-6)
+
+
+def test_auxiliary_loss_of_collapsed_router_is_n_times_coefficient():
+    layer = make_layer("malora", 16, 16, 4, 4, 1, balance_loss_coef=0.01)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[1] = 100.0
+    model = nn.Sequential(layer)
+    model(torch.ones(5, 16))
+    assert auxiliary_loss(model).item() == pytest.approx(4 * 0.01, rel=1e-5)
+    assert layer.expert_load.tolist() == [0, 5, 0, 0]
+
+
+def test_router_z_loss_enters_the_auxiliary_loss():
+    layer = make_layer("molora", 16, 16, 2, 4, 2, balance_loss_coef=0.0, router_z_loss_coef=0.1)
+    x = torch.randn(6, 16)
+    model = nn.Sequential(layer)
+    model(x)
+    expected = 0.1 * torch.logsumexp(x @ layer.router.weight.t(), -1).pow(2).mean()
+    assert auxiliary_loss(model).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_capacity_drops_the_latest_slots_and_counts_them():
+    experts = torch.tensor([[0], [0], [0], [1], [0]])
+    plan = plan_slots(experts, num_experts=2, capacity_factor=1.0)  # capacity ceil(5/2) = 3
+    assert plan.counts == [3, 1] and plan.dropped == 1
+    assert plan.token_of_slot.tolist() == [0, 1, 2, 3]
+
+
+def test_dropped_slots_contribute_nothing():
+    layer = make_layer("molora", 16, 8, 2, 2, 1, capacity_factor=0.5)
+    randomize_adapter_(layer, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 50.0  # every token chooses expert 0
+    x = torch.rand(6, 16) + 0.1
+    delta = layer(x) - layer.base_layer(x)
+    # capacity = ceil(0.5 · 6 / 2) = 2: tokens 0 and 1 keep their slot, the rest get no update.
+    assert torch.count_nonzero(delta[2:]) == 0 and torch.count_nonzero(delta[:2].abs().sum(-1)) == 2
+    assert layer.exchange.traffic.dropped_slots == 4
