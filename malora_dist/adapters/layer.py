@@ -125,7 +125,7 @@ class AdapterLinear(nn.Module):
         out = self.base_layer(x)
         flat = x.reshape(-1, x.shape[-1])
         delta = self._moe(flat) if self.router is not None else self._lora(flat)
-        return out + (self.scaling * delta).to(out.dtype).reshape(*out.shape[:-1], -1)
+        return out + (self.scaling * delta).to(out.dtype).reshape(out.shape)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
         return self._run_experts(self.dropout(x), [x.shape[0]])

@@ -35,9 +35,10 @@ def _gather(t: torch.Tensor, dim: int, size: int, group: Optional[dist.ProcessGr
     return torch.cat(parts, dim=dim)
 
 
-def full_tensor(param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """The full tensor of a (possibly sharded) parameter; a collective on the tp and EP groups."""
-    full = param.detach()
+def full_tensor(param: torch.Tensor, groups: ParallelGroups, value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The full tensor of a (possibly sharded) parameter, or of ``value`` laid out like it (its
+    gradient, say); a collective on the tp and EP groups."""
+    full = (param if value is None else value).detach()
     dim = tp_dim(param)
     if dim is not None:
         full = _gather(full, dim, groups.tp, groups.tp_group)

@@ -1,0 +1,233 @@
+"""Expert parallelism against the single-process layer, in real multi-process gloo worlds.
+
+One world per world size runs every case; the tests check its results. Each case compares outputs,
+input gradients and the gradient of every trainable parameter (summed by the reduction rules) with
+the single-process layer on the same global batch, then takes an AdamW step and checks replicas.
+"""
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from malora_dist.adapters.config import AdapterConfig
+from malora_dist.adapters.inject import adapter_layers
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
+from malora_dist.parallel.groups import ParallelGroups
+from malora_dist.parallel.parallelize import parallelize_adapters
+from malora_dist.parallel.sharding import full_tensor
+from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
+from world import run_world
+
+N_IN, N_OUT, RANK, EXPERTS = 12, 10, 2, 4  # MALoRA: d = 4, r̄ = 3
+BALANCE_COEF = 0.1
+
+
+@dataclass
+class Case:
+    name: str
+    method: str
+    top_k: int
+    ep: int
+    tokens: list  # tokens per dp rank (the global batch is their concatenation)
+    route_to: Optional[list] = None  # force every token onto these experts
+    capacity_factor: Optional[float] = None
+    normalize: bool = False
+
+    @property
+    def world(self):
+        return len(self.tokens)
+
+
+def _cases():
+    cases = []
+    for method in ("malora", "molora"):
+        for top_k in (1, 2):
+            cases.append(Case(f"{method}-k{top_k}-ep2", method, top_k, 2, [5, 7]))
+            cases.append(Case(f"{method}-k{top_k}-ep4", method, top_k, 4, [3, 4, 5, 2]))
+            cases.append(Case(f"{method}-k{top_k}-dp4ep2", method, top_k, 2, [4, 2, 3, 6]))
+        cases += [
+            Case(f"{method}-all-to-one-ep2", method, 1, 2, [4, 5], route_to=[0]),
+            Case(f"{method}-all-to-last-rank-k2-ep4", method, 2, 4, [2, 3, 1, 2], route_to=[3, 2]),
+            Case(f"{method}-empty-rank-ep2", method, 2, 2, [0, 6]),
+            Case(f"{method}-one-token-ep2", method, 2, 2, [1, 3], normalize=True),
+            Case(f"{method}-capacity-ep2", method, 1, 2, [6, 6], route_to=[1], capacity_factor=1.0),
+        ]
+    return cases
+
+
+CASES = _cases()
+
+
+def build_reference(case):
+    torch.manual_seed(0)
+    config = AdapterConfig(method=case.method, rank=RANK, num_experts=EXPERTS, top_k=case.top_k,
+                           normalize_gates=case.normalize, capacity_factor=case.capacity_factor,
+                           balance_loss_coef=BALANCE_COEF)
+    layer = AdapterLinear(nn.Linear(N_IN, N_OUT, bias=False), config)
+    gen = torch.Generator().manual_seed(1)
+    randomize_adapter_(layer, gen)
+    total = sum(case.tokens)
+    x = torch.rand(total, N_IN, generator=gen) + 0.05
+    if case.route_to:
+        with torch.no_grad():
+            for boost, expert in zip((8.0, 6.0), case.route_to):
+                layer.router.weight[expert] = boost
+    return layer, x, torch.randn(total, N_OUT, generator=gen)
+
+
+def kept_slot_mask(case, layer, x):
+    """Which (token, expert) slots survive the capacity limit, computed independently per source rank."""
+    probs = torch.softmax(x @ layer.router.weight.t(), -1)
+    _, top = torch.topk(probs, case.top_k, -1)
+    keep = torch.zeros_like(probs)
+    start = 0
+    for tokens in case.tokens:
+        capacity = math.ceil(case.capacity_factor * tokens * case.top_k / EXPERTS)
+        used = [0] * EXPERTS
+        for t in range(start, start + tokens):
+            for e in top[t].tolist():
+                if used[e] < capacity:
+                    keep[t, e] = 1.0
+                    used[e] += 1
+        start += tokens
+    return keep
+
+
+def reference_run(case):
+    layer, x, grad_out = build_reference(case)
+    x = x.clone().requires_grad_()
+    if case.capacity_factor is None:
+        out = layer(x)
+        loss = (out * grad_out).sum() + BALANCE_COEF * layer.balance_loss
+        dropped = 0
+    else:  # the single-process layer would apply one global capacity: use the dense formula instead
+        keep = kept_slot_mask(case, layer, x.detach())
+        params = adapter_params(layer)
+        probs = torch.softmax(x @ params["router.weight"].t(), -1)
+        masked = {**params, "router.weight": params["router.weight"]}
+        out = _dense_with_mask(x, layer, masked, keep, case)
+        loss = (out * grad_out).sum()
+        dropped = int(sum(case.tokens) * case.top_k - keep.sum())
+        del probs
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in adapter_params(layer).items()}
+    return layer, out.detach(), x.grad.clone(), grads, dropped
+
+
+def _dense_with_mask(x, layer, params, keep, case):
+    probs = torch.softmax(x @ params["router.weight"].t(), -1)
+    values, index = torch.topk(probs, case.top_k, -1)
+    gates = torch.zeros_like(probs).scatter(1, index, values) * keep
+    z = x @ params["shared_A"].t() if "shared_A" in params else x
+    eq = "td,erd->ter" if "shared_A" in params else "tn,ern->ter"
+    h = torch.einsum(eq, z, params["expert_down"])
+    return x @ layer.base_layer.weight.t() + layer.scaling * torch.einsum(
+        "te,tem->tm", gates, torch.einsum("ter,emr->tem", h, params["expert_up"]))
+
+
+def distributed_run(case, groups):
+    ref_layer, ref_out, ref_x_grad, ref_grads, ref_dropped = reference_run(case)
+    layer, x_all, grad_all = build_reference(case)
+    model = parallelize_adapters(nn.Sequential(layer), groups)
+    rank = dist.get_rank()
+    start = sum(case.tokens[:rank])
+    local = slice(start, start + case.tokens[rank])
+    x = x_all[local].clone().requires_grad_()
+    out = layer(x)
+    loss = (out * grad_all[local]).sum()
+    if case.capacity_factor is None:
+        loss = loss + BALANCE_COEF * layer.balance_loss
+    loss.backward()
+    params = list(adapter_params(layer).items())
+    reduce_gradients([p for _, p in params], groups)
+
+    result = {
+        "out": rel_err(out.detach(), ref_out[local]) if out.numel() else 0.0,
+        "x_grad": rel_err(x.grad, ref_x_grad[local]) if x.numel() else 0.0,
+        "grads": {n: rel_err(full_tensor(p, groups, p.grad), ref_grads[n]) for n, p in params},
+        "grad_norm": (global_grad_norm([p for _, p in params], groups).item(),
+                      torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()),
+        "dropped": layer.exchange.traffic.dropped_slots,
+        "ref_dropped": ref_dropped,
+        "traffic": layer.exchange.traffic.as_dict(),
+        "local_slots": case.tokens[rank] * case.top_k,
+    }
+    # One AdamW step on both sides: the full parameters must agree, and replicas must be identical.
+    torch.optim.AdamW([p for _, p in params], lr=0.01).step()
+    torch.optim.AdamW(list(adapter_params(ref_layer).values()), lr=0.01).step()
+    ref_after = adapter_params(ref_layer)
+    result["after_step"] = {n: rel_err(full_tensor(p, groups), ref_after[n].detach()) for n, p in params}
+    replica_gap = {}
+    for n, p in params:
+        group = groups.edp_group if getattr(p, "malora_expert", False) else groups.dp_group
+        size = groups.edp if getattr(p, "malora_expert", False) else groups.dp
+        copies = [torch.empty_like(p) for _ in range(size)]
+        if group is None:
+            copies = [p.detach()]
+        else:
+            dist.all_gather(copies, p.detach().contiguous(), group=group)
+        replica_gap[n] = max((c - copies[0]).abs().max().item() for c in copies)
+    result["replica_gap"] = replica_gap
+    return result
+
+
+def world_main(cases):
+    results = {}
+    layouts = {}
+    for case in cases:
+        key = case.ep
+        if key not in layouts:
+            layouts[key] = ParallelGroups.build(tp=1, ep=case.ep, num_experts=EXPERTS)
+        results[case.name] = distributed_run(case, layouts[key])
+    return results
+
+
+@pytest.fixture(scope="module")
+def world_results():
+    results = {}
+    for size in sorted({c.world for c in CASES}):
+        per_rank = run_world(size, world_main, [c for c in CASES if c.world == size])
+        for name in per_rank[0]:
+            results[name] = [r[name] for r in per_rank]
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_single_process_layer(world_results, case):
+    for rank, result in enumerate(world_results[case.name]):
+        assert result["out"] <= 1e-5, (rank, result["out"])
+        assert result["x_grad"] <= 1e-5, (rank, result["x_grad"])
+        for name, err in result["grads"].items():
+            assert err <= 1e-5, (rank, name, err)
+        norm, ref_norm = result["grad_norm"]
+        assert norm == pytest.approx(ref_norm, rel=1e-5)
+        for name, err in result["after_step"].items():
+            assert err <= 1e-5, (rank, "after AdamW", name, err)
+        for name, gap in result["replica_gap"].items():
+            assert gap == 0.0, (rank, "replicas differ", name, gap)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.capacity_factor], ids=lambda c: c.name)
+def test_capacity_drops_are_counted(world_results, case):
+    results = world_results[case.name]
+    assert sum(r["dropped"] for r in results) == results[0]["ref_dropped"] > 0
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.capacity_factor is None], ids=lambda c: c.name)
+def test_traffic_matches_closed_form(world_results, case):
+    width = {"malora": int(0.5 * RANK * EXPERTS), "molora": N_IN}[case.method]
+    results = world_results[case.name]
+    for r in results:
+        assert r["traffic"]["dispatch_bytes"] == r["local_slots"] * width * 4
+        assert r["traffic"]["count_exchange_bytes"] == EXPERTS * 8
+    groups_of_ep = [results[i:i + case.ep] for i in range(0, len(results), case.ep)]
+    for ep_group in groups_of_ep:
+        slots = sum(r["local_slots"] for r in ep_group)
+        assert sum(r["traffic"]["combine_bytes"] for r in ep_group) == slots * N_OUT * 4
