@@ -18,9 +18,10 @@ SHAPES = [  # (n, m, rank, num_experts, tokens)
     (24, 24, 2, 8, 33),
 ]
 CASES = [
-    (method, shape, top_k, normalize)
-    for method, shape, top_k, normalize in itertools.product(("malora", "molora", "lora"), SHAPES, (1, 2), (False, True))
-    if not (method == "lora" and (top_k == 2 or normalize))
+    (method, shape, top_k, normalize, kernel)
+    for method, shape, top_k, normalize, kernel in itertools.product(
+        ("malora", "molora", "lora"), SHAPES, (1, 2), (False, True), ("sparse", "dense"))
+    if not (method == "lora" and (top_k == 2 or normalize or kernel == "dense"))
 ]
 
 
@@ -31,10 +32,10 @@ def make_layer(method, n, m, rank, num_experts, top_k, normalize=False, seed=0, 
     return AdapterLinear(nn.Linear(n, m, bias=False), config)
 
 
-@pytest.mark.parametrize("method,shape,top_k,normalize", CASES)
-def test_forward_and_gradients_match_dense_reference(method, shape, top_k, normalize):
+@pytest.mark.parametrize("method,shape,top_k,normalize,kernel", CASES)
+def test_forward_and_gradients_match_dense_reference(method, shape, top_k, normalize, kernel):
     n, m, rank, num_experts, tokens = shape
-    layer = make_layer(method, n, m, rank, num_experts, top_k, normalize)
+    layer = make_layer(method, n, m, rank, num_experts, top_k, normalize, expert_kernel=kernel)
     gen = torch.Generator().manual_seed(1)
     randomize_adapter_(layer, gen)
     x = torch.randn(tokens, n, generator=gen, requires_grad=True)
@@ -88,8 +89,9 @@ def test_malora_init_shapes_and_beta():
     assert (one.expert_down[0] @ one.shared_A).abs().max() <= 1.0 / 32**0.5 + 1e-6
 
 
-def test_malora_gradients_at_step_zero():
-    layer = make_layer("malora", 32, 20, 4, 4, 1, seed=5)
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+def test_malora_gradients_at_step_zero(kernel):
+    layer = make_layer("malora", 32, 20, 4, 4, 1, seed=5, expert_kernel=kernel)
     x = torch.randn(64, 32)
     layer(x).pow(2).sum().backward()  # non-zero upstream gradient
     (layer(x) * torch.randn(64, 20)).sum().backward()

@@ -32,6 +32,10 @@ class AdapterConfig:
     normalize_gates: renormalise the top-k gates to sum to one (the paper does not).
     capacity_factor: None for dropless routing; else each expert takes at most
         ceil(capacity_factor · slots / N) slots per source rank and drops the rest (counted).
+    expert_kernel: how experts that sit on this rank are computed: ``sparse`` (rows gathered per
+        expert), ``dense`` (every expert for every token, masked by the gates: two matmuls and no
+        gather, cheap because the ranks are tiny), or ``auto`` (dense when all experts are local and
+        routing is dropless, else sparse).
     """
 
     method: str = "malora"
@@ -49,6 +53,7 @@ class AdapterConfig:
     router_z_loss_coef: float = 0.0
     normalize_gates: bool = False
     capacity_factor: Optional[float] = None
+    expert_kernel: str = "auto"
 
     def __post_init__(self):
         self.target_modules = list(self.target_modules)
@@ -122,6 +127,11 @@ class AdapterConfig:
                 raise ValueError(f"adapter.{key} must be ≥ 0, got {getattr(self, key)!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"adapter.capacity_factor must be positive or null, got {self.capacity_factor!r}")
+        if self.expert_kernel not in ("auto", "dense", "sparse"):
+            raise ValueError(f"adapter.expert_kernel must be auto, dense or sparse, got {self.expert_kernel!r}")
+        if self.expert_kernel == "dense" and self.capacity_factor is not None:
+            raise ValueError("adapter.expert_kernel=dense computes every slot, so it cannot drop slots: "
+                             "use expert_kernel: sparse (or auto) with capacity_factor")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError("adapter.target_modules must be a non-empty list of module names")
         if self.method == "malora":

@@ -123,14 +123,17 @@ class AdapterLinear(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        flat = x.reshape(-1, x.shape[-1])
-        delta = self._moe(flat) if self.router is not None else self._lora(flat)
-        return out + (self.scaling * delta).to(out.dtype).reshape(out.shape)
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        # The scaling is folded into rank-space tensors and the sum into the last matmul (addmm):
+        # at LoRA ranks, elementwise passes over the m-wide output would cost more than the adapter.
+        result = self._moe(flat_x, flat_out) if self.router is not None else self._lora(flat_x, flat_out)
+        return result.reshape(out.shape)
 
-    def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run_experts(self.dropout(x), [x.shape[0]])
+    def _lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = self._project_down(0, self.dropout(x))
+        return torch.addmm(out, (self.scaling * h).to(out.dtype), self.expert_up[0].t().to(out.dtype))
 
-    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         logits = self._sum_partial_over_tp(self.router(x))
         probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
@@ -144,13 +147,43 @@ class AdapterLinear(nn.Module):
         if self.shared_A is not None:
             # S_A x once per token, before routing: the shared part, and what travels (d numbers).
             z = self._sum_partial_over_tp(z @ self.shared_A.t())
+        gates = self.scaling * self._copy_into_sharded_up(gates)
+        if self._use_dense_kernel():
+            return self._dense_experts(z, gates, experts, out)
         plan = plan_slots(experts, self.num_experts, cfg.capacity_factor)
         self.exchange.traffic.dropped_slots += plan.dropped
         rows, local_counts, state = self.exchange.dispatch(z[plan.token_of_slot], plan.counts)
         rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
-        slot_gates = self._copy_into_sharded_up(gates).reshape(-1)[plan.order]
-        out = rows.new_zeros(x.shape[0], rows.shape[-1])
-        return out.index_add(0, plan.token_of_slot, rows * slot_gates.unsqueeze(-1).to(rows.dtype))
+        slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
+        return out.index_add(0, plan.token_of_slot, (rows * slot_gates.to(rows.dtype)).to(out.dtype))
+
+    def _use_dense_kernel(self) -> bool:
+        kernel = self.config.expert_kernel
+        all_local = self.num_local_experts == self.num_experts
+        if kernel == "auto":
+            return all_local and self.config.capacity_factor is None
+        return kernel == "dense" and all_local
+
+    def _dense_experts(self, z: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, masked by the top-k gates: two matmuls, no gather/scatter.
+
+        Unrouted (token, expert) pairs get a zero gate, so their gradients are exact zeros and the
+        result equals the sparse kernel's.
+        """
+        tokens, (num, rank, width) = z.shape[0], self.expert_down.shape
+        h = self._project_down(slice(None), z, stacked=True).view(tokens, num, rank)
+        dense_gates = torch.zeros(tokens, num, dtype=h.dtype, device=h.device).scatter(1, experts, gates.to(h.dtype))
+        h = (h * dense_gates.unsqueeze(-1)).reshape(tokens, num * rank)
+        up = self.expert_up.permute(1, 0, 2).reshape(self.expert_up.shape[1], num * rank)
+        return torch.addmm(out, h.to(out.dtype), up.t().to(out.dtype))
+
+    def _project_down(self, expert, rows: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """``down_t(rows)`` with its tensor-parallel hook; ``stacked`` projects onto all experts at once."""
+        down = self.expert_down[expert]
+        h = rows @ (down.reshape(-1, down.shape[-1]) if stacked else down).t()
+        if self.shared_A is None:  # A_t contracts n, which a row-parallel base shards
+            h = self._sum_partial_over_tp(h)
+        return self._copy_into_sharded_up(h)
 
     def _run_experts(self, rows: torch.Tensor, counts: list) -> torch.Tensor:
         """Rows grouped by local expert → ``up_t(down_t(rows))``: a loop over the few local experts.
@@ -158,13 +191,8 @@ class AdapterLinear(nn.Module):
         An expert with no rows still runs (a zero-row matmul): its gradient is an exact zero, and
         every rank keeps issuing the same collectives.
         """
-        outputs = []
-        for t, chunk in enumerate(rows.split(counts)):
-            h = chunk @ self.expert_down[t].t()
-            if self.shared_A is None:  # A_t contracts n, which a row-parallel base shards
-                h = self._sum_partial_over_tp(h)
-            outputs.append(self._copy_into_sharded_up(h) @ self.expert_up[t].t())
-        return torch.cat(outputs)
+        return torch.cat([self._project_down(t, chunk) @ self.expert_up[t].t()
+                          for t, chunk in enumerate(rows.split(counts))])
 
     def extra_repr(self) -> str:
         c = self.config
