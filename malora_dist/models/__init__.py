@@ -1,0 +1,29 @@
+"""The frozen base model: loading from HF/GGUF and its megatron-core tensor-parallel copy."""
+
+from malora_dist.models.loading import (
+    build_tiny_causal_lm,
+    load_hf_model,
+    load_tokenizer,
+    smollm2_gguf_path,
+)
+from malora_dist.models.tp_linear import ColumnParallelBase, RowParallelBase, TensorParallelBase
+from malora_dist.models.tp_llama import (
+    TPCausalLM,
+    check_tp_divisibility,
+    shard_causal_lm,
+    shard_causal_lm_from_pretrained,
+)
+
+__all__ = [
+    "ColumnParallelBase",
+    "RowParallelBase",
+    "TPCausalLM",
+    "TensorParallelBase",
+    "build_tiny_causal_lm",
+    "check_tp_divisibility",
+    "load_hf_model",
+    "load_tokenizer",
+    "shard_causal_lm",
+    "shard_causal_lm_from_pretrained",
+    "smollm2_gguf_path",
+]
