@@ -6,6 +6,7 @@ NCCL+CUDA and on gloo+CPU unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 
@@ -22,20 +23,32 @@ def pick_backend_and_device(local_rank: int = 0) -> tuple[str, torch.device]:
 
 
 def init_distributed(timeout_s: float = 600.0) -> torch.device:
-    """Start the default process group from the torchrun-style environment and return the device.
+    """Start the default process group from the launch environment and return the device.
 
-    A single process without ``RANK``/``WORLD_SIZE`` still gets a world of one, so that every code
-    path (collectives included) is the same for one CPU and for many GPUs.
+    torchrun, SLURM's srun and a plain single process are all accepted (``malora_dist.launch_env``);
+    a single process still gets a world of one, so that every code path (collectives included) is
+    the same for one CPU and for many GPUs.
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend, device = pick_backend_and_device(local_rank)
+    from .launch_env import resolve_launch_env
+
+    launch = resolve_launch_env(os.environ)
+    backend, device = pick_backend_and_device(launch.local_rank)
     if dist.is_initialized():
         return device
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if launch.launcher == "single":
+        launch = dataclasses.replace(launch, master_port=_free_port())
+    os.environ.update(launch.export())
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # Under torchrun, connect to its store and namespace by restart attempt: a restarted gloo
+        # world would otherwise read the dead attempt's addresses and fail in connectFullMesh.
+        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                              timeout=timeout)
+        store = dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return device
 
 

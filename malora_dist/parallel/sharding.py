@@ -35,6 +35,20 @@ def _gather(t: torch.Tensor, dim: int, size: int, group: Optional[dist.ProcessGr
     return torch.cat(parts, dim=dim)
 
 
+def gather_tp(value: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """``value`` (laid out like ``param``) with its tp-sharded dim gathered; experts stay local."""
+    dim = tp_dim(param)
+    return value.detach() if dim is None else _gather(value.detach(), dim, groups.tp, groups.tp_group)
+
+
+def slice_tp(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """The inverse of ``gather_tp``: this tp rank's part of a tensor that is full on the tp dim."""
+    dim = tp_dim(param)
+    if dim is None or groups.tp == 1:
+        return full
+    return full.chunk(groups.tp, dim=dim)[groups.tp_rank].contiguous()
+
+
 def full_tensor(param: torch.Tensor, groups: ParallelGroups, value: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The full tensor of a (possibly sharded) parameter, or of ``value`` laid out like it (its
     gradient, say); a collective on the tp and EP groups."""
