@@ -55,7 +55,7 @@ def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None) -> 
     state = {}
     for name, layer in adapter_layers(model):
         for suffix, param in _layer_tensor_names(layer):
-            full = full_tensor(param, groups).cpu()
+            full = full_tensor(param, groups).cpu().clone()  # a snapshot, never a view of the live parameter
             keys = _file_keys(name, suffix, layer.num_experts, layer.method)
             state.update(zip(keys, full.unbind(0) if _is_stacked(suffix) else [full]))
     return state

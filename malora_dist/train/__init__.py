@@ -1,0 +1,1 @@
+"""Training: the run config, the launch environment, the trainer loop, metrics and checkpoints."""

@@ -1,0 +1,139 @@
+"""Run a training job from a config: validate → start the process groups → build → train → export."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..adapters.io import save_adapter
+from ..launch_env import resolve_launch_env
+from ..logging_utils import setup_logging
+from ..parallel.groups import ParallelGroups
+from ..runtime import init_distributed, pick_backend_and_device, shutdown_distributed
+from .build import build_model, load_run_tokenizer
+from .config import RunConfig, load_run_config
+from .trainer import STOP_EVENT, Trainer
+from .validation import validate_run
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                               timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "megatron-core", "transformers", "datasets", "peft", "malora_dist"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_run_info(config: RunConfig, output_dir: str, groups: ParallelGroups) -> None:
+    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    info = {"versions": _versions(), "git_commit": _git_commit(), "world_size": dist.get_world_size(),
+            "layout": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep, "edp": groups.edp},
+            "backend": dist.get_backend()}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def train_from_config(config_path: str, overrides: Optional[list] = None) -> str:
+    """Train; return the output directory. Every config error is raised before any process group."""
+    config = load_run_config(config_path, overrides)
+    launch = resolve_launch_env(os.environ)
+    validate_run(config, launch.world_size)
+    setup_logging(launch.rank)
+    init_distributed(config.parallel.timeout_s)
+    try:
+        return run_training(config)
+    finally:
+        shutdown_distributed()
+
+
+def run_training(config: RunConfig, hooks=None) -> str:
+    """Train in the already started default process group (several runs may share one world).
+
+    ``hooks`` (tests, tools) may define ``on_start(trainer)``, called after any resume, and
+    ``on_end(trainer)``, called after the last step.
+    """
+    validate_run(config, dist.get_world_size())
+    log = setup_logging(dist.get_rank())
+    _, device = pick_backend_and_device(int(os.environ.get("LOCAL_RANK", "0")))
+    groups = ParallelGroups.build(config.parallel.tp, config.parallel.ep,
+                                  config.adapter.num_experts if config.adapter.is_moe else None)
+    return _train(config, groups, device, log, hooks)
+
+
+def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log, hooks=None) -> str:
+    from tqdm import tqdm
+
+    from ..data.pipeline import build_multitask_data
+    from .checkpoint import CheckpointManager
+
+    train = config.train
+    output_dir = train.output_dir
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        os.makedirs(output_dir, exist_ok=True)
+    dist.barrier()
+    tokenizer = load_run_tokenizer(config.model)
+    data = build_multitask_data(config.data, tokenizer, train.seed)
+    sampler = data.sampler(train.global_batch_size)
+    total_steps = train.steps if train.steps is not None else sampler.steps_for_epochs(train.epochs)
+    model = build_model(config, groups, device)
+    trainer = Trainer(config, groups, device, model, data, total_steps, output_dir)
+    if train.eval_interval:
+        from .heldout import HeldOutSet
+
+        trainer.heldout = HeldOutSet(data, tokenizer, config, groups)
+    checkpoints = CheckpointManager(config, groups, trainer)
+    checkpoints.resume_or_start()
+    if rank0:
+        write_run_info(config, output_dir, groups)
+    if hasattr(hooks, "on_start"):
+        hooks.on_start(trainer)
+    log.info("training %s on %d process(es) (tp=%d, dp=%d, ep=%d) for %d steps from step %d",
+             config.adapter.method, dist.get_world_size(), groups.tp, groups.dp, groups.ep, total_steps, trainer.step)
+
+    progress = tqdm(total=total_steps, initial=trainer.step, disable=not rank0, desc="train", dynamic_ncols=True)
+    while trainer.step < total_steps:
+        result = trainer.train_step()
+        row = trainer.metrics_row(result)
+        if trainer.step % train.log_interval == 0 or trainer.step == total_steps:
+            trainer.metrics.write(row)
+        progress.update(1)
+        progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if train.eval_interval and trainer.step % train.eval_interval == 0:
+            trainer.evaluate_and_record()
+        if checkpoints.due() or trainer.stop_requested:
+            checkpoints.save()
+        if trainer.stop_requested:
+            log.warning("stop requested (SIGTERM): saved step %d on every rank, exiting", trainer.step)
+            STOP_EVENT.clear()
+            break
+    progress.close()
+    if hasattr(hooks, "on_end"):
+        hooks.on_end(trainer)
+    trainer.metrics.close()
+    if trainer.step == total_steps:
+        save_adapter(model, os.path.join(output_dir, "adapter"), config.adapter, groups,
+                     base_model_name_or_path=config.model.name_or_path or config.model.gguf_file or "")
+        log.info("adapter written to %s", os.path.join(output_dir, "adapter"))
+    return output_dir

@@ -1,0 +1,241 @@
+"""The training loop: global-token loss scaling, gradient accumulation, reduction, clipping, AdamW.
+
+Per optimizer step (DESIGN.md §2): every rank counts its loss tokens over all its micro-batches and
+one all-reduce gives the step's global count *before the first backward*; each micro-batch's loss is
+its summed token loss over that global count, so summed gradients equal the single-process
+gradient whatever the layout, padding or answer masks. The balance loss of a micro-batch is over
+the dp-global micro-batch; the step's auxiliary loss is its mean over micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss
+from ..logging_utils import get_logger
+from ..parallel.gradients import clip_grad_norm_, reduce_gradients
+from ..parallel.groups import ParallelGroups
+from .config import RunConfig
+from .heldout import record_best
+from .metrics import MetricsWriter
+from .optim import build_optimizer, build_scheduler
+from .telemetry import Telemetry, device_synchronize
+
+IGNORE_INDEX = -100
+# Set by the SIGTERM handler of launch/train.py (what SLURM sends before a time limit).
+STOP_EVENT = threading.Event()
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def loss_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next-token label counts (the model's token_losses shift the same way)."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return shifted != IGNORE_INDEX
+
+
+@dataclass
+class StepResult:
+    loss: float
+    aux_loss: float
+    grad_norm: float
+    skipped: bool
+    tokens: int
+    lr: float
+    times: dict
+    task_loss: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, groups: ParallelGroups, device: torch.device, model: nn.Module,
+                 data, total_steps: int, output_dir: str):
+        self.config = config
+        self.groups = groups
+        self.device = device
+        self.model = model
+        self.data = data
+        self.total_steps = total_steps
+        self.output_dir = output_dir
+        self.params = adapter_parameters(model)
+        train = config.train
+        self.optimizer = build_optimizer(self.params, train.lr, train.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, train.warmup_ratio, train.schedule,
+                                         train.min_lr_ratio)
+        self.sampler = data.sampler(train.global_batch_size)
+        self.step = 0  # optimizer steps done
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.is_logger = dist.get_rank() == 0
+        self.metrics = MetricsWriter(output_dir, self.is_logger, train.tensorboard)
+        self.telemetry = Telemetry(device)
+        self.log = get_logger()
+        self._warned_empty_experts = set()
+        # Set by a SIGTERM handler; all-reduced each step so that every rank stops at the same step.
+        self.stop_requested = False
+        self.fault_injector = None  # tests: a callable(step, loss) -> loss
+        self.heldout = None  # a HeldOutSet when train.eval_interval > 0
+
+    # ---- one optimizer step --------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list:
+        train = self.config.train
+        return self.data.micro_batches(self.sampler, step, self.groups.dp_rank, self.groups.dp, train.micro_batch_size)
+
+    def evaluate_and_record(self) -> None:
+        if self.heldout is None or self.heldout.sequences is None:
+            return
+        self.model.eval()
+        loss = self.heldout.loss(self.model, self.groups, self.device, loss_token_mask)
+        self.model.train()
+        best = record_best(self.output_dir, self.step, loss) if self.is_logger else False
+        self.metrics.write({"step": self.step, "eval_loss": loss, "best": best})
+
+    def train_step(self) -> StepResult:
+        step_start = time.perf_counter()
+        # Dropout draws from (seed, step, rank): a resumed run continues exactly without RNG state.
+        torch.manual_seed(self.config.train.seed * 1_000_003 + self.step * 1_009 + dist.get_rank())
+        model, groups, device = self.model, self.groups, self.device
+        num_tasks = len(self.data.task_names)
+        batches = self._micro_batches(self.step)
+        local_tokens = sum(int(loss_token_mask(b["labels"]).sum()) for b in batches)
+        global_tokens = torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
+        if groups.dp_group is not None:
+            dist.all_reduce(global_tokens, group=groups.dp_group)
+        global_tokens = max(global_tokens.item(), 1.0)
+
+        # per task: [loss sum, token count], then [lm loss sum, aux sum, input tokens]
+        task_sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        forward_s = backward_s = 0.0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            t0 = time.perf_counter()
+            logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            token_losses = model.token_losses(logits, batch["labels"])
+            loss = token_losses.sum() / global_tokens
+            if self.fault_injector is not None:
+                loss = self.fault_injector(self.step, loss)
+            aux = auxiliary_loss(model).to(device) / len(batches)
+            device_synchronize(device)
+            t1 = time.perf_counter()
+            (loss + aux).backward()
+            device_synchronize(device)
+            forward_s += t1 - t0
+            backward_s += time.perf_counter() - t1
+            with torch.no_grad():
+                mask = loss_token_mask(batch["labels"])
+                task_ids = batch["task_ids"][mask]
+                task_sums[0].index_add_(0, task_ids, token_losses.detach()[mask].double())
+                task_sums[1].index_add_(0, task_ids, torch.ones_like(task_ids, dtype=torch.float64))
+                totals += torch.stack([loss.detach().double() * global_tokens, aux.detach().double(),
+                                       torch.tensor(float(batch["input_ids"].numel()), dtype=torch.float64, device=device)])
+
+        t2 = time.perf_counter()
+        reduce_gradients(self.params, groups)
+        grad_norm = clip_grad_norm_(self.params, self.config.train.grad_clip, groups)
+        stats = torch.cat([task_sums.reshape(-1), totals,
+                           torch.tensor([float(self.stop_requested or STOP_EVENT.is_set())], dtype=torch.float64, device=device)])
+        if groups.dp_group is not None:
+            dist.all_reduce(stats, group=groups.dp_group)
+        if groups.tp_group is not None:  # a stop request on any rank reaches its tp peers too
+            flag = stats[-1:].clone()
+            dist.all_reduce(flag, group=groups.tp_group)
+            stats[-1] = flag[0]
+        task_sums = stats[: 2 * num_tasks].reshape(2, num_tasks)
+        lm_sum, aux_sum, input_tokens, stop = stats[2 * num_tasks:].tolist()
+        self.stop_requested = stop > 0
+        loss_value = lm_sum / global_tokens
+        # The loss and the norm are the same on every rank after the reductions above, so every
+        # rank takes the same decision here without another collective.
+        finite = math.isfinite(loss_value) and math.isfinite(aux_sum) and bool(torch.isfinite(grad_norm))
+        backward_s += time.perf_counter() - t2
+        t3 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = False
+        if not finite:
+            skipped = self._handle_nonfinite(loss_value, float(grad_norm))
+        else:
+            self.consecutive_skips = 0
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        device_synchronize(device)
+        optimizer_s = time.perf_counter() - t3
+        self.step += 1
+        step_s = time.perf_counter() - step_start
+        task_loss = {
+            name: (task_sums[0, i] / task_sums[1, i]).item()
+            for i, name in enumerate(self.data.task_names) if task_sums[1, i] > 0
+        }
+        return StepResult(
+            loss=loss_value, aux_loss=aux_sum, grad_norm=float(grad_norm), skipped=skipped,
+            tokens=int(input_tokens), lr=lr,
+            times={"forward_s": forward_s, "backward_s": backward_s, "optimizer_s": optimizer_s, "step_s": step_s},
+            task_loss=task_loss,
+        )
+
+    def _handle_nonfinite(self, loss: float, grad_norm: float) -> bool:
+        message = (f"non-finite loss or gradient at step {self.step + 1} (loss={loss}, grad_norm={grad_norm}); "
+                   f"train.nonfinite={self.config.train.nonfinite}")
+        if self.config.train.nonfinite == "abort":
+            raise NonFiniteError(message + ": stopping before the optimizer step")
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.log.warning(message + ": step skipped")
+        if self.consecutive_skips > self.config.train.max_consecutive_skips:
+            raise NonFiniteError(f"{self.consecutive_skips} consecutive non-finite steps (limit "
+                                 f"train.max_consecutive_skips={self.config.train.max_consecutive_skips})")
+        return True
+
+    # ---- metrics ---------------------------------------------------------------------------
+    def _expert_load(self) -> dict:
+        load = {}
+        for name, layer in adapter_layers(self.model):
+            if layer.expert_load is None:
+                continue
+            counts = layer.expert_load.tolist()
+            load[name] = counts
+            for expert, c in enumerate(counts):
+                if c == 0 and (name, expert) not in self._warned_empty_experts:
+                    self._warned_empty_experts.add((name, expert))
+                    if self.is_logger:
+                        warnings.warn(f"expert {expert} of {name} received no tokens at step {self.step}")
+        return load
+
+    def _traffic(self) -> dict:
+        fwd = dropped = 0
+        for _, layer in adapter_layers(self.model):
+            t = layer.exchange.traffic
+            fwd += t.dispatch_bytes + t.combine_bytes + t.count_exchange_bytes
+            dropped += t.dropped_slots
+            t.reset()
+        # Backward mirrors every forward all-to-all with one of the same size.
+        return {"a2a_bytes": 2 * fwd, "dropped_slots": dropped}
+
+    def metrics_row(self, result: StepResult) -> dict:
+        """Call after every step (it resets the per-step traffic counters); write it when logging."""
+        row = {
+            "step": self.step,
+            "loss": result.loss,
+            "aux_loss": result.aux_loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": result.tokens / result.times["step_s"],
+            **{f"time_{k}": v for k, v in result.times.items()},
+            "skipped_steps": self.skipped_steps,
+            "task_loss": result.task_loss,
+            **self._traffic(),
+            **self.telemetry.read(),
+            "expert_load": self._expert_load(),
+        }
+        return row

@@ -1,0 +1,69 @@
+"""Check a run config against the world size and the model before anything starts.
+
+Every error names the config key and the fix. ``launch/train.py --dry-run --world-size N`` calls
+this alone, so a 32-rank config can be checked on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..parallel.groups import validate_layout
+from .config import RunConfig
+
+KNOWN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_hf_config(config: RunConfig):
+    """The base's HF config without loading weights; None for a hub name (checked when loaded)."""
+    from transformers import AutoConfig
+
+    from .build import _gguf
+
+    model = config.model
+    if model.config is not None:
+        fields = dict(model.config)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if model.gguf_file is not None:
+        directory, name = os.path.split(os.path.abspath(_gguf(model.gguf_file)))
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise ValueError(f"model.gguf_file {model.gguf_file!r} does not exist")
+        return AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    if os.path.isdir(model.name_or_path):
+        if not os.path.isfile(os.path.join(model.name_or_path, "config.json")):
+            raise ValueError(f"model.name_or_path {model.name_or_path!r} is a directory without config.json")
+        return AutoConfig.from_pretrained(model.name_or_path, local_files_only=True)
+    return None
+
+
+def validate_run(config: RunConfig, world_size: int) -> None:
+    from ..models.tp_llama import SUPPORTED_MODEL_TYPES, check_tp_divisibility
+
+    par, train, adapter = config.parallel, config.train, config.adapter
+    dp = validate_layout(world_size, par.tp, par.ep, adapter.num_experts if adapter.is_moe else None)
+    if par.ep > 1 and not adapter.is_moe:
+        raise ValueError(f"parallel.ep={par.ep} needs a mixture of experts: adapter.method is {adapter.method}; set ep: 1")
+    if train.global_batch_size % (train.micro_batch_size * dp):
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size × dp "
+            f"= {train.micro_batch_size} × {dp}: choose a global batch of {train.micro_batch_size * dp}·k sequences"
+        )
+    unknown = sorted(set(adapter.target_modules) - set(KNOWN_PROJECTIONS))
+    if unknown:
+        raise ValueError(f"adapter.target_modules {unknown} are not linear layers of LLaMA-family models; "
+                         f"choose from {list(KNOWN_PROJECTIONS)}")
+    hf = model_hf_config(config)
+    if hf is None:
+        return
+    if hf.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {hf.model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+    try:
+        check_tp_divisibility(hf, par.tp)
+    except ValueError as err:
+        raise ValueError(f"parallel.tp: {err}") from None
+    if config.data.seq_len > hf.max_position_embeddings:
+        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds the model's context "
+                         f"(max_position_embeddings={hf.max_position_embeddings}): lower data.seq_len")
+    for target in adapter.target_modules:
+        n = hf.intermediate_size if target == "down_proj" else hf.hidden_size
+        adapter.check_fits(n, target)

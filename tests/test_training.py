@@ -1,0 +1,185 @@
+"""Training runs: layout parity, resume parity, resharding, incomplete checkpoints, export.
+
+Runs share one process world per world size (``run_world``); each world runs several trainings of
+configs/tiny.yaml on the project's synthetic data. Layout parity compares the per-step loss and
+grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2.
+"""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from malora_dist.adapters.io import load_adapter
+from malora_dist.models import build_tiny_causal_lm
+from malora_dist.train.config import build_run_config
+from malora_dist.train.metrics import read_metrics
+from malora_dist.train.run import run_training
+from training_support import Record, StopAfter, synthetic_dir, tiny_config
+from world import run_world
+
+# Dropout and the balance loss off for parity: their per-rank draws and micro-batch token sets
+# legitimately depend on the layout (the layer tests cover both).
+PARITY = dict(adapter=dict(dropout=0.0, balance_loss_coef=0.0))
+PROBE = torch.tensor([[1, 17, 230, 4051, 99, 7, 12, 3000]])
+
+# name -> (world size, section overrides)
+RUNS = {
+    "single": (1, dict(PARITY)),
+    "dp2": (2, dict(PARITY)),
+    "ep2": (2, dict(PARITY, parallel=dict(ep=2))),
+    "tp2": (2, dict(PARITY, parallel=dict(tp=2))),
+    "dp4": (4, dict(PARITY)),
+    "tp2ep2": (4, dict(PARITY, parallel=dict(tp=2, ep=2))),
+}
+
+
+def world_main(root, jobs):
+    """jobs: list of (name, overrides, hooks, resume_from_run_step)."""
+    out = {}
+    data = synthetic_dir(root)
+    for name, overrides, hooks, resume in jobs:
+        overrides = dict(overrides)
+        if resume is not None:
+            run, step = resume
+            overrides["checkpoint"] = dict(resume=os.path.join(root, run, "checkpoints", f"step_{step}"))
+        config = build_run_config(tiny_config(data, os.path.join(root, name), **overrides))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_training(config, hooks)
+        out[name] = {
+            "start_step": getattr(hooks, "start_step", None),
+            "start_state": getattr(hooks, "start_state", None),
+            "logits": getattr(hooks, "logits", None),
+            "warnings": [str(w.message) for w in caught],
+        }
+    return out
+
+
+def rows(root, name):
+    return [r for r in read_metrics(os.path.join(root, name)) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("training"))
+    synthetic_dir(root)
+    results = {}
+    by_world = {}
+    for name, (world, overrides) in RUNS.items():
+        by_world.setdefault(world, []).append((name, overrides, Record(PROBE), None))
+    # Resume parity at ep=2: 4 steps, stop (SIGTERM path), then resume to 8.
+    ep2 = RUNS["ep2"][1]
+    by_world[2] += [("ep2_stopped", ep2, StopAfter(4), None), ("ep2_stopped", ep2, Record(), None)]
+    # Resharding: the ep=2 checkpoint of step 4 continues at ep=1 and ep=4; tp=2 → tp=1.
+    by_world[1] += [("from_ep2_to_ep1", RUNS["single"][1], Record(), ("ep2", 4)),
+                    ("from_tp2_to_tp1", RUNS["single"][1], Record(), ("tp2", 4))]
+    by_world[4] += [("from_ep2_to_ep4", dict(PARITY, parallel=dict(ep=4)), Record(), ("ep2", 4))]
+    # Worlds in the order that makes the checkpoints exist before they are resumed.
+    for world in (2, 1, 4):
+        per_rank = run_world(world, world_main, root, by_world[world])
+        for name, value in per_rank[0].items():
+            results.setdefault(name, []).append(value)
+    return root, results
+
+
+def test_metrics_fields(trained):
+    root, _ = trained
+    row = rows(root, "ep2")[0]
+    for key in ("step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "time_forward_s",
+                "time_backward_s", "time_optimizer_s", "task_loss", "expert_load", "a2a_bytes", "rss_mb"):
+        assert key in row, key
+    assert row["step"] == 1 and row["a2a_bytes"] > 0
+    assert set(row["task_loss"]) <= {"capitals", "larger", "parity"}
+
+
+@pytest.mark.parametrize("name", [n for n in RUNS if n != "single"])
+def test_layout_parity(trained, name):
+    root, _ = trained
+    reference, other = rows(root, "single"), rows(root, name)
+    assert [r["step"] for r in other] == list(range(1, 9)) == [r["step"] for r in reference]
+    for a, b in zip(other, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (name, a["step"])
+    assert reference[-1]["loss"] < reference[0]["loss"]
+
+
+def test_resume_parity(trained):
+    root, results = trained
+    straight, resumed = rows(root, "ep2"), rows(root, "ep2_stopped")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert results["ep2_stopped"][0]["start_step"] == 4  # the second (resumed) run's record
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+    final_a = load_adapter_file(root, "ep2")
+    final_b = load_adapter_file(root, "ep2_stopped")
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-6, atol=1e-7)
+
+
+def load_adapter_file(root, name):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(root, name, "adapter", "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("name,source", [("from_ep2_to_ep1", "ep2"), ("from_ep2_to_ep4", "ep2"),
+                                         ("from_tp2_to_tp1", "tp2")])
+def test_reshard_resume(trained, name, source):
+    root, results = trained
+    result = results[name][0]
+    assert result["start_step"] == 4
+    checkpoint_state = read_checkpoint(os.path.join(root, source, "checkpoints", "step_4"))
+    for key, value in result["start_state"].items():
+        torch.testing.assert_close(value, checkpoint_state[key], rtol=0, atol=0)
+    continued, original = rows(root, name), rows(root, source)
+    assert [r["step"] for r in continued] == list(range(5, 9))
+    for a, b in zip(continued, original[4:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
+
+
+def read_checkpoint(path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = path + ".pt"
+    if not os.path.exists(out):
+        dcp_to_torch_save(path, out)
+    state = torch.load(out)
+    return {k: v for k, v in state.items() if not k.endswith((".exp_avg", ".exp_avg_sq"))}
+
+
+def test_exported_adapter_matches_distributed_model(trained):
+    root, results = trained
+    for name in ("ep2", "tp2ep2"):
+        config = build_run_config(tiny_config(synthetic_dir(root), os.path.join(root, name)))
+        hf = build_tiny_causal_lm(config.model.config, seed=config.train.seed)
+        load_adapter(hf, os.path.join(root, name, "adapter"))
+        with torch.no_grad():
+            logits = hf(PROBE).logits
+        distributed = results[name][0]["logits"]
+        assert (logits - distributed).norm() / logits.norm() <= 1e-5, name
+
+
+def test_incomplete_checkpoint_is_skipped(trained, tmp_path):
+    root, _ = trained
+    run_dir = os.path.join(root, "single")
+    broken = os.path.join(run_dir, "checkpoints", "step_12")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "__0_0.distcp"), "wb") as f:
+        f.write(b"half-written")
+    results = run_world(1, resume_single, root)[0]
+    assert results["start_step"] == 8
+    assert any("incomplete checkpoint" in w and "step_12" in w for w in results["warnings"])
+
+
+def resume_single(root):
+    hooks = Record()
+    config = build_run_config(tiny_config(synthetic_dir(root), os.path.join(root, "single"), **PARITY,
+                                          train=dict(steps=9)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_training(config, hooks)
+    return {"start_step": hooks.start_step, "warnings": [str(w.message) for w in caught]}

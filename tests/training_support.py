@@ -1,0 +1,71 @@
+"""Shared pieces of the training tests: the tiny run config on synthetic data, and test hooks."""
+
+import copy
+import os
+
+import torch
+import yaml
+
+from malora_dist.adapters.io import adapter_state
+from malora_dist.data.synthetic import write_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+TASKS = ("capitals", "larger", "parity")
+
+
+def synthetic_dir(root):
+    path = os.path.join(root, "synthetic")
+    if not os.path.isdir(path):
+        write_synthetic(path, seed=0)
+    return path
+
+
+def tiny_config(data_dir, output_dir, **sections):
+    """configs/tiny.yaml on files in ``data_dir``, with section overrides (dicts merged per section)."""
+    with open(TINY) as f:
+        config = yaml.safe_load(f)
+    config["data"]["tasks"] = [
+        {"name": t, "paths": os.path.join(data_dir, t, "train.json"), "limit": 64} for t in TASKS
+    ]
+    config["train"]["output_dir"] = output_dir
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(copy.deepcopy(values))
+    return config
+
+
+class StopAfter:
+    """Ask every rank to stop (as SIGTERM does) during optimizer step ``step`` (1-based)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_start(self, trainer):
+        from malora_dist.train.trainer import STOP_EVENT
+
+        def inject(step, loss):
+            if step + 1 == self.step:
+                STOP_EVENT.set()
+            return loss
+
+        trainer.fault_injector = inject
+
+
+class Record:
+    """Keep what the trainer resumed from, its adapter tensors at start, and end-of-run logits."""
+
+    def __init__(self, probe_ids=None):
+        self.probe_ids = probe_ids
+        self.start_step = None
+        self.start_state = None
+        self.logits = None
+
+    def on_start(self, trainer):
+        self.start_step = trainer.step
+        self.start_state = adapter_state(trainer.model, trainer.groups)
+
+    def on_end(self, trainer):
+        if self.probe_ids is not None:
+            trainer.model.eval()
+            with torch.no_grad():
+                self.logits = trainer.model.gather_logits(trainer.model(self.probe_ids))
