@@ -18,9 +18,11 @@ import torch.nn as nn
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers
 from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.tags import is_ep_sharded
 from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
 from malora_dist.parallel.groups import ParallelGroups
 from malora_dist.parallel.parallelize import parallelize_adapters
+from malora_dist.parallel.placement import measure_link
 from malora_dist.parallel.sharding import full_tensor
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
 from world import run_world
@@ -39,6 +41,7 @@ class Case:
     route_to: Optional[list] = None  # force every token onto these experts
     capacity_factor: Optional[float] = None
     normalize: bool = False
+    placement: str = "ep"
 
     @property
     def world(self):
@@ -58,6 +61,9 @@ def _cases():
             Case(f"{method}-empty-rank-ep2", method, 2, 2, [0, 6]),
             Case(f"{method}-one-token-ep2", method, 2, 2, [1, 3], normalize=True),
             Case(f"{method}-capacity-ep2", method, 1, 2, [6, 6], route_to=[1], capacity_factor=1.0),
+            Case(f"{method}-replicate-dp2", method, 2, 2, [5, 7], placement="replicate"),
+            Case(f"{method}-replicate-dp4ep2", method, 1, 2, [4, 2, 3, 6], placement="replicate"),
+            Case(f"{method}-auto-dp4ep2", method, 2, 2, [4, 2, 3, 6], placement="auto"),
         ]
     return cases
 
@@ -135,7 +141,9 @@ def _dense_with_mask(x, layer, params, keep, case):
 def distributed_run(case, groups):
     ref_layer, ref_out, ref_x_grad, ref_grads, ref_dropped = reference_run(case)
     layer, x_all, grad_all = build_reference(case)
-    model = parallelize_adapters(nn.Sequential(layer), groups)
+    link = measure_link(groups.dp_group, torch.device("cpu")) if case.placement == "auto" else None
+    decisions = parallelize_adapters(nn.Sequential(layer), groups, placement=case.placement,
+                                     tokens_per_rank=case.tokens[dist.get_rank()], link=link)
     rank = dist.get_rank()
     start = sum(case.tokens[:rank])
     local = slice(start, start + case.tokens[rank])
@@ -158,6 +166,7 @@ def distributed_run(case, groups):
         "ref_dropped": ref_dropped,
         "traffic": layer.exchange.traffic.as_dict(),
         "local_slots": case.tokens[rank] * case.top_k,
+        "decisions": decisions,
     }
     # One AdamW step on both sides: the full parameters must agree, and replicas must be identical.
     torch.optim.AdamW([p for _, p in params], lr=0.01).step()
@@ -166,8 +175,8 @@ def distributed_run(case, groups):
     result["after_step"] = {n: rel_err(full_tensor(p, groups), ref_after[n].detach()) for n, p in params}
     replica_gap = {}
     for n, p in params:
-        group = groups.edp_group if getattr(p, "malora_expert", False) else groups.dp_group
-        size = groups.edp if getattr(p, "malora_expert", False) else groups.dp
+        group = groups.edp_group if is_ep_sharded(p) else groups.dp_group
+        size = groups.edp if is_ep_sharded(p) else groups.dp
         copies = [torch.empty_like(p) for _ in range(size)]
         if group is None:
             copies = [p.detach()]
@@ -214,13 +223,26 @@ def test_matches_single_process_layer(world_results, case):
             assert gap == 0.0, (rank, "replicas differ", name, gap)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.placement == "replicate"], ids=lambda c: c.name)
+def test_replicated_experts_exchange_nothing(world_results, case):
+    for r in world_results[case.name]:
+        assert r["traffic"]["dispatch_bytes"] == r["traffic"]["combine_bytes"] == 0
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.placement == "auto"], ids=lambda c: c.name)
+def test_auto_placement_decides_the_same_on_every_rank(world_results, case):
+    decisions = [r["decisions"] for r in world_results[case.name]]
+    assert all(d == decisions[0] for d in decisions) and set(decisions[0].values()) <= {"ep", "replicate"}
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.capacity_factor], ids=lambda c: c.name)
 def test_capacity_drops_are_counted(world_results, case):
     results = world_results[case.name]
     assert sum(r["dropped"] for r in results) == results[0]["ref_dropped"] > 0
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.capacity_factor is None], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.capacity_factor is None and c.placement == "ep"],
+                         ids=lambda c: c.name)
 def test_traffic_matches_closed_form(world_results, case):
     width = {"malora": int(0.5 * RANK * EXPERTS), "molora": N_IN}[case.method]
     results = world_results[case.name]

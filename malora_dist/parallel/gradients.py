@@ -1,8 +1,9 @@
 """Gradient reduction and the global gradient norm (DESIGN.md §2, "Gradient reduction").
 
 Each dp rank's loss is its summed token loss divided by the global number of loss tokens, so the
-gradients are **summed**: replicated parameters (S_A, router, plain LoRA) over dp, expert
-parameters (P_t, B̄_t) over the expert-data-parallel group. Never divide experts by edp.
+gradients are **summed**: replicated parameters (S_A, router, plain LoRA, and experts placed on
+every rank) over dp, ep-sharded expert parameters (P_t, B̄_t) over the expert-data-parallel group.
+Never divide experts by edp.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..adapters.tags import is_expert, tp_dim
+from ..adapters.tags import is_ep_sharded, tp_dim
 from .groups import ParallelGroups
 
 
@@ -37,7 +38,7 @@ def reduce_gradients(params: Iterable[torch.nn.Parameter], groups: ParallelGroup
     for p in params:
         if p.grad is None:  # an unused parameter still joins the collective, with zeros
             p.grad = torch.zeros_like(p)
-        (experts if is_expert(p) else replicated).append(p.grad)
+        (experts if is_ep_sharded(p) else replicated).append(p.grad)
     _all_reduce_flat(replicated, groups.dp_group)
     _all_reduce_flat(experts, groups.edp_group)
 
@@ -45,15 +46,15 @@ def reduce_gradients(params: Iterable[torch.nn.Parameter], groups: ParallelGroup
 def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroups) -> torch.Tensor:
     """The L2 norm of the full gradient, each parameter counted once.
 
-    Squared norms of tp-sharded parameters are summed over tp, those of experts over the EP group;
-    tp-replicated, non-expert parameters are identical on every rank and count once.
+    Squared norms of tp-sharded parameters are summed over tp, those of ep-sharded experts over the
+    EP group; parameters replicated on both axes are identical on every rank and count once.
     """
     params = [p for p in params if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
     # [not expert & tp-replicated, not expert & tp-sharded, expert & tp-replicated, expert & tp-sharded]
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for p in params:
-        index = 2 * int(is_expert(p)) + int(tp_dim(p) is not None and groups.tp > 1)
+        index = 2 * int(is_ep_sharded(p)) + int(tp_dim(p) is not None and groups.tp > 1)
         sums[index] += p.grad.detach().double().pow(2).sum()
     if groups.tp_group is not None:
         tp_part = sums[[1, 3]].clone()

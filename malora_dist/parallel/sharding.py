@@ -1,7 +1,7 @@
 """Split full adapter tensors into this rank's shard, and gather shards back into full tensors.
 
-Layout rules come from the parameter tags (``malora_dist.adapters.tags``): expert tensors are split
-on dim 0 across the EP group (rank e owns experts [e·N/ep, (e+1)·N/ep)), tp-sharded tensors on their
+Layout rules come from the parameter tags (``malora_dist.adapters.tags``): ep-sharded expert tensors
+are split on dim 0 across the EP group (rank e owns experts [e·N/ep, (e+1)·N/ep)), tp-sharded tensors on their
 ``tp_dim`` across the tp group. Keys of full tensors never depend on the layout.
 """
 
@@ -12,14 +12,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..adapters.tags import is_expert, tp_dim
+from ..adapters.tags import is_ep_sharded, tp_dim
 from .groups import ParallelGroups
 
 
 def local_slice(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     """This rank's part of ``full`` for a parameter tagged like ``param``."""
     part = full
-    if is_expert(param) and groups.ep > 1:
+    if is_ep_sharded(param):
         part = part.chunk(groups.ep, dim=0)[groups.ep_rank]
     dim = tp_dim(param)
     if dim is not None and groups.tp > 1:
@@ -56,6 +56,6 @@ def full_tensor(param: torch.Tensor, groups: ParallelGroups, value: Optional[tor
     dim = tp_dim(param)
     if dim is not None:
         full = _gather(full, dim, groups.tp, groups.tp_group)
-    if is_expert(param):
+    if is_ep_sharded(param):
         full = _gather(full, 0, groups.ep, groups.ep_group)
     return full

@@ -18,7 +18,9 @@ from ..adapters.inject import inject_adapters
 from ..models import (build_tiny_causal_lm, load_hf_model, load_tokenizer, shard_causal_lm,
                       shard_causal_lm_from_pretrained, smollm2_gguf_path)
 from ..parallel.groups import ParallelGroups
+from ..logging_utils import get_logger
 from ..parallel.parallelize import parallelize_adapters
+from ..parallel.placement import measure_link
 from .config import ModelConfig, RunConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +74,16 @@ def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device)
     model = load_base(config.model, groups, device, config.train.seed)
     torch.manual_seed(config.train.seed)  # the adapter init: the same full tensors on every rank
     inject_adapters(model, config.adapter)
-    parallelize_adapters(model, groups)
+    placement = config.parallel.expert_placement
+    link = measure_link(groups.dp_group, device) if placement == "auto" and groups.ep > 1 else None
+    tokens_per_rank = config.train.global_batch_size // groups.dp * config.data.seq_len
+    decisions = parallelize_adapters(model, groups, placement, tokens_per_rank=tokens_per_rank, link=link)
+    if decisions:
+        counts = {p: sum(1 for d in decisions.values() if d == p) for p in ("ep", "replicate")}
+        get_logger().info("expert placement %s: %d layer(s) ep, %d replicated%s", placement, counts["ep"],
+                          counts["replicate"], f" (link latency {link.latency_s * 1e3:.2f} ms, "
+                          f"{link.bytes_per_s / 1e9:.2f} GB/s)" if link else "")
+    model.expert_placement = decisions
     if config.train.activation_checkpointing:
         layers = model.model.layers
         for i in range(len(layers)):

@@ -57,12 +57,16 @@ class ParallelConfig:
     """tp: tensor-parallel size (divides the world, the heads, KV heads, vocab and MLP size).
     ep: expert-parallel size (divides dp = world / tp and adapter.num_experts). dp follows from the
         world size.
+    expert_placement: ``ep`` (experts split across the EP group, tokens travel by all-to-all),
+        ``replicate`` (all experts on every rank, no token exchange, dense kernel) or ``auto`` (per
+        layer, from a cost model with the link latency and bandwidth measured at start-up).
     timeout_s: collective timeout: a rank that dies outside torchrun's supervision makes the others
         fail after this long instead of hanging.
     """
 
     tp: int = 1
     ep: int = 1
+    expert_placement: str = "ep"
     timeout_s: float = 600.0
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class ParallelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel.{key} must be a positive integer, got {value!r}")
+        if self.expert_placement not in ("ep", "replicate", "auto"):
+            raise ValueError(f"parallel.expert_placement must be ep, replicate or auto, got {self.expert_placement!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s must be positive, got {self.timeout_s!r}")
 
