@@ -82,3 +82,29 @@ def resolve_launch_env(env: Mapping[str, str]) -> LaunchEnv:
     if not 0 <= launch.rank < launch.world_size:
         raise ValueError(f"rank {launch.rank} is outside the world of {launch.world_size} processes ({launch.launcher})")
     return launch
+
+
+def main(argv=None) -> int:
+    """``python -m malora_dist.launch_env master-addr|master-port`` for job scripts."""
+    import os
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args not in (["master-addr"], ["master-port"]):
+        print("usage: python -m malora_dist.launch_env master-addr|master-port", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    # A job script asks before any rank exists: answer as SLURM's rank 0 would.
+    env.setdefault("SLURM_PROCID", "0")
+    env.setdefault("SLURM_NTASKS", "1")
+    try:
+        launch = resolve_launch_env({k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(launch.master_addr if args == ["master-addr"] else launch.master_port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
