@@ -36,7 +36,7 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
     if dist.is_initialized():
         return device
     if launch.launcher == "single":
-        launch = dataclasses.replace(launch, master_port=_free_port())
+        launch = dataclasses.replace(launch, master_port=free_port())
     os.environ.update(launch.export())
     timeout = datetime.timedelta(seconds=timeout_s)
     if "TORCHELASTIC_RESTART_COUNT" in os.environ:
@@ -59,7 +59,8 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (single-process worlds, tests, benchmarks)."""
     import socket
 
     with socket.socket() as sock:

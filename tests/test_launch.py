@@ -9,7 +9,7 @@ import pytest
 
 from malora_dist.launch_env import expand_nodelist, resolve_launch_env
 from training_support import REPO, synthetic_dir, tiny_config
-from world import _free_port
+from malora_dist.runtime import free_port
 
 SLURM_DIR = os.path.join(REPO, "launch", "slurm")
 TEMPLATES = ["torchrun_multinode.sbatch", "srun_ranks.sbatch"]
@@ -111,7 +111,7 @@ def launched(tmp_path_factory):
                           write_config(tmp_path, "torchrun_ep2", parallel=dict(ep=2))])
     assert two.returncode == 0, two.stderr[-3000:]
     # Two "nodes" on this machine: two torchrun agents, static rendezvous on 127.0.0.1.
-    port = _free_port()
+    port = free_port()
     config = write_config(tmp_path, "two_nodes")
     nodes = [subprocess.Popen(TORCHRUN + ["--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
                                           "--master_addr", "127.0.0.1", "--master_port", str(port),

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from malora_dist.runtime import free_port
 
 
 def _worker(rank, world_size, port, out_dir, fn, args):
@@ -49,7 +44,7 @@ def run_world(world_size: int, fn, *args):
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, _free_port(), out_dir, fn, args),
+            args=(world_size, free_port(), out_dir, fn, args),
             nprocs=world_size,
             start_method="spawn",
         )
