@@ -52,10 +52,12 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
     return device
 
 
-def shutdown_distributed() -> None:
-    """Barrier before destroy: without it gloo processes may abort at exit (DESIGN.md §2)."""
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Barrier before destroy: without it gloo processes may abort at exit (DESIGN.md §2). Skip
+    the barrier when leaving on an error: a peer may be gone, and it would wait a full timeout."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

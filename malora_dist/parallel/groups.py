@@ -75,8 +75,13 @@ class ParallelGroups:
         return cls()
 
     @classmethod
-    def build(cls, tp: int = 1, ep: int = 1, num_experts: Optional[int] = None) -> "ParallelGroups":
-        """Create the groups through megatron-core on the already initialised default group."""
+    def build(cls, tp: int = 1, ep: int = 1, num_experts: Optional[int] = None,
+              timeout_s: Optional[float] = None) -> "ParallelGroups":
+        """Create the groups through megatron-core on the already initialised default group.
+
+        ``timeout_s`` is the collective timeout of the new groups: megatron otherwise gives them
+        its own 30 minutes, and a frozen peer would hang every dp all-reduce that long.
+        """
         from megatron.core import parallel_state as ps
 
         world = dist.get_world_size()
@@ -85,7 +90,8 @@ class ParallelGroups:
             ps.destroy_model_parallel()
         # megatron's default expert tensor parallelism (= tp) makes its expert groups follow our
         # rule: the EP group spans dp ranks that share a tp rank and the expert-dp group is dp / ep.
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+        timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, **timeout)
 
         def group_or_none(size, group):
             return group if size > 1 else None

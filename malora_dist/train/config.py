@@ -20,6 +20,32 @@ from ..data.config import DataConfig
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _check_number(value: Any, key: str) -> None:
+    """Reject non-numbers with a ValueError (a comparison would raise a TypeError instead).
+
+    PyYAML follows YAML 1.1, which reads ``3e-4`` (no decimal point) as text: say so.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return
+    hint = ""
+    if isinstance(value, str):
+        try:
+            hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. {float(value)!r})"
+        except ValueError:
+            pass
+    raise ValueError(f"{key} must be a number, got {value!r}{hint}")
+
+
+def _check_int(value: Any, key: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{key} must be an integer ≥ {minimum}, got {value!r}")
+
+
+def _check_flag(value: Any, key: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """The frozen base model. Exactly one of ``name_or_path``, ``gguf_file`` and ``config``.
@@ -76,6 +102,7 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{key} must be a positive integer, got {value!r}")
         if self.expert_placement not in ("ep", "replicate", "auto"):
             raise ValueError(f"parallel.expert_placement must be ep, replicate or auto, got {self.expert_placement!r}")
+        _check_number(self.timeout_s, "parallel.timeout_s")
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s must be positive, got {self.timeout_s!r}")
 
@@ -127,10 +154,17 @@ class TrainConfig:
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("train: set exactly one of train.steps and train.epochs")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"train.steps must be a positive integer, got {self.steps!r}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"train.epochs must be positive, got {self.epochs!r}")
+        if self.steps is not None:
+            _check_int(self.steps, "train.steps", 1)
+        if self.epochs is not None:
+            _check_number(self.epochs, "train.epochs")
+            if not self.epochs > 0:
+                raise ValueError(f"train.epochs must be positive, got {self.epochs!r}")
+        for key in ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip"):
+            _check_number(getattr(self, key), f"train.{key}")
+        _check_int(self.seed, "train.seed", 0)
+        for key in ("activation_checkpointing", "tensorboard"):
+            _check_flag(getattr(self, key), f"train.{key}")
         for key in ("global_batch_size", "micro_batch_size", "log_interval", "eval_batches",
                     "max_consecutive_skips"):
             value = getattr(self, key)
@@ -151,8 +185,7 @@ class TrainConfig:
             raise ValueError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("train.weight_decay and train.grad_clip must be ≥ 0")
-        if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
-            raise ValueError(f"train.eval_interval must be an integer ≥ 0, got {self.eval_interval!r}")
+        _check_int(self.eval_interval, "train.eval_interval", 0)
         if self.nonfinite not in ("abort", "skip"):
             raise ValueError(f"train.nonfinite must be abort or skip, got {self.nonfinite!r}")
 
@@ -170,10 +203,8 @@ class CheckpointConfig:
     resume: str = "auto"
 
     def __post_init__(self):
-        if not isinstance(self.interval, int) or self.interval < 0:
-            raise ValueError(f"checkpoint.interval must be an integer ≥ 0, got {self.interval!r}")
-        if not isinstance(self.keep, int) or self.keep < 1:
-            raise ValueError(f"checkpoint.keep must be a positive integer, got {self.keep!r}")
+        _check_int(self.interval, "checkpoint.interval", 0)
+        _check_int(self.keep, "checkpoint.keep", 1)
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError("checkpoint.resume must be auto, never or a checkpoint path")
 

@@ -54,37 +54,51 @@ def write_run_info(config: RunConfig, output_dir: str, groups: ParallelGroups) -
         json.dump(info, f, indent=2)
 
 
+def prepare_data(config: RunConfig):
+    """Tokenizer and tokenised data: the same on every rank and needs no process group, so bad
+    data (a malformed line, an empty task) is reported before any collective could hang."""
+    from ..data.pipeline import build_multitask_data
+
+    tokenizer = load_run_tokenizer(config.model)
+    return tokenizer, build_multitask_data(config.data, tokenizer, config.train.seed)
+
+
 def train_from_config(config_path: str, overrides: Optional[list] = None) -> str:
-    """Train; return the output directory. Every config error is raised before any process group."""
+    """Train; return the output directory. Config and data errors are raised before any process group."""
     config = load_run_config(config_path, overrides)
     launch = resolve_launch_env(os.environ)
     validate_run(config, launch.world_size)
     setup_logging(launch.rank)
+    prepared = prepare_data(config)
     init_distributed(config.parallel.timeout_s)
+    finished = False
     try:
-        return run_training(config)
+        output_dir = run_training(config, prepared=prepared)
+        finished = True
+        return output_dir
     finally:
-        shutdown_distributed()
+        # After a failed collective the final barrier would only wait out another timeout.
+        shutdown_distributed(barrier=finished)
 
 
-def run_training(config: RunConfig, hooks=None) -> str:
+def run_training(config: RunConfig, hooks=None, prepared=None) -> str:
     """Train in the already started default process group (several runs may share one world).
 
     ``hooks`` (tests, tools) may define ``on_start(trainer)``, called after any resume, and
-    ``on_end(trainer)``, called after the last step.
+    ``on_end(trainer)``, called after the last step. ``prepared``: ``prepare_data(config)``'s result.
     """
     validate_run(config, dist.get_world_size())
     log = setup_logging(dist.get_rank())
     _, device = pick_backend_and_device(int(os.environ.get("LOCAL_RANK", "0")))
     groups = ParallelGroups.build(config.parallel.tp, config.parallel.ep,
-                                  config.adapter.num_experts if config.adapter.is_moe else None)
-    return _train(config, groups, device, log, hooks)
+                                  config.adapter.num_experts if config.adapter.is_moe else None,
+                                  timeout_s=config.parallel.timeout_s)
+    return _train(config, groups, device, log, hooks, prepared or prepare_data(config))
 
 
-def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log, hooks=None) -> str:
+def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log, hooks, prepared) -> str:
     from tqdm import tqdm
 
-    from ..data.pipeline import build_multitask_data
     from .checkpoint import CheckpointManager
 
     train = config.train
@@ -93,8 +107,7 @@ def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log,
     if rank0:
         os.makedirs(output_dir, exist_ok=True)
     dist.barrier()
-    tokenizer = load_run_tokenizer(config.model)
-    data = build_multitask_data(config.data, tokenizer, train.seed)
+    tokenizer, data = prepared
     sampler = data.sampler(train.global_batch_size)
     total_steps = train.steps if train.steps is not None else sampler.steps_for_epochs(train.epochs)
     model = build_model(config, groups, device)

@@ -52,11 +52,13 @@ def validate_run(config: RunConfig, world_size: int) -> None:
     if unknown:
         raise ValueError(f"adapter.target_modules {unknown} are not linear layers of LLaMA-family models; "
                          f"choose from {list(KNOWN_PROJECTIONS)}")
+    _check_inputs_exist(config)
     hf = model_hf_config(config)
     if hf is None:
         return
     if hf.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {hf.model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(f"the base model's model_type {hf.model_type!r} is not supported; "
+                         f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
     try:
         check_tp_divisibility(hf, par.tp)
     except ValueError as err:
@@ -67,3 +69,19 @@ def validate_run(config: RunConfig, world_size: int) -> None:
     for target in adapter.target_modules:
         n = hf.intermediate_size if target == "down_proj" else hf.hidden_size
         adapter.check_fits(n, target)
+
+
+def _check_inputs_exist(config: RunConfig) -> None:
+    """Local data files and the resume checkpoint, which are otherwise first opened after the
+    process groups exist. Relative data paths resolve against the working directory, as in training."""
+    from ..data.records import SYNTHETIC, _resolve
+    from .checkpoint import MARKER
+
+    for i, task in enumerate(config.data.tasks):
+        for key in ("paths", "eval_paths"):
+            local = [p for p in getattr(task, key) if not p.startswith(SYNTHETIC)]
+            _resolve(local, None, f"data.tasks[{i}].{key}")
+    resume = config.checkpoint.resume
+    if resume not in ("auto", "never") and not os.path.exists(os.path.join(resume, MARKER)):
+        raise ValueError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no {MARKER} marker): "
+                         f"give a checkpoints/step_N directory of a finished save, or use auto or never")
