@@ -1,0 +1,19 @@
+"""Evaluation: held-out multiple-choice accuracy (option log-probabilities) and generation exact match.
+
+``evaluate_run(config, ...)`` inside a started process group, or ``launch/evaluate.py`` (``cli``).
+Prompts and continuations come from ``malora_dist.data`` (``build_prompt`` / ``option_continuations``,
+``encode_prompts`` / ``encode_continuations``), so scoring sees the token sequences training saw.
+"""
+
+from .model import build_eval_model, validate_eval_layout
+from .packing import OptionTree, TreeBatch, tree_batches
+from .report import format_table
+from .run import evaluate, evaluate_run
+from .scoring import generate_answers, hidden_states, score_multiple_choice, token_logprobs
+from .tasks import EvalTask, load_eval_tasks, parse_task_spec, task_configs_from_specs
+
+__all__ = [
+    "EvalTask", "OptionTree", "TreeBatch", "build_eval_model", "evaluate", "evaluate_run", "format_table",
+    "generate_answers", "hidden_states", "load_eval_tasks", "parse_task_spec", "score_multiple_choice",
+    "task_configs_from_specs", "token_logprobs", "tree_batches", "validate_eval_layout",
+]

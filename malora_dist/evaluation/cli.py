@@ -1,0 +1,77 @@
+"""``launch/evaluate.py``: score a base model, or base + adapter, on multiple-choice and generation tasks.
+
+    python launch/evaluate.py --config CONFIG [--adapter DIR] [--task NAME=PATH[:style] ...]
+                              [--limit N] [--output FILE] [--set section.key=value ...]
+    torchrun --nproc_per_node 2 launch/evaluate.py --config CONFIG --adapter DIR --set parallel.ep=2
+
+The base model and the layout (tp, ep; dp = world / tp) come from the run config; without
+``--task`` the tasks are the config's ``data.tasks`` with their held-out sets. Multiple-choice
+options are scored by summed log-probability (no length normalisation); ``generation`` tasks by
+exact match of the greedy answer. Rank 0 prints a table and writes the JSON report to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from .run import ROW_TOKENS, ROWS_PER_BATCH
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML (its model:, parallel: and data: sections)")
+    parser.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME=PATH[:STYLE]",
+                        help="evaluate on the records of PATH (.json/.jsonl/.parquet or synthetic:<task>) "
+                             "instead of the config's tasks; STYLE: text (default), label or generation (repeatable)")
+    parser.add_argument("--limit", type=int, help="score only the first N examples of each task")
+    parser.add_argument("--output", help="write the JSON report to this file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key; the value is parsed as YAML (repeatable)")
+    parser.add_argument("--row-tokens", type=int, default=ROW_TOKENS,
+                        help="tokens per packed row of examples (a longer example gets a row of its own)")
+    parser.add_argument("--rows-per-batch", type=int, default=ROWS_PER_BATCH, help="rows per forward pass")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..launch_env import resolve_launch_env
+    from ..runtime import init_distributed, shutdown_distributed
+    from ..train.config import load_run_config
+    from .report import format_table
+    from .run import evaluate_run
+    from .tasks import task_configs_from_specs
+
+    try:
+        for flag, value in (("--limit", args.limit), ("--row-tokens", args.row_tokens),
+                            ("--rows-per-batch", args.rows_per_batch)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value}")
+        config = load_run_config(args.config, args.set)
+        task_configs = task_configs_from_specs(args.task) if args.task else None
+        if args.adapter is not None and not os.path.isdir(args.adapter):
+            raise ValueError(f"--adapter {args.adapter!r} is not a directory")
+        resolve_launch_env(os.environ)  # a broken launch environment fails before any process group
+        init_distributed(config.parallel.timeout_s)
+        try:
+            report = evaluate_run(config, task_configs, args.adapter, args.limit, args.row_tokens, args.rows_per_batch)
+        finally:
+            shutdown_distributed()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if report is not None:  # rank 0
+        print(format_table(report))
+        print(f"({report['wall_s']:.1f} s)")
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump(report, f, indent=1)
+            print(f"report written to {args.output}")
+    return 0

@@ -1,0 +1,41 @@
+"""The evaluated model: the run's frozen base in its parallel layout, plus an optional saved adapter."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import inject_adapters
+from ..adapters.io import load_adapter, read_adapter_config
+from ..parallel.groups import ParallelGroups, validate_layout
+from ..parallel.parallelize import parallelize_adapters
+from ..train.build import load_base
+from ..train.config import RunConfig
+
+
+def validate_eval_layout(config: RunConfig, world_size: int, adapter: Optional[AdapterConfig]) -> None:
+    """Check ``parallel:`` against the world and the evaluated adapter before anything is loaded
+    (whether tp divides the model's heads is checked when the base is sharded)."""
+    par = config.parallel
+    moe = adapter is not None and adapter.is_moe
+    validate_layout(world_size, par.tp, par.ep, adapter.num_experts if moe else None)
+    if par.ep > 1 and not moe:
+        what = f"the adapter is {adapter.method}" if adapter is not None else "no --adapter is given"
+        raise ValueError(f"parallel.ep={par.ep} needs a mixture-of-experts adapter, but {what}: "
+                         f"pass --set parallel.ep=1")
+
+
+def build_eval_model(config: RunConfig, groups: ParallelGroups, device: torch.device,
+                     adapter_dir: Optional[str] = None) -> nn.Module:
+    """The base as training builds it (same seed for a random base), with the adapter of
+    ``adapter_dir`` injected from its own saved config, sliced to this rank's layout, then loaded
+    from its full tensors. In eval mode (no dropout)."""
+    model = load_base(config.model, groups, device, config.train.seed)
+    if adapter_dir is not None:
+        inject_adapters(model, read_adapter_config(adapter_dir))
+        parallelize_adapters(model, groups)
+        load_adapter(model, adapter_dir, groups)  # fills the injected, sliced adapters
+    return model.eval()

@@ -1,0 +1,94 @@
+"""Evaluate in the started process group: build the model, split the examples over dp, gather to rank 0."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..adapters.io import read_adapter_config
+from ..logging_utils import setup_logging
+from ..parallel.groups import ParallelGroups
+from ..runtime import pick_backend_and_device
+from ..train.build import load_run_tokenizer
+from ..train.config import RunConfig
+from .model import build_eval_model, validate_eval_layout
+from .report import task_entry
+from .scoring import generate_answers, make_item, score_multiple_choice
+from .tasks import EvalTask, load_eval_tasks
+
+# A row holds several examples' token trees; a forward takes a few rows. Short rows keep the
+# attention (quadratic in the row, and computed across the examples it then masks) small
+# against the linear layers; a few rows per forward keep the matmuls large enough.
+ROW_TOKENS = 256
+ROWS_PER_BATCH = 4
+
+
+def evaluate(model, tasks: list[EvalTask], tokenizer: Any, chat: bool, max_len: int, groups: ParallelGroups,
+             device: torch.device, row_tokens: int = ROW_TOKENS, rows_per_batch: int = ROWS_PER_BATCH) -> Optional[dict]:
+    """Score ``tasks`` with ``model``; every rank calls this; rank 0 returns ``{name: task entry}``.
+
+    dp rank r scores examples r, r + dp, … of the list of all tasks' examples; tp peers score the
+    same ones. ``max_len`` caps prompt + continuation tokens (prompts are cut from the left).
+    """
+    from tqdm import tqdm
+
+    chat_tokenizer = tokenizer if chat else None
+    items = [make_item((t, i), example, task.style, chat_tokenizer)
+             for t, task in enumerate(tasks) for i, example in enumerate(task.examples)]
+    mine = items[groups.dp_rank::groups.dp]
+    rank0 = dist.get_rank() == 0
+    model.eval()
+    with tqdm(total=len(mine), desc="evaluate", disable=not rank0, dynamic_ncols=True) as progress:
+        results = score_multiple_choice(model, [i for i in mine if i.options], tokenizer, chat, max_len, groups,
+                                        device, row_tokens, rows_per_batch, progress)
+        results.update(generate_answers(model, [i for i in mine if not i.options], tokenizer, chat, max_len, groups,
+                                        device, progress))
+    gathered = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(results, gathered, dst=0)
+    if not rank0:
+        return None
+    merged = {key: value for part in gathered for key, value in part.items()}
+    return {task.name: task_entry(task.style, [i for i in items if i.key[0] == t], merged)
+            for t, task in enumerate(tasks)}
+
+
+def evaluate_run(config: RunConfig, task_configs: Optional[list] = None, adapter_dir: Optional[str] = None,
+                 limit: Optional[int] = None, row_tokens: int = ROW_TOKENS,
+                 rows_per_batch: int = ROWS_PER_BATCH) -> Optional[dict]:
+    """The whole evaluation of a run config (the default process group must be started); rank 0
+    returns the report, the other ranks None.
+
+    task_configs: ``--task`` tasks (``tasks.task_configs_from_specs``), default the config's own
+    held-out sets; limit: the first N examples of each task.
+    """
+    start = time.time()
+    adapter = read_adapter_config(adapter_dir) if adapter_dir is not None else None
+    validate_eval_layout(config, dist.get_world_size(), adapter)
+    log = setup_logging(dist.get_rank())
+    _, device = pick_backend_and_device(int(os.environ.get("LOCAL_RANK", "0")))
+    groups = ParallelGroups.build(config.parallel.tp, config.parallel.ep,
+                                  adapter.num_experts if adapter is not None and adapter.is_moe else None)
+    tokenizer = load_run_tokenizer(config.model)
+    tasks = load_eval_tasks(config.data, tokenizer, config.train.seed, task_configs, limit)
+    model = build_eval_model(config, groups, device, adapter_dir)
+    log.info("evaluating %s on %d process(es) (tp=%d, dp=%d, ep=%d): %s",
+             adapter_dir or "the base model", dist.get_world_size(), groups.tp, groups.dp, groups.ep,
+             ", ".join(f"{t.name} ({len(t.examples)} {t.style})" for t in tasks))
+    scoring_start = time.time()
+    entries = evaluate(model, tasks, tokenizer, config.data.use_chat_template, config.data.seq_len, groups, device,
+                       row_tokens, rows_per_batch)
+    log.info("set up in %.1f s, scored in %.1f s", scoring_start - start, time.time() - scoring_start)
+    if entries is None:
+        return None
+    return {
+        "tasks": entries,
+        "model": config.to_dict()["model"],
+        "adapter": None if adapter is None else {"path": os.path.abspath(adapter_dir), "config": adapter.to_dict()},
+        "layout": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep},
+        "max_len": config.data.seq_len,
+        "wall_s": round(time.time() - start, 2),
+    }

@@ -1,0 +1,199 @@
+"""Score examples with a (possibly sharded) ``TPCausalLM``: option log-probabilities and greedy answers.
+
+Multiple choice: an option's score is the summed log-probability of its continuation tokens after
+the prompt (no length normalisation); the continuation is tokenised on its own and appended to
+the prompt's tokens (``encode_prompts`` / ``encode_continuations``, as training does). Generation:
+greedy decoding, exact match of the text up to EOS with the target.
+
+Every forward of a model with mixture-of-experts adapters is a collective over the dp group (the
+routing counts' all-reduce, the all-to-all of expert parallelism), so the dp ranks, which score
+different examples, run the same number of forwards: a rank that has run out of work runs a
+one-token dummy forward while the others finish (``lockstep_rounds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..data import build_prompt, encode_continuations, encode_prompts, option_continuations
+from ..data.records import DataError
+from ..data.tokenize import eos_id
+from ..parallel.groups import ParallelGroups
+from .packing import OptionTree, TreeBatch, tree_batches
+
+# Tokens a greedy answer may run past its target's length before it is cut off (it is wrong then).
+GENERATION_SLACK = 4
+
+
+@dataclass
+class Item:
+    """One example to score: ``key`` = (task index, example index) in the report."""
+
+    key: tuple
+    prompt: str
+    options: list[str]  # the scored continuations (multiple choice); [] for generation
+    gold: int  # index into ``options``; -1 for generation
+    target: str  # the gold continuation, or the generation target
+    where: str
+
+
+@dataclass
+class ItemResult:
+    """scores: per option (multiple choice); choice: the best option's index (-1 for generation);
+    prediction: its continuation, or the generated text; truncated: the prompt lost tokens."""
+
+    scores: list[float]
+    choice: int
+    prediction: str
+    truncated: bool
+
+
+def make_item(key: tuple, example, style: str, chat_tokenizer: Any) -> Item:
+    """The scored strings of an example, from the data package's prompt builders."""
+    if style == "generation":
+        return Item(key, example.prompt, [], -1, example.target, example.where)
+    mc = example.mc
+    options = option_continuations(mc, style, chat_tokenizer)
+    return Item(key, build_prompt(mc, style, chat_tokenizer), options, mc.gold_index, options[mc.gold_index],
+                example.where)
+
+
+# ---- the forward ---------------------------------------------------------------------------------
+def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The final-norm hidden states of ``model`` (a ``TPCausalLM``) under the attention mask
+    ``allowed`` (B, 1, S, S), which ``TPCausalLM.forward`` cannot take (it builds causal/segment
+    masks only). Mirrors that forward; a sliding window is applied by position distance."""
+    decoder = model.model
+    h = decoder.embed_tokens(input_ids)
+    cos, sin = decoder.rotary_emb(h, position_ids)
+    masks = {}
+    for window in {layer.self_attn.sliding_window for layer in decoder.layers}:
+        masks[window] = allowed if window is None else (
+            allowed & (position_ids[:, None, :, None] - position_ids[:, None, None, :] < window))
+    for layer in decoder.layers:
+        h = layer(h, cos, sin, masks)
+    return decoder.norm(h)
+
+
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | hidden) for rows of hidden states (N, H): the LM head on these rows only."""
+    local, _ = model.lm_head(hidden[None], weight=model.model.embed_tokens.weight if model.tied else None)
+    logits = model.gather_logits(local[0]).float()
+    return F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+def _dummy_forward(model, device) -> None:
+    one = torch.zeros(1, 1, dtype=torch.long, device=device)
+    hidden_states(model, one, one, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
+
+
+def lockstep_rounds(count: int, groups: ParallelGroups, device) -> int:
+    """The largest ``count`` over the dp group: the rounds every dp rank runs."""
+    if groups.dp_group is None:
+        return count
+    t = torch.tensor([count], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=groups.dp_group)
+    return int(t.item())
+
+
+def _any_rank(flag: bool, groups: ParallelGroups, device) -> bool:
+    return lockstep_rounds(int(flag), groups, device) > 0
+
+
+# ---- multiple choice -----------------------------------------------------------------------------
+def option_trees(items: list[Item], tokenizer: Any, chat: bool, max_len: int) -> tuple[list[OptionTree], set]:
+    """Token trees of multiple-choice items; a prompt too long for ``max_len`` tokens together
+    with its longest option loses tokens from its left (as training truncates), keeping ≥ 1."""
+    prompts = encode_prompts(tokenizer, [i.prompt for i in items], chat)
+    continuations = encode_continuations(tokenizer, [o for i in items for o in i.options])
+    trees, truncated, at = [], set(), 0
+    for item, prompt in zip(items, prompts):
+        options = continuations[at:at + len(item.options)]
+        at += len(item.options)
+        empty = [text for text, ids in zip(item.options, options) if not ids]
+        if empty or not prompt:
+            what = f"the option(s) {empty}" if empty else f"the prompt {item.prompt!r}"
+            raise DataError(f"{item.where}: {what} tokenise(s) to nothing, so it cannot be scored")
+        room = max(1, max_len - max(map(len, options)))
+        if len(prompt) > room:
+            prompt = prompt[len(prompt) - room:]
+            truncated.add(item.key)
+        trees.append(OptionTree(item.key, list(prompt), [list(o) for o in options]))
+    return trees, truncated
+
+
+@torch.no_grad()
+def score_batch(model, batch: TreeBatch, device) -> torch.Tensor:
+    """The summed log-probability of every option of ``batch`` (in ``batch.options`` order)."""
+    hidden = hidden_states(model, batch.input_ids.to(device), batch.position_ids.to(device), batch.allowed.to(device))
+    logprobs = token_logprobs(model, hidden[batch.score_rows.to(device), batch.score_cols.to(device)],
+                              batch.targets.to(device))
+    sums = torch.zeros(len(batch.options), dtype=torch.float64, device=device)
+    return sums.index_add_(0, batch.option_of_score.to(device), logprobs.double()).cpu()
+
+
+@torch.no_grad()
+def score_multiple_choice(model, items: list[Item], tokenizer: Any, chat: bool, max_len: int, groups: ParallelGroups,
+                          device, row_tokens: int, rows_per_batch: int, progress=None) -> dict:
+    """{key: ItemResult} for this rank's multiple-choice ``items`` (dp ranks call it together)."""
+    trees, truncated = option_trees(items, tokenizer, chat, max_len)
+    batches = tree_batches(trees, row_tokens, rows_per_batch)
+    scores: dict = {item.key: [0.0] * len(item.options) for item in items}
+    for b in range(lockstep_rounds(len(batches), groups, device)):
+        if b >= len(batches):
+            _dummy_forward(model, device)
+            continue
+        batch = batches[b]
+        for (key, j), value in zip(batch.options, score_batch(model, batch, device).tolist()):
+            scores[key][j] = value
+        if progress is not None:
+            progress.update(len({key for key, _ in batch.options}))
+    results = {}
+    for item in items:
+        s = scores[item.key]
+        best = max(range(len(s)), key=s.__getitem__)  # the first of equal scores
+        results[item.key] = ItemResult(s, best, item.options[best], item.key in truncated)
+    return results
+
+
+# ---- generation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_answers(model, items: list[Item], tokenizer: Any, chat: bool, max_len: int, groups: ParallelGroups,
+                     device, progress=None) -> dict:
+    """{key: ItemResult} with the greedy answer (text up to EOS, stripped) of each generation item.
+
+    One example at a time, without a KV cache: generation tasks are small. Decoding stops at EOS
+    or ``len(target) + GENERATION_SLACK`` tokens; the dp ranks stop together (one tiny all-reduce
+    per token).
+    """
+    eos = eos_id(tokenizer)
+    prompts = encode_prompts(tokenizer, [i.prompt for i in items], chat)
+    budgets = [len(t) + GENERATION_SLACK for t in encode_continuations(tokenizer, [i.target for i in items])]
+    results = {}
+    for r in range(lockstep_rounds(len(items), groups, device)):
+        item: Optional[Item] = items[r] if r < len(items) else None
+        ids, new, truncated = [], [], False
+        if item is not None:
+            ids = list(prompts[r])
+            room = max(1, max_len - budgets[r])
+            if len(ids) > room:
+                ids, truncated = ids[-room:], True
+        active = item is not None
+        while _any_rank(active, groups, device):
+            if not active:
+                _dummy_forward(model, device)
+                continue
+            x = torch.tensor([ids + new], device=device)
+            new.append(int(model.gather_logits(model(x)[:, -1]).argmax(-1)))
+            active = len(new) < budgets[r] and new[-1] != eos
+        if item is not None:
+            text = tokenizer.decode(new[:-1] if new[-1:] == [eos] else new, skip_special_tokens=True).strip()
+            results[item.key] = ItemResult([], -1, text, truncated)
+            if progress is not None:
+                progress.update(1)
+    return results

@@ -1,0 +1,80 @@
+"""Which examples an evaluation scores: the run config's held-out sets, or ``--task`` files.
+
+Both go through ``build_multitask_data``, so the evaluated examples are exactly the held-out
+examples training sees (``eval_paths`` / ``eval_split`` / the ``eval_fraction`` split), with the
+same prompts, styles, chat template and bad-record policy. A ``--task NAME=PATH[:style]`` becomes a
+task whose held-out set is PATH (``synthetic:<task>`` reads the synthetic task's test split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..data import DataConfig, Example, TaskConfig, build_multitask_data
+from ..data.config import STYLES
+
+
+@dataclass
+class EvalTask:
+    """name: the task's name in the report; style: ``text`` | ``label`` | ``generation``;
+    examples: the scored examples (their ``mc`` for multiple choice), in file order."""
+
+    name: str
+    style: str
+    examples: list[Example]
+
+
+def parse_task_spec(spec: str) -> TaskConfig:
+    """``NAME=PATH[:style]`` → a task whose held-out set is PATH; errors name ``--task``.
+
+    A suffix after the last ``:`` is a style only if it is one (``synthetic:capitals`` is a path).
+    """
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ValueError(f"--task {spec!r} must look like NAME=PATH or NAME=PATH:STYLE (STYLE: {', '.join(STYLES)})")
+    path, style = rest, "text"
+    head, colon, tail = rest.rpartition(":")
+    if colon and tail in STYLES:
+        path, style = head, tail
+    if not path:
+        raise ValueError(f"--task {spec!r} names no file before :{style}")
+    try:
+        return TaskConfig(name=name.strip(), paths=[path], eval_paths=[path], style=style)
+    except ValueError as err:
+        raise ValueError(f"--task {spec!r}: {err}") from None
+
+
+def task_configs_from_specs(specs: list[str]) -> list[TaskConfig]:
+    tasks = [parse_task_spec(spec) for spec in specs]
+    for i, (spec, task) in enumerate(zip(specs, tasks)):
+        if any(t.name == task.name for t in tasks[:i]):
+            raise ValueError(f"--task {spec!r}: the name {task.name!r} is given twice: task names must be unique")
+    return tasks
+
+
+def load_eval_tasks(data: DataConfig, tokenizer: Any, seed: int, task_configs: Optional[list[TaskConfig]] = None,
+                    limit: Optional[int] = None, base_dir: Optional[str] = None) -> list[EvalTask]:
+    """The held-out examples of ``task_configs`` (default: ``data.tasks``), the first ``limit`` of each.
+
+    ``--task`` files are read with the run's data settings (seq_len, chat template, bad records).
+    """
+    from_specs = task_configs is not None
+    if from_specs:
+        # Their eval_paths make eval_fraction meaningless (and DataConfig rejects it then).
+        data = dataclasses.replace(data, tasks=task_configs, eval_fraction=0.0)
+    try:
+        built = build_multitask_data(data, tokenizer, seed, base_dir)
+    except ValueError as err:
+        raise ValueError(f"--task: {err}" if from_specs else str(err)) from None
+    tasks = []
+    for task in data.tasks:
+        examples = built.eval_examples[task.name]
+        if not examples:
+            raise ValueError(
+                f"task {task.name!r} has no held-out examples: give it eval_paths (or eval_split), set "
+                f"data.eval_fraction, or pass --task {task.name}=PATH"
+            )
+        tasks.append(EvalTask(task.name, task.style, examples[:limit] if limit is not None else examples))
+    return tasks

@@ -1,0 +1,104 @@
+"""Export the adapter of any training checkpoint as a single adapter directory.
+
+    python -m malora_dist.export --config CONFIG --checkpoint RUN/checkpoints/step_N --out DIR [--set k=v ...]
+
+One process, whatever layout wrote the checkpoint: the DCP checkpoint's keys are the adapter file
+keys of ``malora_dist.adapters.io`` (full tensors, experts by global index), so they are read into
+the adapters of a skeleton of the run's model (the base on the meta device: no base weights are
+read) and written by ``save_adapter``: ``adapter_config.json`` + ``adapter_model.safetensors``, which
+``load_adapter`` puts into a plain Hugging Face model (and PEFT loads, for ``lora``). The
+optimizer moments in the checkpoint are not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+
+from .adapters.inject import adapter_layers, inject_adapters
+from .adapters.io import adapter_state, load_adapter_state, save_adapter
+from .parallel.groups import ParallelGroups
+from .train.checkpoint import MARKER, META, config_fingerprint
+from .train.config import RunConfig, load_run_config
+
+# Sections whose change makes the checkpoint's tensors not fit (data may differ freely).
+SHAPE_SECTIONS = ("model.", "adapter.")
+
+
+def adapter_skeleton(config: RunConfig) -> nn.Module:
+    """The run's model with its adapters at full size on the CPU (zeros) and its base on the meta
+    device, module names as in training (the tensor-parallel base mirrors Hugging Face's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .train.validation import model_hf_config
+
+    hf_config = model_hf_config(config) or AutoConfig.from_pretrained(config.model.name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    inject_adapters(model, config.adapter)  # on a meta base the adapters are built on meta too
+    for _, layer in adapter_layers(model):
+        for module in filter(None, (layer, layer.router)):
+            for name, param in list(module.named_parameters(recurse=False)):
+                value = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype), requires_grad=False)
+                value.__dict__.update(param.__dict__)  # the layout tags
+                setattr(module, name, value)
+    return model
+
+
+def check_checkpoint(config: RunConfig, checkpoint: str) -> None:
+    meta_path = os.path.join(checkpoint, META)
+    if not os.path.exists(os.path.join(checkpoint, MARKER)) or not os.path.exists(meta_path):
+        raise ValueError(f"--checkpoint {checkpoint!r} is not a complete checkpoint (no {MARKER} marker or {META}): "
+                         f"pass a step directory such as RUN/checkpoints/step_N")
+    with open(meta_path) as f:
+        saved = json.load(f)["fingerprint"]
+    current = config_fingerprint(config)
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k.startswith(SHAPE_SECTIONS) and saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(f"--checkpoint {checkpoint!r} was written with other values of {changed} than --config "
+                         f"has: pass the run's own config (RUN/config.yaml)")
+
+
+def export_checkpoint(config: RunConfig, checkpoint: str, out: str) -> str:
+    """Write the adapter of ``checkpoint`` (a ``step_N`` directory of this run) to ``out``."""
+    check_checkpoint(config, checkpoint)
+    model = adapter_skeleton(config)
+    state = adapter_state(model)  # the file keys and full shapes, filled in place below
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    load_adapter_state(model, state, ParallelGroups.single(), source=checkpoint)
+    save_adapter(model, out, config.adapter,
+                 base_model_name_or_path=config.model.name_or_path or config.model.gguf_file or "")
+    return out
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m malora_dist.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's config (RUN/config.yaml is written by training)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, RUN/checkpoints/step_N")
+    parser.add_argument("--out", required=True, help="the adapter directory to write")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key, as in training (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        export_checkpoint(load_run_config(args.config, args.set), args.checkpoint, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"adapter of {args.checkpoint} written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
