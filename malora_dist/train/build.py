@@ -8,6 +8,7 @@ rank's slice and connects the process groups.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,12 +34,19 @@ def _gguf(name: str) -> str:
 def load_run_tokenizer(model: ModelConfig):
     if model.tokenizer is not None:
         source = _gguf(model.tokenizer)
-        return load_tokenizer(source) if not source.endswith(".gguf") else load_tokenizer(*os.path.split(source))
-    if model.gguf_file is not None:
-        return load_tokenizer(*os.path.split(_gguf(model.gguf_file)))
-    if model.name_or_path is not None:
-        return load_tokenizer(model.name_or_path)
-    return load_tokenizer(*os.path.split(smollm2_gguf_path()))
+    elif model.gguf_file is not None:
+        source = _gguf(model.gguf_file)
+    elif model.name_or_path is not None:
+        source = model.name_or_path
+    else:
+        source = smollm2_gguf_path()
+    return _cached_tokenizer(source)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(source: str):
+    """Parsing a GGUF tokenizer takes seconds; runs and evaluations in one process share it."""
+    return load_tokenizer(*os.path.split(source)) if source.endswith(".gguf") else load_tokenizer(source)
 
 
 def load_base(model: ModelConfig, groups: ParallelGroups, device: torch.device, seed: int) -> nn.Module:
