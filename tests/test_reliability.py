@@ -34,6 +34,9 @@ WORKER_ENV = dict(OMP_NUM_THREADS="1", MALORA_LOG_ALL_RANKS="1", TOKENIZERS_PARA
 START_TIMEOUT_S = 240  # process start-up on 2 busy cores is slow: imports, the tokenizer
 TORCHRUN_KILL_GRACE_S = 30  # torchrun SIGKILLs workers that ignore its SIGTERM for this long
 HANG_TIMEOUT_S = 6  # parallel.timeout_s of the hang tests (also bounds their start-up rendezvous)
+# The survivor's measured exit time includes its interpreter teardown, seconds on a loaded 2-core
+# machine; the bounds stay far below the 30-minute hang they guard against.
+EXIT_SLACK_S = 10
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -423,7 +426,7 @@ def lost_peer(tmp_path_factory):
 def test_survivor_of_a_killed_peer_exits_with_an_error(lost_peer):
     code, seconds, log = lost_peer[signal.SIGKILL]
     assert code not in (None, 0), f"survivor exit code {code}:\n{log[-2000:]}"
-    assert seconds < HANG_TIMEOUT_S, seconds
+    assert seconds < HANG_TIMEOUT_S + EXIT_SLACK_S, seconds
     assert "Traceback" in log
 
 
@@ -431,4 +434,4 @@ def test_survivor_of_a_frozen_peer_exits_within_the_timeout(lost_peer):
     code, seconds, log = lost_peer[signal.SIGSTOP]
     # The timed-out collective ends the run; shutdown skips its barrier on the error path.
     assert code not in (None, 0), f"survivor still running {seconds:.0f}s after its peer froze:\n{log[-2000:]}"
-    assert seconds < 2 * HANG_TIMEOUT_S + 5, seconds
+    assert seconds < HANG_TIMEOUT_S + EXIT_SLACK_S, seconds
