@@ -5,6 +5,13 @@
 The input requires grad, so the base does its backward too (as inside a network). Methods are
 interleaved round by round; the median and the spread (min–max) over rounds are reported, with the
 thread count. Default methods are the paper's: LoRA r=64, MoLoRA r=8 N=8 top-2, MALoRA d=32 r̄=12.
+
+Each round times the forward, the backward and the optimizer step (AdamW as in training,
+``malora_dist.train.optim.build_optimizer``) separately; ``ratio_to_base`` is forward+backward over
+the base's forward+backward, the number the design targets (``cpu_ratio_to_base``: the same from the
+process CPU time, which a shared machine disturbs less). ``saved_mb`` is what autograd keeps for
+the backward (parameters excluded), from one extra untimed pass. ``benchmarks/throughput.py`` calls
+``measure`` with its own method list.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch.nn as nn
 
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.train.optim import build_optimizer
 
 PAPER_METHODS = {
     "lora-r64": dict(method="lora", rank=64),
@@ -30,24 +38,169 @@ PAPER_METHODS = {
 }
 
 
-def build(name, n, m):
+def build(adapter, n, m, device="cpu", dtype=torch.float32):
+    """The frozen base linear (``adapter`` None) or an AdapterLinear around it."""
     torch.manual_seed(0)
-    base = nn.Linear(n, m, bias=False)
-    if name == "base":
+    base = nn.Linear(n, m, bias=False).to(device=device, dtype=dtype)
+    if adapter is None:
         for p in base.parameters():
             p.requires_grad_(False)
         return base
-    layer = AdapterLinear(base, AdapterConfig(**PAPER_METHODS[name]))
+    layer = AdapterLinear(base, AdapterConfig(**adapter))
     with torch.no_grad():  # B̄ = 0 at init; give it values so nothing is trivially zero
         layer.expert_up.normal_(0, 0.01)
     return layer
 
 
-def time_fwd_bwd(module, x, grad):
-    start = time.perf_counter()
+def trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(module, optimizer, x, grad):
+    """(forward, backward, optimizer, forward+backward CPU) seconds of one training step of the layer.
+
+    The CPU time of the process (all its threads) does not count the time the process waited for a
+    core, so on a shared machine it is the steadier measure of the work done (on CPU devices).
+    """
+    device = x.device
+    _sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
     out = module(x)
+    _sync(device)
+    t1 = time.perf_counter()
     out.backward(grad)
-    return time.perf_counter() - start
+    _sync(device)
+    t2, c2 = time.perf_counter(), time.process_time()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2, c2 - c0
+
+
+def saved_for_backward_mb(module, x, grad):
+    """MB of tensors autograd saves for the backward of one step, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    out.backward(grad)
+    for p in module.parameters():
+        p.grad = None
+    return sum(seen.values()) / 2**20
+
+
+def profile_step(module, optimizer, x, grad, top=12):
+    """One step under torch.profiler: the ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        time_step(module, optimizer, x, grad)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in events[:top]]
+
+
+def _spread(samples_s):
+    ms = [1e3 * s for s in samples_s]
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+
+
+def measure(methods, n=2048, m=2048, tokens=2048, repeats=10, warmup=3, device="cpu", dtype=torch.float32,
+            profile_top=0):
+    """Time ``{"base": None, **methods}`` (name → AdapterConfig keys) round by round; return the rows
+    (with the top ops of one profiled step each when ``profile_top`` > 0)."""
+    names = ["base"] + [name for name in methods if name != "base"]
+    adapters = {"base": None, **methods}
+    modules = {name: build(adapters[name], n, m, device, dtype) for name in names}
+    optimizers = {name: build_optimizer(trainable(mod), lr=1e-4, weight_decay=0.0) if trainable(mod) else None
+                  for name, mod in modules.items()}
+    x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, m, device=device, dtype=dtype)
+    times = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        for name in names:  # interleaved, so drift of the machine hits every method alike
+            x.grad = None
+            sample = time_step(modules[name], optimizers[name], x, grad)
+            if round_index >= warmup:
+                times[name].append(sample)
+    saved, profiles = {}, {}
+    for name in names:
+        x.grad = None
+        saved[name] = saved_for_backward_mb(modules[name], x, grad)
+        if profile_top:
+            x.grad = None
+            profiles[name] = profile_step(modules[name], optimizers[name], x, grad, profile_top)
+    fwd_bwd = {name: [s[0] + s[1] for s in t] for name, t in times.items()}
+    cpu = {name: [s[3] for s in t] for name, t in times.items()}
+    base = statistics.median(fwd_bwd["base"])
+    rows = {}
+    for name, t in times.items():
+        step = [s[0] + s[1] + s[2] for s in t]
+        rows[name] = {
+            "adapter": adapters[name],
+            "forward_ms": _spread([s[0] for s in t]),
+            "backward_ms": _spread([s[1] for s in t]),
+            "optimizer_ms": _spread([s[2] for s in t]),
+            "fwd_bwd_ms": _spread(fwd_bwd[name]),
+            "step_ms": _spread(step),
+            # the old keys of this script (forward+backward), kept for readers of older JSON
+            "median_ms": 1e3 * statistics.median(fwd_bwd[name]),
+            "min_ms": 1e3 * min(fwd_bwd[name]),
+            "max_ms": 1e3 * max(fwd_bwd[name]),
+            "ratio_to_base": statistics.median(fwd_bwd[name]) / base,
+            # per-round ratios against the base of the same round: robust to slow drift of the machine
+            "paired_ratio": _ratio_spread(fwd_bwd[name], fwd_bwd["base"]),
+            "overhead_ms": 1e3 * (statistics.median(fwd_bwd[name]) - base),
+            "fwd_bwd_cpu_ms": _spread(cpu[name]),
+            "cpu_ratio_to_base": statistics.median(cpu[name]) / statistics.median(cpu["base"]),
+            "tokens_per_s": tokens / statistics.median(step),
+            "trainable_params": sum(p.numel() for p in trainable(modules[name])),
+            "saved_mb": saved[name],
+        }
+        if profile_top:
+            rows[name]["profile"] = profiles[name]
+    return {
+        "shape": {"n": n, "m": m, "tokens": tokens, "dtype": str(dtype).replace("torch.", "")},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "warmup": warmup,
+        "results": rows,
+    }
+
+
+def _ratio_spread(values, reference):
+    ratios = [v / r for v, r in zip(values, reference)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def print_table(result):
+    shape = result["shape"]
+    print(f"one layer, n={shape['n']} m={shape['m']} tokens={shape['tokens']} {shape['dtype']}, "
+          f"{result['threads']} threads, median of {result['repeats']} (min–max)")
+    print(f"  {'':24s} {'fwd+bwd ms':>22s} {'×base':>6s} {'CPU ×base':>9s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s} "
+          f"{'params':>9s} {'saved MB':>8s}")
+    for name, row in result["results"].items():
+        fb = row["fwd_bwd_ms"]
+        print(f"  {name:24s} {fb['median']:8.2f} ({fb['min']:.1f}–{fb['max']:.1f}) {row['ratio_to_base']:6.3f} "
+              f"{row['cpu_ratio_to_base']:9.3f} {row['forward_ms']['median']:7.2f} {row['backward_ms']['median']:7.2f} "
+              f"{row['optimizer_ms']['median']:7.2f} {row['trainable_params']:9d} {row['saved_mb']:8.1f}")
 
 
 def main(argv=None):
@@ -57,42 +210,20 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--methods", nargs="*", default=list(PAPER_METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(PAPER_METHODS), choices=list(PAPER_METHODS))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP", help="profile one step per method: top ops")
     parser.add_argument("--output", help="write the JSON result here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    names = ["base"] + args.methods
-    modules = {name: build(name, args.n, args.m) for name in names}
-    x = torch.randn(args.tokens, args.n, requires_grad=True)
-    grad = torch.randn(args.tokens, args.m)
-    times = {name: [] for name in names}
-    for round_index in range(args.warmup + args.repeats):
-        for name in names:  # interleaved, so drift of the machine hits every method alike
-            x.grad = None
-            elapsed = time_fwd_bwd(modules[name], x, grad)
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
-    base = statistics.median(times["base"])
-    rows = {
-        name: {
-            "median_ms": 1e3 * statistics.median(t),
-            "min_ms": 1e3 * min(t),
-            "max_ms": 1e3 * max(t),
-            "ratio_to_base": statistics.median(t) / base,
-        }
-        for name, t in times.items()
-    }
-    result = {
-        "shape": {"n": args.n, "m": args.m, "tokens": args.tokens, "dtype": "float32"},
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "repeats": args.repeats,
-        "results": rows,
-    }
-    print(f"fwd+bwd, n={args.n} m={args.m} tokens={args.tokens}, {result['threads']} threads, median of {args.repeats}")
-    for name, row in rows.items():
-        print(f"  {name:24s} {row['median_ms']:8.2f} ms  ({row['min_ms']:.2f}–{row['max_ms']:.2f})  ×{row['ratio_to_base']:.3f}")
+    result = measure({name: PAPER_METHODS[name] for name in args.methods}, args.n, args.m, args.tokens,
+                     args.repeats, args.warmup, profile_top=args.profile)
+    print_table(result)
+    for name, row in result["results"].items():
+        for op in row.get("profile", []):
+            print(f"    {name:24s} {op['op']:40s} {op['calls']:5d} calls {op['self_ms']:9.2f} ms self")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)

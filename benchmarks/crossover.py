@@ -1,0 +1,291 @@
+"""Where expert parallelism beats replicated experts: one MoE layer on 2 processes, measured against
+the placement cost model (``malora_dist.parallel.placement``).
+
+    python benchmarks/crossover.py            # SmolLM2's q_proj shape (576×576), ~2 min on 2 CPU cores
+    python benchmarks/crossover.py --quick    # tiny grid (tests)
+
+For every cell of the grid (tokens per rank × number of experts) and method (MALoRA with d=32, r̄=12
+fixed, so that only N varies; MoLoRA r=8), the same layer is built twice from one seed and laid out
+with ``parallelize_adapters``: ``ep`` (experts split over the 2 ranks, tokens exchanged by
+all-to-all, sparse kernel) and ``replicate`` (all experts on both ranks, dense kernel, expert
+gradients all-reduced). One step = forward, backward (input requiring grad, as inside a network),
+the gradient reduction of ``malora_dist.parallel.gradients`` and the AdamW step of training.
+The placements alternate round by round (the order flips each round); medians and spread of rank 0's
+wall times are reported (and its process CPU time, which leaves out waiting for the other rank).
+
+The prediction is ``placement_costs`` with the link measured by ``measure_link`` at start-up (as
+``auto`` does in training): it predicts the communication each placement adds, not compute, so the
+measured difference (ep − replicate step time) is set against the predicted difference (exchange −
+replicate seconds), and the winner of each against the other.
+
+Output: ``<output-dir>/<name>.json`` and ``<name>.png`` (measured and predicted differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import throughput
+from throughput import machine_info, run_world
+
+METHODS = {
+    "malora": dict(method="malora", rank=8, shared_dim=32, expert_rank=12, top_k=2),
+    "molora": dict(method="molora", rank=8, top_k=2),
+}
+PARTS = ("forward_s", "backward_s", "reduce_s", "optimizer_s")
+
+
+def _layer(adapter, num_experts, n, m, device):
+    import torch.nn as nn
+
+    from malora_dist.adapters.config import AdapterConfig
+    from malora_dist.adapters.layer import AdapterLinear
+
+    torch.manual_seed(0)
+    layer = AdapterLinear(nn.Linear(n, m, bias=False).to(device), AdapterConfig(**adapter, num_experts=num_experts))
+    with torch.no_grad():
+        layer.expert_up.normal_(0, 0.01)  # B̄ = 0 at init: make the up-projections do real work
+    return layer
+
+
+def _step(layer, optimizer, params, groups, x, grad, device) -> dict:
+    from malora_dist.parallel.gradients import reduce_gradients
+    from malora_dist.train.telemetry import device_synchronize
+
+    cpu = time.process_time()
+    marks = [time.perf_counter()]
+    out = layer(x)
+    device_synchronize(device)
+    marks.append(time.perf_counter())
+    out.backward(grad)
+    device_synchronize(device)
+    marks.append(time.perf_counter())
+    reduce_gradients(params, groups)
+    device_synchronize(device)
+    marks.append(time.perf_counter())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    x.grad = None
+    device_synchronize(device)
+    marks.append(time.perf_counter())
+    return {**dict(zip(PARTS, (b - a for a, b in zip(marks, marks[1:])))), "cpu_s": time.process_time() - cpu}
+
+
+def crossover_world(spec: dict) -> dict:
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from malora_dist.adapters.inject import adapter_parameters
+    from malora_dist.parallel.groups import ParallelGroups
+    from malora_dist.parallel.parallelize import parallelize_adapters
+    from malora_dist.parallel.placement import measure_link, placement_costs
+    from malora_dist.runtime import pick_backend_and_device
+    from malora_dist.train.optim import build_optimizer
+
+    _, device = pick_backend_and_device(int(os.environ.get("LOCAL_RANK", "0")))
+    groups = ParallelGroups.build(tp=1, ep=dist.get_world_size())
+    link = measure_link(groups.dp_group, device)
+    n, m = spec["n"], spec["m"]
+    cells = []
+    for method in spec["methods"]:
+        for num_experts in spec["experts"]:
+            for tokens in spec["tokens"]:
+                adapter = METHODS[method]
+                predicted = placement_costs(_layer(adapter, num_experts, n, m, device), tokens, groups.dp, groups.ep, link)
+                runs = {}
+                for placement in ("ep", "replicate"):
+                    model = nn.Sequential(_layer(adapter, num_experts, n, m, device))
+                    parallelize_adapters(model, groups, placement)
+                    params = adapter_parameters(model)
+                    runs[placement] = (model[0], build_optimizer(params, lr=1e-4, weight_decay=0.0), params)
+                gen = torch.Generator().manual_seed(1000 + groups.dp_rank)
+                x = torch.randn(tokens, n, generator=gen).to(device).requires_grad_()
+                grad = torch.randn(tokens, m, generator=gen).to(device)
+                samples = {"ep": [], "replicate": []}
+                for round_index in range(spec["warmup"] + spec["repeats"]):
+                    order = ("ep", "replicate") if round_index % 2 == 0 else ("replicate", "ep")
+                    for placement in order:
+                        layer, optimizer, params = runs[placement]
+                        sample = _step(layer, optimizer, params, groups, x, grad, device)
+                        if round_index >= spec["warmup"]:
+                            samples[placement].append(sample)
+                cells.append({"method": method, "num_experts": num_experts, "tokens_per_rank": tokens,
+                              "predicted": {"exchange_s": predicted.exchange_s, "replicate_s": predicted.replicate_s,
+                                            "choice": predicted.choice},
+                              "samples": samples})
+    link_end = measure_link(groups.dp_group, device)
+    return {"link_start": {"latency_s": link.latency_s, "bytes_per_s": link.bytes_per_s},
+            "link_end": {"latency_s": link_end.latency_s, "bytes_per_s": link_end.bytes_per_s},
+            "threads": torch.get_num_threads(), "device": str(device), "cells": cells}
+
+
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(rank0: dict) -> list:
+    rows = []
+    for cell in rank0["cells"]:
+        measured = {}
+        for placement, samples in cell["samples"].items():
+            steps = [sum(s[k] for k in PARTS) for s in samples]
+            measured[placement] = {"step_s": _spread(steps), **{k: statistics.median(s[k] for s in samples) for k in PARTS + ("cpu_s",)}}
+        ep, rep = measured["ep"]["step_s"]["median"], measured["replicate"]["step_s"]["median"]
+        paired = [sum(a[k] for k in PARTS) - sum(b[k] for k in PARTS)
+                  for a, b in zip(cell["samples"]["ep"], cell["samples"]["replicate"])]
+        pred = cell["predicted"]
+        rows.append({
+            "method": cell["method"], "num_experts": cell["num_experts"], "tokens_per_rank": cell["tokens_per_rank"],
+            "measured": measured,
+            "measured_ep_minus_replicate_s": _spread(paired),
+            "measured_choice": "replicate" if rep <= ep else "ep",
+            "predicted": pred,
+            "predicted_ep_minus_replicate_s": pred["exchange_s"] - pred["replicate_s"],
+            "agree": (rep <= ep) == (pred["choice"] == "replicate"),
+        })
+    return rows
+
+
+def plot(result: dict, path: str) -> bool:
+    plt = throughput._pyplot()
+    if plt is None:
+        return False
+    from matplotlib.colors import SymLogNorm
+
+    rows = result["cells"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    experts = sorted({r["num_experts"] for r in rows})
+    tokens = sorted({r["tokens_per_rank"] for r in rows})
+    fig, axes = plt.subplots(len(methods), 2, figsize=(10, 3.6 * len(methods)), squeeze=False)
+    values = [1e3 * r["measured_ep_minus_replicate_s"]["median"] for r in rows] + \
+             [1e3 * r["predicted_ep_minus_replicate_s"] for r in rows]
+    vmax = max(max(abs(v) for v in values), 1e-3)
+    norm = SymLogNorm(linthresh=max(vmax / 100, 0.01), vmin=-vmax, vmax=vmax)
+    for row_axes, method in zip(axes, methods):
+        cells = {(r["num_experts"], r["tokens_per_rank"]): r for r in rows if r["method"] == method}
+        for ax, key, title in ((row_axes[0], "measured", "measured"), (row_axes[1], "predicted", "cost model")):
+            grid = [[1e3 * (cells[(e, t)]["measured_ep_minus_replicate_s"]["median"] if key == "measured"
+                            else cells[(e, t)]["predicted_ep_minus_replicate_s"]) for e in experts] for t in tokens]
+            image = ax.imshow(grid, cmap="coolwarm", norm=norm, origin="lower", aspect="auto")
+            for i, t in enumerate(tokens):
+                for j, e in enumerate(experts):
+                    cell = cells[(e, t)]
+                    choice = cell["measured_choice"] if key == "measured" else cell["predicted"]["choice"]
+                    mark = "" if cell["agree"] else " ✗"
+                    ax.text(j, i, f"{grid[i][j]:+.1f}\n{'R' if choice == 'replicate' else 'EP'}{mark}",
+                            ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(experts)), experts)
+            ax.set_yticks(range(len(tokens)), tokens)
+            ax.set_xlabel("experts N")
+            ax.set_ylabel("tokens per rank")
+            ax.set_title(f"{method}: {title} ep − replicate (ms/step)", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    meta = result["meta"]
+    link = result["link_start"]
+    fig.text(0.01, 0.005, f"{meta['date']} · {meta['cpu_model'] or ''} · 2 processes × {result['threads']} thread(s) · "
+             f"n={result['shape']['n']} m={result['shape']['m']} · link {link['latency_s'] * 1e3:.2f} ms, "
+             f"{link['bytes_per_s'] / 1e9:.2f} GB/s · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
+             fontsize=6)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def markdown(result: dict) -> str:
+    """The README table of a result file: per cell ep and replicate step times, measured and predicted
+    differences, and the winner of each (✗ where they disagree)."""
+    meta, link = result["meta"], result["link_start"]
+    lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']}, 2 processes × {result['threads']} thread(s), "
+             f"n={result['shape']['n']} m={result['shape']['m']}, load average {meta['load_average_start'][0]:.1f} → "
+             f"{meta['load_average_end'][0]:.1f}{' (machine shared with other jobs)' if meta.get('shared_machine') else ''}; "
+             f"link measured {link['latency_s'] * 1e3:.3f} ms, {link['bytes_per_s'] / 1e9:.2f} GB/s "
+             f"(at the end: {result['link_end']['latency_s'] * 1e3:.3f} ms). Model and measurement agree on "
+             f"{result['agreement']:.0%} of the cells.", "",
+             "| method | N | tokens/rank | ep ms | replicate ms | measured ep − rep ms | predicted ep − rep ms | faster (measured / predicted) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["cells"]:
+        lines.append(f"| {r['method']} | {r['num_experts']} | {r['tokens_per_rank']} | "
+                     f"{1e3 * r['measured']['ep']['step_s']['median']:.1f} | {1e3 * r['measured']['replicate']['step_s']['median']:.1f} | "
+                     f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+.1f} | {1e3 * r['predicted_ep_minus_replicate_s']:+.2f} | "
+                     f"{r['measured_choice']} / {r['predicted']['choice']}{'' if r['agree'] else ' ✗'} |")
+    return "\n".join(lines)
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",") if v]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--methods", help="comma list of malora, molora")
+    parser.add_argument("--tokens", help="tokens per rank, comma list")
+    parser.add_argument("--experts", help="numbers of experts, comma list (even: ep=2 splits them)")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--m", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / 2)")
+    parser.add_argument("--output-dir", default=os.path.join(throughput.HERE, "results"))
+    parser.add_argument("--name")
+    parser.add_argument("--markdown-from", metavar="JSON", help="print the README table of a result file and exit")
+    args = parser.parse_args(argv)
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            print(markdown(json.load(f)))
+        return None
+    defaults = dict(methods="malora" if args.quick else "malora,molora", tokens="16,64" if args.quick else "16,128,1024",
+                    experts="4,8" if args.quick else "4,8,16,32,64,128,256", n=64 if args.quick else 576,
+                    m=64 if args.quick else 576, warmup=1 if args.quick else 2, repeats=2 if args.quick else 7,
+                    name="crossover_quick" if args.quick else "crossover")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        sys.exit("crossover needs 2 GPUs when CUDA is present (one process per GPU)")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
+    spec = {"methods": methods, "tokens": _ints(args.tokens), "experts": _ints(args.experts), "n": args.n, "m": args.m,
+            "warmup": args.warmup, "repeats": args.repeats}
+    threads = args.threads or max(1, (os.cpu_count() or 1) // 2)
+    started = time.perf_counter()
+    meta = machine_info()
+    ranks = run_world(2, threads, crossover_world, spec)
+    meta["load_average_end"] = list(os.getloadavg())
+    meta["elapsed_s"] = time.perf_counter() - started
+    meta["shared_machine"] = max(meta["load_average_start"][0], meta["load_average_end"][0]) > (os.cpu_count() or 1)
+    lead = ranks[0]
+    result = {"meta": meta, "shape": {"n": args.n, "m": args.m, "dtype": "float32"}, "spec": spec, "processes": 2,
+              "threads": lead["threads"], "device": lead["device"], "link_start": lead["link_start"],
+              "link_end": lead["link_end"], "cells": summarize(lead)}
+    result["agreement"] = sum(r["agree"] for r in result["cells"]) / max(len(result["cells"]), 1)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, args.name)
+    result["plots"] = [os.path.basename(stem + ".png")] if plot(result, stem + ".png") else []
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    link = result["link_start"]
+    print(f"2 processes × {result['threads']} thread(s), n={args.n} m={args.m}; link {link['latency_s'] * 1e3:.3f} ms, "
+          f"{link['bytes_per_s'] / 1e9:.2f} GB/s (end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
+    print(f"  {'method':7s} {'N':>3s} {'T':>5s} {'ep ms':>8s} {'rep ms':>8s} {'meas Δ':>8s} {'pred Δ':>8s}  measured / predicted")
+    for r in result["cells"]:
+        print(f"  {r['method']:7s} {r['num_experts']:3d} {r['tokens_per_rank']:5d} "
+              f"{1e3 * r['measured']['ep']['step_s']['median']:8.2f} {1e3 * r['measured']['replicate']['step_s']['median']:8.2f} "
+              f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+8.2f} {1e3 * r['predicted_ep_minus_replicate_s']:+8.2f}  "
+              f"{r['measured_choice']:9s} / {r['predicted']['choice']:9s}{'' if r['agree'] else '  ✗'}")
+    print(f"agreement {result['agreement']:.0%}; wrote {stem}.json in {meta['elapsed_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
