@@ -130,7 +130,7 @@ class AdapterLinear(nn.Module):
         return result.reshape(out.shape)
 
     def _lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        h = self._project_down(0, self.dropout(x))
+        h = self._project_down(self.expert_down[0], self.dropout(x))
         return torch.addmm(out, (self.scaling * h).to(out.dtype), self.expert_up[0].t().to(out.dtype))
 
     def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -171,16 +171,16 @@ class AdapterLinear(nn.Module):
         result equals the sparse kernel's.
         """
         tokens, (num, rank, width) = z.shape[0], self.expert_down.shape
-        h = self._project_down(slice(None), z, stacked=True).view(tokens, num, rank)
+        h = self._project_down(self.expert_down.reshape(num * rank, width), z).view(tokens, num, rank)
         dense_gates = torch.zeros(tokens, num, dtype=h.dtype, device=h.device).scatter(1, experts, gates.to(h.dtype))
         h = (h * dense_gates.unsqueeze(-1)).reshape(tokens, num * rank)
         up = self.expert_up.permute(1, 0, 2).reshape(self.expert_up.shape[1], num * rank)
         return torch.addmm(out, h.to(out.dtype), up.t().to(out.dtype))
 
-    def _project_down(self, expert, rows: torch.Tensor, stacked: bool = False) -> torch.Tensor:
-        """``down_t(rows)`` with its tensor-parallel hook; ``stacked`` projects onto all experts at once."""
-        down = self.expert_down[expert]
-        h = rows @ (down.reshape(-1, down.shape[-1]) if stacked else down).t()
+    def _project_down(self, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ downᵀ`` with its tensor-parallel hooks; ``down`` is one expert's (r, w) matrix
+        or all experts' stacked as (N·r, w)."""
+        h = rows @ down.t()
         if self.shared_A is None:  # A_t contracts n, which a row-parallel base shards
             h = self._sum_partial_over_tp(h)
         return self._copy_into_sharded_up(h)
@@ -191,7 +191,10 @@ class AdapterLinear(nn.Module):
         An expert with no rows still runs (a zero-row matmul): its gradient is an exact zero, and
         every rank keeps issuing the same collectives.
         """
-        return torch.cat([self._project_down(t, chunk) @ self.expert_up[t].t()
+        # Unbind once: indexing the stacked parameter per expert would make each expert's backward
+        # zero-fill a full-size gradient (quadratic in N); unbind's backward stacks them once.
+        downs, ups = self.expert_down.unbind(0), self.expert_up.unbind(0)
+        return torch.cat([self._project_down(downs[t], chunk) @ ups[t].t()
                           for t, chunk in enumerate(rows.split(counts))])
 
     def extra_repr(self) -> str:
