@@ -50,20 +50,18 @@ import dataclasses
 import datetime
 import json
 import os
-import pickle
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import warnings
 
 import torch
 
 import layer_speed
+
+from malora_dist.local_world import run_local_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = {
@@ -138,61 +136,10 @@ def model_section(model: str) -> dict:
 
 
 # ---- a world of processes ----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _world_worker(rank, world_size, port, threads, out_dir, fn, args):
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS=str(threads))
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore", message="expert .* received no tokens")
-    from malora_dist.runtime import init_distributed, shutdown_distributed
-
-    try:
-        init_distributed(timeout_s=900)
-        result = ("ok", fn(*args))
-        shutdown_distributed()
-    except BaseException:
-        result = ("error", traceback.format_exc())
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-
-
 def run_world(world_size: int, threads: int, fn, *args) -> list:
     """``fn(*args)`` on every rank of a fresh world (gloo on CPU, NCCL on GPUs); per-rank results.
     Each rank's output goes to a log file, shown when a rank fails."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        try:
-            mp.start_processes(_world_worker, args=(world_size, _free_port(), threads, out_dir, fn, args),
-                               nprocs=world_size, start_method="spawn")
-        except Exception as err:
-            raise RuntimeError(f"a rank died: {err}\n{_log_tails(out_dir, world_size)}") from None
-        results = []
-        for rank in range(world_size):
-            with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
-                status, value = pickle.load(f)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{value}\n{_log_tails(out_dir, world_size)}")
-            results.append(value)
-        return results
-
-
-def _log_tails(out_dir, world_size, lines=30):
-    tails = []
-    for rank in range(world_size):
-        path = os.path.join(out_dir, f"rank{rank}.log")
-        if os.path.exists(path):
-            with open(path, errors="replace") as f:
-                tails.append(f"--- rank {rank} log (tail) ---\n" + "".join(f.readlines()[-lines:]))
-    return "\n".join(tails)
+    return run_local_world(world_size, fn, *args, threads=threads, capture_logs=True, timeout_s=900)
 
 
 # ---- training steps inside a world -------------------------------------------------------------
