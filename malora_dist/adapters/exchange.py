@@ -7,7 +7,7 @@ not change with the placement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,19 +24,16 @@ class TrafficCounter:
     count_exchange_bytes: int = 0
     calls: int = 0
     dropped_slots: int = 0
-    extra: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         self.__init__()
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return dict(self.__dict__)
 
 
 class LocalExchange:
     """All experts are on this rank: the sorted rows are the local experts' rows."""
-
-    num_local_experts_offset = 0
 
     def __init__(self):
         self.traffic = TrafficCounter()
