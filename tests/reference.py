@@ -7,19 +7,21 @@ code with the sparse, sorted, exchanged implementation under test.
 import torch
 
 
-def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scaling):
+def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scaling, dropped=None):
+    """``dropped``: the adapter's input after dropout (default x); the base and the router see x."""
     y = x @ base_weight.t()
+    a = x if dropped is None else dropped
     if method == "lora":
-        return y + scaling * (x @ params["expert_down"][0].t()) @ params["expert_up"][0].t()
+        return y + scaling * (a @ params["expert_down"][0].t()) @ params["expert_up"][0].t()
     probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
     top_values, top_index = torch.topk(probs, top_k, dim=-1)
     if normalize:
         top_values = top_values / top_values.sum(-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(1, top_index, top_values)
     if method == "malora":
-        h = torch.einsum("td,erd->ter", x @ params["shared_A"].t(), params["expert_down"])
+        h = torch.einsum("td,erd->ter", a @ params["shared_A"].t(), params["expert_down"])
     else:
-        h = torch.einsum("tn,ern->ter", x, params["expert_down"])
+        h = torch.einsum("tn,ern->ter", a, params["expert_down"])
     per_expert = torch.einsum("ter,emr->tem", h, params["expert_up"])
     return y + scaling * torch.einsum("te,tem->tm", gates, per_expert)
 

@@ -61,6 +61,37 @@ def test_forward_and_gradients_match_dense_reference(method, shape, top_k, norma
         assert rel_err(param.grad, ref_params[name].grad) <= 1e-5, name
 
 
+@pytest.mark.parametrize("method,kernel", [("malora", "sparse"), ("malora", "dense"), ("molora", "sparse"),
+                                           ("molora", "dense"), ("lora", "sparse")])
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_reaches_the_adapter_input_only(method, kernel, training):
+    """Training: the router and the base see x, the adapter sees drop(x); eval: no dropout at all."""
+    n, m, rank, num_experts, tokens = 16, 24, 4, 4, 13
+    layer = make_layer(method, n, m, rank, num_experts, 2 if method != "lora" else 1,
+                       expert_kernel=kernel, dropout=0.3)
+    layer.train(training)
+    gen = torch.Generator().manual_seed(1)
+    randomize_adapter_(layer, gen)
+    x = torch.randn(tokens, n, generator=gen, requires_grad=True)
+    grad_out = torch.randn(tokens, m, generator=gen)
+    torch.manual_seed(123)
+    out = layer(x)
+    (out * grad_out).sum().backward()
+
+    torch.manual_seed(123)  # the layer's only random draw is its dropout mask
+    mask = torch.nn.functional.dropout(torch.ones(tokens, n), 0.3, training=training)
+    assert training == bool((mask == 0).any())
+    ref_params = {k: v.detach().clone().requires_grad_() for k, v in adapter_params(layer).items()}
+    ref_x = x.detach().clone().requires_grad_()
+    ref = dense_adapter_output(ref_x, layer.base_layer.weight, ref_params, method, layer.top_k, False,
+                               layer.scaling, dropped=ref_x * mask)
+    (ref * grad_out).sum().backward()
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(x.grad, ref_x.grad) <= 1e-5
+    for name, param in adapter_params(layer).items():
+        assert rel_err(param.grad, ref_params[name].grad) <= 1e-5, name
+
+
 def test_leading_dims_are_kept():
     layer = make_layer("malora", 16, 24, 4, 4, 2)
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 24)
@@ -108,14 +139,14 @@ def test_balance_loss_on_hand_built_routings():
     uniform = torch.full((tokens, num_experts), 1.0 / num_experts)
     round_robin = torch.arange(tokens * 2).reshape(tokens, 2) % num_experts
     counts = torch.bincount(round_robin.reshape(-1), minlength=num_experts).float()
-    loss = balance_loss(uniform, counts, torch.tensor(float(tokens)), top_k=2)
+    loss = balance_loss(uniform.sum(0), counts, torch.tensor(float(tokens)), top_k=2)
     assert loss.item() == pytest.approx(1.0, abs=1e-6)
 
     one_hot = torch.zeros(tokens, num_experts)
     one_hot[:, 2] = 1.0
     all_on_two = torch.full((tokens, 1), 2)
     counts = torch.bincount(all_on_two.reshape(-1), minlength=num_experts).float()
-    loss = balance_loss(one_hot, counts, torch.tensor(float(tokens)), top_k=1)
+    loss = balance_loss(one_hot.sum(0), counts, torch.tensor(float(tokens)), top_k=1)
     assert loss.item() == pytest.approx(num_experts, abs=1e-6)
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers
 from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.routing import finish_router_losses
 from malora_dist.adapters.tags import is_ep_sharded
 from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
 from malora_dist.parallel.groups import ParallelGroups
@@ -106,12 +107,17 @@ def kept_slot_mask(case, layer, x):
     return keep
 
 
+def balance_of(layer):
+    """The balance loss of the layer's last forward (all-reduces its counts: every rank calls it)."""
+    return finish_router_losses([layer.router_stats])[0].balance
+
+
 def reference_run(case):
     layer, x, grad_out = build_reference(case)
     x = x.clone().requires_grad_()
     if case.capacity_factor is None:
         out = layer(x)
-        loss = (out * grad_out).sum() + BALANCE_COEF * layer.balance_loss
+        loss = (out * grad_out).sum() + BALANCE_COEF * balance_of(layer)
         dropped = 0
     else:  # the single-process layer would apply one global capacity: use the dense formula instead
         keep = kept_slot_mask(case, layer, x.detach())
@@ -151,7 +157,7 @@ def distributed_run(case, groups):
     out = layer(x)
     loss = (out * grad_all[local]).sum()
     if case.capacity_factor is None:
-        loss = loss + BALANCE_COEF * layer.balance_loss
+        loss = loss + BALANCE_COEF * balance_of(layer)
     loss.backward()
     params = list(adapter_params(layer).items())
     reduce_gradients([p for _, p in params], groups)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .config import AdapterConfig
 from .layer import AdapterLinear
+from .routing import finish_router_losses
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -54,12 +55,20 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
-    """The router losses of the last forward: each averaged over the MoE layers, times its coefficient."""
-    layers = [layer for _, layer in adapter_layers(model) if layer.balance_loss is not None]
+    """The router losses of the last forward: each averaged over the MoE layers, times its coefficient.
+
+    Collective: every rank of the dp group calls it once per forward (one all-reduce of all layers'
+    routing counts). It also sets each layer's ``expert_load`` (global slots per expert).
+    """
+    layers = [layer for _, layer in adapter_layers(model) if layer.router_stats is not None]
     if not layers:
         return torch.zeros(())
+    losses = finish_router_losses([layer.router_stats for layer in layers])
+    for layer, losses_of_layer in zip(layers, losses):
+        layer.router_stats = None
+        layer.expert_load = losses_of_layer.expert_load
     config = layers[0].config
-    total = config.balance_loss_coef * torch.stack([l.balance_loss for l in layers]).mean()
+    total = config.balance_loss_coef * torch.stack([l.balance for l in losses]).mean()
     if config.router_z_loss_coef > 0:
-        total = total + config.router_z_loss_coef * torch.stack([l.z_loss for l in layers]).mean()
+        total = total + config.router_z_loss_coef * torch.stack([l.z for l in losses]).mean()
     return total

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import AdapterConfig
 from .exchange import LocalExchange
 from .init import kaiming_uniform, malora_svd_init
-from .routing import balance_loss, global_routing_counts, plan_slots, top_k_gates, z_loss
+from .routing import RouterStatistics, plan_slots, router_statistics, top_k_gates
 from .tags import tag
 
 
@@ -60,8 +60,9 @@ class AdapterLinear(nn.Module):
         self.expert_offset = 0  # global index of this rank's first expert
         config.check_fits(self.in_features, name)
         self._init_parameters(config)
-        self.balance_loss: Optional[torch.Tensor] = None
-        self.z_loss: Optional[torch.Tensor] = None
+        # The last forward's routing sums (turned into losses by ``inject.auxiliary_loss``), and
+        # the global slots per expert of the last forward whose losses were formed.
+        self.router_stats: Optional[RouterStatistics] = None
         self.expert_load: Optional[torch.Tensor] = None
 
     # ---- parameters ----------------------------------------------------------------------
@@ -135,27 +136,53 @@ class AdapterLinear(nn.Module):
 
     def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        logits = self._sum_partial_over_tp(self.router(x))
+        dense = self._use_dense_kernel()
+        side = self._side_weight(dense)
+        if side is None:
+            logits = self._sum_partial_over_tp(self.router(x))
+        else:
+            # One product for the router and the first projection (both read x): one skinny
+            # input-gradient GEMM and one gradient sum into x instead of two of each; those T×n passes
+            # cost more than the products' FLOPs. Row parallel: both are partial sums, one all-reduce.
+            both = self._sum_partial_over_tp(x @ torch.cat([self.router.weight, side]).t())
+            logits, x_side = both.split([self.num_experts, side.shape[0]], dim=-1)
         probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
-        counts, tokens = global_routing_counts(experts, self.num_experts, self.dp_group)
-        tokens = tokens.clamp(min=1)
-        self.expert_load = counts
-        self.balance_loss = balance_loss(probs, counts, tokens, self.top_k)
-        self.z_loss = z_loss(logits, tokens) if cfg.router_z_loss_coef > 0 else None
+        self.router_stats = router_statistics(probs, logits, experts, cfg.router_z_loss_coef > 0, self.dp_group)
+        gates = self.scaling * self._copy_into_sharded_up(gates)
 
         z = self.dropout(x)
         if self.shared_A is not None:
             # S_A x once per token, before routing: the shared part, and what travels (d numbers).
-            z = self._sum_partial_over_tp(z @ self.shared_A.t())
-        gates = self.scaling * self._copy_into_sharded_up(gates)
-        if self._use_dense_kernel():
-            return self._dense_experts(z, gates, experts, out)
+            z = x_side if side is not None else self._sum_partial_over_tp(z @ self.shared_A.t())
+        if dense:
+            if side is not None and self.shared_A is None:  # MoLoRA: x_side is A_t x for every t
+                h = self._copy_into_sharded_up(x_side)
+            else:
+                h = self._project_down(self.expert_down.reshape(-1, self.expert_down.shape[-1]), z)
+            return self._dense_experts(h, gates, experts, out)
         plan = plan_slots(experts, self.num_experts, cfg.capacity_factor)
         self.exchange.traffic.dropped_slots += plan.dropped
         rows, local_counts, state = self.exchange.dispatch(z[plan.token_of_slot], plan.counts)
         rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
         return out.index_add(0, plan.token_of_slot, (rows * slot_gates.to(rows.dtype)).to(out.dtype))
+
+    def _side_weight(self, dense: bool) -> Optional[torch.Tensor]:
+        """The weight that can share the router's product with x, or None.
+
+        MALoRA's S_A, or MoLoRA's stacked A_t under the dense kernel (the sparse kernel applies A_t
+        to gathered rows). Only when the adapter's input is x itself: dropout would feed the side
+        product a different input than the router's.
+        """
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None
+        if self.shared_A is not None:
+            side = self.shared_A
+        elif dense:
+            side = self.expert_down.reshape(-1, self.expert_down.shape[-1])
+        else:
+            return None
+        return side if side.dtype == self.router.weight.dtype else None
 
     def _use_dense_kernel(self) -> bool:
         kernel = self.config.expert_kernel
@@ -164,16 +191,16 @@ class AdapterLinear(nn.Module):
             return all_local and self.config.capacity_factor is None
         return kernel == "dense" and all_local
 
-    def _dense_experts(self, z: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, masked by the top-k gates: two matmuls, no gather/scatter.
+    def _dense_experts(self, h: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, masked by the top-k gates: ``h`` (T, N·r) is every expert's
+        down-projection; one masked product and one matmul, no gather/scatter.
 
         Unrouted (token, expert) pairs get a zero gate, so their gradients are exact zeros and the
         result equals the sparse kernel's.
         """
-        tokens, (num, rank, width) = z.shape[0], self.expert_down.shape
-        h = self._project_down(self.expert_down.reshape(num * rank, width), z).view(tokens, num, rank)
+        tokens, (num, rank, _) = h.shape[0], self.expert_down.shape
         dense_gates = torch.zeros(tokens, num, dtype=h.dtype, device=h.device).scatter(1, experts, gates.to(h.dtype))
-        h = (h * dense_gates.unsqueeze(-1)).reshape(tokens, num * rank)
+        h = (h.view(tokens, num, rank) * dense_gates.unsqueeze(-1)).reshape(tokens, num * rank)
         up = self.expert_up.permute(1, 0, 2).reshape(self.expert_up.shape[1], num * rank)
         return torch.addmm(out, h.to(out.dtype), up.t().to(out.dtype))
 

@@ -65,29 +65,75 @@ def global_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
     return tensor
 
 
-def global_routing_counts(
-    experts: torch.Tensor, num_experts: int, dp_group: Optional[dist.ProcessGroup]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots per expert and routed tokens, summed over the dp group in one small all-reduce."""
-    local = torch.cat([
+@dataclass
+class RouterStatistics:
+    """What one MoE layer's forward leaves for its router losses, before any communication.
+
+    The balance loss needs the dp group's global slot counts, but its gradient treats them as
+    constants; so the forward keeps only local sums, and ``finish_router_losses`` all-reduces the
+    counts of every layer at once (one collective per forward pass of the model, not one per layer:
+    each of those would be a synchronisation point between the ranks).
+
+    local_counts: (N + 1,) float, slots per expert and the routed token count, this rank only.
+    prob_sums: (N,) Σ over this rank's tokens of the router probabilities (carries the gradient).
+    z_sum: Σ over this rank's tokens of logsumexp(logits)², or None without a z-loss.
+    """
+
+    local_counts: torch.Tensor
+    prob_sums: torch.Tensor
+    z_sum: Optional[torch.Tensor]
+    top_k: int
+    group: Optional[dist.ProcessGroup]
+
+
+def router_statistics(
+    probs: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, with_z_loss: bool,
+    group: Optional[dist.ProcessGroup],
+) -> RouterStatistics:
+    num_experts = probs.shape[-1]
+    local_counts = torch.cat([
         torch.bincount(experts.reshape(-1), minlength=num_experts),
         torch.tensor([experts.shape[0]], device=experts.device),
     ]).float()
-    totals = global_sum(local, dp_group)
-    return totals[:num_experts], totals[num_experts]
+    z_sum = torch.logsumexp(logits.float(), dim=-1).pow(2).sum() if with_z_loss else None
+    return RouterStatistics(local_counts, probs.sum(dim=0), z_sum, experts.shape[-1], group)
 
 
-def balance_loss(probs: torch.Tensor, global_counts: torch.Tensor, global_tokens: torch.Tensor, top_k: int) -> torch.Tensor:
+@dataclass
+class RouterLosses:
+    """One layer's router losses over the global token set of its dp group."""
+
+    balance: torch.Tensor
+    z: Optional[torch.Tensor]
+    expert_load: torch.Tensor  # global slots per expert
+
+
+def finish_router_losses(stats: list[RouterStatistics]) -> list[RouterLosses]:
+    """All-reduce the counts of all layers (one collective per process group) and form the losses."""
+    totals: list[Optional[torch.Tensor]] = [None] * len(stats)
+    by_group: dict[int, list[int]] = {}
+    for i, s in enumerate(stats):
+        by_group.setdefault(id(s.group), []).append(i)
+    for indices in by_group.values():
+        sizes = [stats[i].local_counts.numel() for i in indices]
+        summed = global_sum(torch.cat([stats[i].local_counts for i in indices]), stats[indices[0]].group)
+        for i, part in zip(indices, summed.split(sizes)):
+            totals[i] = part
+    losses = []
+    for s, total in zip(stats, totals):
+        counts, tokens = total[:-1], total[-1].clamp(min=1)
+        z = s.z_sum / tokens if s.z_sum is not None else None
+        losses.append(RouterLosses(balance_loss(s.prob_sums, counts, tokens, s.top_k), z, counts))
+    return losses
+
+
+def balance_loss(prob_sums: torch.Tensor, global_counts: torch.Tensor, global_tokens: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch load-balancing loss ``N Σ_i f_i P̄_i`` over the global token set of the dp group.
 
-    f_i comes from the all-reduced slot counts; this rank adds ``N Σ_i f_i (Σ_local p_i) / T_global``,
-    so the contributions of the dp ranks sum to the single-process loss (a per-rank f_i would not).
+    ``prob_sums``: Σ over this rank's tokens of the router probabilities. f_i comes from the
+    all-reduced slot counts; this rank adds ``N Σ_i f_i (Σ_local p_i) / T_global``, so the
+    contributions of the dp ranks sum to the single-process loss (a per-rank f_i would not).
     """
-    num_experts = probs.shape[-1]
+    num_experts = prob_sums.shape[-1]
     fraction = global_counts / (global_tokens * top_k)
-    return num_experts * torch.sum(fraction * probs.sum(dim=0)) / global_tokens
-
-
-def z_loss(logits: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
-    """Router z-loss: mean over the global tokens of ``logsumexp(logits)²``."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).sum() / global_tokens
+    return num_experts * torch.sum(fraction * prob_sums) / global_tokens
