@@ -89,7 +89,8 @@ class CheckpointManager:
     def _optimizer_state(self, param) -> dict:
         state = self.trainer.optimizer.state[param]
         if not state:  # AdamW creates its state lazily: give it zeros to load into
-            state.update(step=torch.zeros((), dtype=torch.float32),
+            # step next to the parameter: the fused AdamW kernel takes it on the parameter's device (CUDA)
+            state.update(step=torch.zeros((), dtype=torch.float32, device=param.device),
                          exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
         return state
 
@@ -203,7 +204,8 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=path)
         self._load_state_dict(state)
         for param in self.trainer.params:
-            self.trainer.optimizer.state[param]["step"] = torch.tensor(meta["optimizer_steps_taken"], dtype=torch.float32)
+            self.trainer.optimizer.state[param]["step"] = torch.tensor(meta["optimizer_steps_taken"], dtype=torch.float32,
+                                                                      device=param.device)
         self.trainer.step = meta["step"]
         self.trainer.skipped_steps = meta["skipped_steps"]
         scheduler = self.trainer.scheduler
