@@ -125,14 +125,15 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        # The scaling is folded into rank-space tensors and the sum into the last matmul (addmm):
-        # at LoRA ranks, elementwise passes over the m-wide output would cost more than the adapter.
+        # The scaling and the sum into the base's output are folded into the last product (addmm's
+        # alpha, index_add's alpha): at LoRA ranks, elementwise passes over the m-wide output would
+        # cost more than the adapter.
         result = self._moe(flat_x, flat_out) if self.router is not None else self._lora(flat_x, flat_out)
         return result.reshape(out.shape)
 
     def _lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = self._project_down(self.expert_down[0], self.dropout(x))
-        return torch.addmm(out, (self.scaling * h).to(out.dtype), self.expert_up[0].t().to(out.dtype))
+        return torch.addmm(out, h.to(out.dtype), self.expert_up[0].t().to(out.dtype), alpha=self.scaling)
 
     def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -148,7 +149,7 @@ class AdapterLinear(nn.Module):
             logits, x_side = both.split([self.num_experts, side.shape[0]], dim=-1)
         probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
         self.router_stats = router_statistics(probs, logits, experts, cfg.router_z_loss_coef > 0, self.dp_group)
-        gates = self.scaling * self._copy_into_sharded_up(gates)
+        gates = self._copy_into_sharded_up(gates)
 
         z = self.dropout(x)
         if self.shared_A is not None:
@@ -165,7 +166,7 @@ class AdapterLinear(nn.Module):
         rows, local_counts, state = self.exchange.dispatch(z[plan.token_of_slot], plan.counts)
         rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
-        return out.index_add(0, plan.token_of_slot, (rows * slot_gates.to(rows.dtype)).to(out.dtype))
+        return out.index_add(0, plan.token_of_slot, (rows * slot_gates.to(rows.dtype)).to(out.dtype), alpha=self.scaling)
 
     def _side_weight(self, dense: bool) -> Optional[torch.Tensor]:
         """The weight that can share the router's product with x, or None.
@@ -202,7 +203,7 @@ class AdapterLinear(nn.Module):
         dense_gates = torch.zeros(tokens, num, dtype=h.dtype, device=h.device).scatter(1, experts, gates.to(h.dtype))
         h = (h.view(tokens, num, rank) * dense_gates.unsqueeze(-1)).reshape(tokens, num * rank)
         up = self.expert_up.permute(1, 0, 2).reshape(self.expert_up.shape[1], num * rank)
-        return torch.addmm(out, h.to(out.dtype), up.t().to(out.dtype))
+        return torch.addmm(out, h.to(out.dtype), up.t().to(out.dtype), alpha=self.scaling)
 
     def _project_down(self, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ downᵀ`` with its tensor-parallel hooks; ``down`` is one expert's (r, w) matrix

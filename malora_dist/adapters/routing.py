@@ -74,12 +74,14 @@ class RouterStatistics:
     counts of every layer at once (one collective per forward pass of the model, not one per layer:
     each of those would be a synchronisation point between the ranks).
 
-    local_counts: (N + 1,) float, slots per expert and the routed token count, this rank only.
+    slot_counts: (N,) int64, slots per expert on this rank.
+    tokens: routed tokens on this rank.
     prob_sums: (N,) Σ over this rank's tokens of the router probabilities (carries the gradient).
     z_sum: Σ over this rank's tokens of logsumexp(logits)², or None without a z-loss.
     """
 
-    local_counts: torch.Tensor
+    slot_counts: torch.Tensor
+    tokens: int
     prob_sums: torch.Tensor
     z_sum: Optional[torch.Tensor]
     top_k: int
@@ -90,13 +92,9 @@ def router_statistics(
     probs: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, with_z_loss: bool,
     group: Optional[dist.ProcessGroup],
 ) -> RouterStatistics:
-    num_experts = probs.shape[-1]
-    local_counts = torch.cat([
-        torch.bincount(experts.reshape(-1), minlength=num_experts),
-        torch.tensor([experts.shape[0]], device=experts.device),
-    ]).float()
+    slot_counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1])
     z_sum = torch.logsumexp(logits.float(), dim=-1).pow(2).sum() if with_z_loss else None
-    return RouterStatistics(local_counts, probs.sum(dim=0), z_sum, experts.shape[-1], group)
+    return RouterStatistics(slot_counts, experts.shape[0], probs.sum(dim=0), z_sum, experts.shape[-1], group)
 
 
 @dataclass
@@ -110,18 +108,19 @@ class RouterLosses:
 
 def finish_router_losses(stats: list[RouterStatistics]) -> list[RouterLosses]:
     """All-reduce the counts of all layers (one collective per process group) and form the losses."""
-    totals: list[Optional[torch.Tensor]] = [None] * len(stats)
+    totals: list[Optional[tuple]] = [None] * len(stats)
     by_group: dict[int, list[int]] = {}
     for i, s in enumerate(stats):
         by_group.setdefault(id(s.group), []).append(i)
     for indices in by_group.values():
-        sizes = [stats[i].local_counts.numel() for i in indices]
-        summed = global_sum(torch.cat([stats[i].local_counts for i in indices]), stats[indices[0]].group)
-        for i, part in zip(indices, summed.split(sizes)):
-            totals[i] = part
+        counts = torch.cat([stats[i].slot_counts for i in indices])
+        tokens = torch.tensor([stats[i].tokens for i in indices], device=counts.device)
+        summed = global_sum(torch.cat([counts, tokens]).double(), stats[indices[0]].group)
+        per_layer = summed[:counts.numel()].split([stats[i].slot_counts.numel() for i in indices])
+        for k, i in enumerate(indices):
+            totals[i] = (per_layer[k].float(), summed[counts.numel() + k].float().clamp(min=1))
     losses = []
-    for s, total in zip(stats, totals):
-        counts, tokens = total[:-1], total[-1].clamp(min=1)
+    for s, (counts, tokens) in zip(stats, totals):
         z = s.z_sum / tokens if s.z_sum is not None else None
         losses.append(RouterLosses(balance_loss(s.prob_sums, counts, tokens, s.top_k), z, counts))
     return losses
