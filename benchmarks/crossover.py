@@ -13,10 +13,11 @@ the gradient reduction of ``malora_dist.parallel.gradients`` and the AdamW step 
 The placements alternate round by round (the order flips each round); medians and spread of rank 0's
 wall times are reported (and its process CPU time, which leaves out waiting for the other rank).
 
-The prediction is ``placement_costs`` with the link measured by ``measure_link`` at start-up (as
-``auto`` does in training): it predicts the communication each placement adds, not compute, so the
-measured difference (ep − replicate step time) is set against the predicted difference (exchange −
-replicate seconds), and the winner of each against the other.
+The prediction is ``placement_costs`` with the link and compute rates measured by ``measure_link``
+at start-up (as ``auto`` does in training): it predicts what each placement adds (communication,
+the sparse kernel's extra small ops, the dense kernel's extra FLOPs), so the measured difference
+(ep − replicate step time) is set against the predicted difference (exchange − replicate seconds),
+and the winner of each against the other.
 
 Output: ``<output-dir>/<name>.json`` and ``<name>.png`` (measured and predicted differences).
 """
@@ -24,6 +25,7 @@ Output: ``<output-dir>/<name>.json`` and ``<name>.png`` (measured and predicted 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -121,8 +123,7 @@ def crossover_world(spec: dict) -> dict:
                                             "choice": predicted.choice},
                               "samples": samples})
     link_end = measure_link(groups.dp_group, device)
-    return {"link_start": {"latency_s": link.latency_s, "bytes_per_s": link.bytes_per_s},
-            "link_end": {"latency_s": link_end.latency_s, "bytes_per_s": link_end.bytes_per_s},
+    return {"link_start": dataclasses.asdict(link), "link_end": dataclasses.asdict(link_end),
             "threads": torch.get_num_threads(), "device": str(device), "cells": cells}
 
 
@@ -191,7 +192,7 @@ def plot(result: dict, path: str) -> bool:
     link = result["link_start"]
     fig.text(0.01, 0.005, f"{meta['date']} · {meta['cpu_model'] or ''} · 2 processes × {result['threads']} thread(s) · "
              f"n={result['shape']['n']} m={result['shape']['m']} · link {link['latency_s'] * 1e3:.2f} ms, "
-             f"{link['bytes_per_s'] / 1e9:.2f} GB/s · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
+             f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, {link['op_s'] * 1e6:.0f} µs/op · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
              fontsize=6)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=120)
@@ -206,7 +207,8 @@ def markdown(result: dict) -> str:
     lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']}, 2 processes × {result['threads']} thread(s), "
              f"n={result['shape']['n']} m={result['shape']['m']}, load average {meta['load_average_start'][0]:.1f} → "
              f"{meta['load_average_end'][0]:.1f}{' (machine shared with other jobs)' if meta.get('shared_machine') else ''}; "
-             f"link measured {link['latency_s'] * 1e3:.3f} ms, {link['bytes_per_s'] / 1e9:.2f} GB/s "
+             f"link measured {link['latency_s'] * 1e3:.3f} ms, {link['bytes_per_s'] / 1e9:.2f} GB/s, "
+             f"compute {link['flops_per_s'] / 1e9:.0f} GFLOP/s at a skinny matmul and {link['op_s'] * 1e6:.1f} µs per small op, copies at {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
              f"(at the end: {result['link_end']['latency_s'] * 1e3:.3f} ms). Model and measurement agree on "
              f"{result['agreement']:.0%} of the cells.", "",
              "| method | N | tokens/rank | ep ms | replicate ms | measured ep − rep ms | predicted ep − rep ms | faster (measured / predicted) |",
@@ -276,7 +278,7 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     link = result["link_start"]
     print(f"2 processes × {result['threads']} thread(s), n={args.n} m={args.m}; link {link['latency_s'] * 1e3:.3f} ms, "
-          f"{link['bytes_per_s'] / 1e9:.2f} GB/s (end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
+          f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, {link['op_s'] * 1e6:.1f} µs/op, copy {link['copy_bytes_per_s'] / 1e9:.1f} GB/s (end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
     print(f"  {'method':7s} {'N':>3s} {'T':>5s} {'ep ms':>8s} {'rep ms':>8s} {'meas Δ':>8s} {'pred Δ':>8s}  measured / predicted")
     for r in result["cells"]:
         print(f"  {r['method']:7s} {r['num_experts']:3d} {r['tokens_per_rank']:5d} "

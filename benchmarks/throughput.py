@@ -350,7 +350,7 @@ def train_world(spec: dict) -> dict:
                 **_parameter_bytes(variant.trainer.params, groups),
             }
             if placement == "auto" and links:
-                variant.info["link"] = {"latency_s": links[-1].latency_s, "bytes_per_s": links[-1].bytes_per_s}
+                variant.info["link"] = dataclasses.asdict(links[-1])
             variant.uninstall()
         else:
             groups = plain_groups

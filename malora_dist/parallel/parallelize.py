@@ -20,12 +20,14 @@ from .sharding import local_slice
 
 
 def parallelize_adapters(model: nn.Module, groups: ParallelGroups, placement: str = "ep",
-                         tokens_per_rank: Optional[int] = None, link: Optional[LinkModel] = None) -> dict:
+                         tokens_per_rank: Optional[int] = None, link: Optional[LinkModel] = None,
+                         micro_batches: int = 1) -> dict:
     """Shard and connect every adapter layer; return {layer name: "ep" | "replicate"}.
 
     placement: ``ep`` splits experts across the EP group, ``replicate`` keeps all experts on every
     rank (no token exchange), ``auto`` picks per layer from the cost model of
-    ``malora_dist.parallel.placement`` (needs ``tokens_per_rank`` and a measured ``link``).
+    ``malora_dist.parallel.placement`` (needs ``tokens_per_rank`` per step, the step's
+    ``micro_batches`` and a measured ``link``).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"parallel.expert_placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -38,7 +40,8 @@ def parallelize_adapters(model: nn.Module, groups: ParallelGroups, placement: st
             raise ValueError(f"parallel.ep={groups.ep} must divide adapter.num_experts={layer.num_experts}")
         choice = placement
         if placement == "auto":
-            choice = placement_costs(layer, tokens_per_rank, groups.dp, groups.ep, link).choice if groups.ep > 1 else "ep"
+            choice = placement_costs(layer, tokens_per_rank, groups.dp, groups.ep, link,
+                                     micro_batches=micro_batches).choice if groups.ep > 1 else "ep"
         split = moe and groups.ep > 1 and choice == "ep"
         for pname, param in layer.named_parameters():
             if not pname.startswith("base_layer."):

@@ -85,7 +85,9 @@ def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device)
     placement = config.parallel.expert_placement
     link = measure_link(groups.dp_group, device) if placement == "auto" and groups.ep > 1 else None
     tokens_per_rank = config.train.global_batch_size // groups.dp * config.data.seq_len
-    decisions = parallelize_adapters(model, groups, placement, tokens_per_rank=tokens_per_rank, link=link)
+    micro_batches = config.train.global_batch_size // (groups.dp * config.train.micro_batch_size)
+    decisions = parallelize_adapters(model, groups, placement, tokens_per_rank=tokens_per_rank, link=link,
+                                     micro_batches=micro_batches)
     if decisions:
         counts = {p: sum(1 for d in decisions.values() if d == p) for p in ("ep", "replicate")}
         get_logger().info("expert placement %s: %d layer(s) ep, %d replicated%s", placement, counts["ep"],
