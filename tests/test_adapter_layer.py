@@ -188,3 +188,30 @@ def test_dropped_slots_contribute_nothing():
     # capacity = ceil(0.5 · 6 / 2) = 2: tokens 0 and 1 keep their slot, the rest get no update.
     assert torch.count_nonzero(delta[2:]) == 0 and torch.count_nonzero(delta[:2].abs().sum(-1)) == 2
     assert layer.exchange.traffic.dropped_slots == 4
+
+
+@pytest.mark.parametrize("method,kernel", [("malora", "sparse"), ("malora", "dense"), ("molora", "sparse"),
+                                           ("molora", "dense"), ("lora", "sparse")])
+def test_bf16_activations_with_fp32_master_weights(method, kernel):
+    """A bf16 base: products in bf16, router in fp32, fp32 gradients on the fp32 parameters."""
+    n, m, rank, num_experts, tokens = 32, 24, 4, 4, 16
+    layer = make_layer(method, n, m, rank, num_experts, 2 if method != "lora" else 1, expert_kernel=kernel)
+    randomize_adapter_(layer, torch.Generator().manual_seed(1))
+    reference = make_layer(method, n, m, rank, num_experts, 2 if method != "lora" else 1, expert_kernel=kernel)
+    reference.load_state_dict(layer.state_dict())
+    layer.base_layer.to(torch.bfloat16)
+    reference.base_layer.weight.data = layer.base_layer.weight.data.float()  # same rounded base
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, n, generator=gen).bfloat16()
+    grad_out = torch.randn(tokens, m, generator=gen)
+    out = layer(x.requires_grad_())
+    assert out.dtype == torch.bfloat16
+    (out.float() * grad_out).sum().backward()
+    ref_x = x.detach().float().requires_grad_()
+    ref = reference(ref_x)
+    (ref * grad_out).sum().backward()
+    assert rel_err(out.float(), ref) <= 2e-2
+    assert rel_err(x.grad.float(), ref_x.grad) <= 3e-2
+    for name, param in adapter_params(layer).items():
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
+        assert rel_err(param.grad, adapter_params(reference)[name].grad) <= 3e-2, name

@@ -131,6 +131,9 @@ class AdapterLinear(nn.Module):
         result = self._moe(flat_x, flat_out) if self.router is not None else self._lora(flat_x, flat_out)
         return result.reshape(out.shape)
 
+    # Parameters are fp32 master weights; the products run in the activations' dtype (as autocast
+    # would: a bf16 base gets bf16 adapter products, whose gradients reach the fp32 parameters
+    # through the casts), except the router, which runs in fp32 (DESIGN.md §1).
     def _lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = self._project_down(self.expert_down[0], self.dropout(x))
         return torch.addmm(out, h.to(out.dtype), self.expert_up[0].t().to(out.dtype), alpha=self.scaling)
@@ -138,9 +141,9 @@ class AdapterLinear(nn.Module):
     def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         dense = self._use_dense_kernel()
-        side = self._side_weight(dense)
+        side = self._side_weight(dense, x.dtype)
         if side is None:
-            logits = self._sum_partial_over_tp(self.router(x))
+            logits = self._sum_partial_over_tp(F.linear(x.to(self.router.weight.dtype), self.router.weight))
         else:
             # One product for the router and the first projection (both read x): one skinny
             # input-gradient GEMM and one gradient sum into x instead of two of each; those T×n passes
@@ -154,7 +157,7 @@ class AdapterLinear(nn.Module):
         z = self.dropout(x)
         if self.shared_A is not None:
             # S_A x once per token, before routing: the shared part, and what travels (d numbers).
-            z = x_side if side is not None else self._sum_partial_over_tp(z @ self.shared_A.t())
+            z = x_side if side is not None else self._sum_partial_over_tp(z @ self.shared_A.t().to(z.dtype))
         if dense:
             if side is not None and self.shared_A is None:  # MoLoRA: x_side is A_t x for every t
                 h = self._copy_into_sharded_up(x_side)
@@ -168,14 +171,14 @@ class AdapterLinear(nn.Module):
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
         return out.index_add(0, plan.token_of_slot, (rows * slot_gates.to(rows.dtype)).to(out.dtype), alpha=self.scaling)
 
-    def _side_weight(self, dense: bool) -> Optional[torch.Tensor]:
+    def _side_weight(self, dense: bool, x_dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The weight that can share the router's product with x, or None.
 
         MALoRA's S_A, or MoLoRA's stacked A_t under the dense kernel (the sparse kernel applies A_t
-        to gathered rows). Only when the adapter's input is x itself: dropout would feed the side
-        product a different input than the router's.
+        to gathered rows). Only when the adapter's input is x itself (dropout would feed the side
+        product a different input than the router's) and x is in the router's dtype (fp32).
         """
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if (self.training and isinstance(self.dropout, nn.Dropout)) or x_dtype != self.router.weight.dtype:
             return None
         if self.shared_A is not None:
             side = self.shared_A
@@ -208,7 +211,7 @@ class AdapterLinear(nn.Module):
     def _project_down(self, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ downᵀ`` with its tensor-parallel hooks; ``down`` is one expert's (r, w) matrix
         or all experts' stacked as (N·r, w)."""
-        h = rows @ down.t()
+        h = rows @ down.t().to(rows.dtype)
         if self.shared_A is None:  # A_t contracts n, which a row-parallel base shards
             h = self._sum_partial_over_tp(h)
         return self._copy_into_sharded_up(h)
@@ -222,7 +225,7 @@ class AdapterLinear(nn.Module):
         # Unbind once: indexing the stacked parameter per expert would make each expert's backward
         # zero-fill a full-size gradient (quadratic in N); unbind's backward stacks them once.
         downs, ups = self.expert_down.unbind(0), self.expert_up.unbind(0)
-        return torch.cat([self._project_down(downs[t], chunk) @ ups[t].t()
+        return torch.cat([self._project_down(downs[t], chunk) @ ups[t].t().to(chunk.dtype)
                           for t, chunk in enumerate(rows.split(counts))])
 
     def extra_repr(self) -> str:

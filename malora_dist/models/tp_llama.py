@@ -299,6 +299,10 @@ def _build(config, source, groups: ParallelGroups, dtype, device) -> TPCausalLM:
     tp_group = resolve_tp_group(groups)
     model = TPCausalLM(config, tp_group, dtype=dtype, biased=_biased_projections(source.keys()))
     load_shards(model, source, model.tp_rank, model.tp_size)
+    # The HF norms are built in the default dtype: cast every parameter to the base's dtype (a bf16
+    # norm output for the bf16 linears after it). Buffers (the rotary inv_freq) stay fp32, as in HF.
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     model.requires_grad_(False)
     return model if device is None else model.to(device)
 
