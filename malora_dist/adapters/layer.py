@@ -28,6 +28,14 @@ from .routing import RouterStatistics, plan_slots, router_statistics, top_k_gate
 from .tags import tag
 
 
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out + alpha · a @ b``, in place unless ``out`` is a view: megatron's row-parallel reduction
+    returns its input as a view, which autograd forbids modifying in place."""
+    if out._is_view():
+        return torch.addmm(out, a, b, alpha=alpha)
+    return out.addmm_(a, b, alpha=alpha)
+
+
 class AdapterLinear(nn.Module):
     """``y = base(x) + scaling · Σ_{t ∈ topk} g_t · up_t(down_t(shared(drop(x))))``.
 
@@ -123,33 +131,38 @@ class AdapterLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        # The scaling and the sum into the base's output are folded into the last product (addmm's
-        # alpha, index_add's alpha): at LoRA ranks, elementwise passes over the m-wide output would
-        # cost more than the adapter.
-        result = self._moe(flat_x, flat_out) if self.router is not None else self._lora(flat_x, flat_out)
-        return result.reshape(out.shape)
+        flat_x = x.reshape(-1, x.shape[-1])
+        # The base sees the flat input, so that its output is usually a fresh tensor of its own
+        # (no view) that the adapter adds into in place (``_add_product``). The scaling and that sum are folded into the last
+        # product (addmm_'s and index_add_'s alpha): at LoRA ranks, any extra elementwise pass over
+        # the T×m output (a scaling, a copy of the base's output) costs more than the adapter.
+        out = self.base_layer(flat_x)
+        result = self._moe(flat_x, out) if self.router is not None else self._lora(flat_x, out)
+        return result.view(*x.shape[:-1], result.shape[-1])
 
     # Parameters are fp32 master weights; the products run in the activations' dtype (as autocast
     # would: a bf16 base gets bf16 adapter products, whose gradients reach the fp32 parameters
     # through the casts), except the router, which runs in fp32 (DESIGN.md §1).
     def _lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = self._project_down(self.expert_down[0], self.dropout(x))
-        return torch.addmm(out, h.to(out.dtype), self.expert_up[0].t().to(out.dtype), alpha=self.scaling)
+        return _add_product(out, h.to(out.dtype), self.expert_up[0].t().to(out.dtype), self.scaling)
 
     def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         dense = self._use_dense_kernel()
-        side = self._side_weight(dense, x.dtype)
+        side = self._side_weight(dense)
+        router_x = x.to(self.router.weight.dtype)
         if side is None:
-            logits = self._sum_partial_over_tp(F.linear(x.to(self.router.weight.dtype), self.router.weight))
+            logits = self._sum_partial_over_tp(F.linear(router_x, self.router.weight))
         else:
             # One product for the router and the first projection (both read x): one skinny
-            # input-gradient GEMM and one gradient sum into x instead of two of each; those T×n passes
-            # cost more than the products' FLOPs. Row parallel: both are partial sums, one all-reduce.
-            both = self._sum_partial_over_tp(x @ torch.cat([self.router.weight, side]).t())
+            # input-gradient GEMM and one gradient sum into x instead of two of each (those T×n
+            # passes cost more than the products' FLOPs), and on a GPU fewer kernels. It runs in the
+            # router's fp32 (bf16 x is cast once, for the router anyway); the side part returns to
+            # x's dtype. Row parallel: both are partial sums, one all-reduce.
+            both = self._sum_partial_over_tp(router_x @ torch.cat([self.router.weight, side]).t())
             logits, x_side = both.split([self.num_experts, side.shape[0]], dim=-1)
+            x_side = x_side.to(x.dtype)
         probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
         self.router_stats = router_statistics(probs, logits, experts, cfg.router_z_loss_coef > 0, self.dp_group)
         gates = self._copy_into_sharded_up(gates)
@@ -169,16 +182,19 @@ class AdapterLinear(nn.Module):
         rows, local_counts, state = self.exchange.dispatch(z[plan.token_of_slot], plan.counts)
         rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
-        return out.index_add(0, plan.token_of_slot, (rows * slot_gates.to(rows.dtype)).to(out.dtype), alpha=self.scaling)
+        rows = (rows * slot_gates.to(rows.dtype)).to(out.dtype)
+        if out._is_view():
+            return out.index_add(0, plan.token_of_slot, rows, alpha=self.scaling)
+        return out.index_add_(0, plan.token_of_slot, rows, alpha=self.scaling)
 
-    def _side_weight(self, dense: bool, x_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def _side_weight(self, dense: bool) -> Optional[torch.Tensor]:
         """The weight that can share the router's product with x, or None.
 
         MALoRA's S_A, or MoLoRA's stacked A_t under the dense kernel (the sparse kernel applies A_t
-        to gathered rows). Only when the adapter's input is x itself (dropout would feed the side
-        product a different input than the router's) and x is in the router's dtype (fp32).
+        to gathered rows). Only when the adapter's input is x itself: dropout would feed the side
+        product a different input than the router's.
         """
-        if (self.training and isinstance(self.dropout, nn.Dropout)) or x_dtype != self.router.weight.dtype:
+        if self.training and isinstance(self.dropout, nn.Dropout):
             return None
         if self.shared_A is not None:
             side = self.shared_A
@@ -205,8 +221,10 @@ class AdapterLinear(nn.Module):
         tokens, (num, rank, _) = h.shape[0], self.expert_down.shape
         dense_gates = torch.zeros(tokens, num, dtype=h.dtype, device=h.device).scatter(1, experts, gates.to(h.dtype))
         h = (h.view(tokens, num, rank) * dense_gates.unsqueeze(-1)).reshape(tokens, num * rank)
-        up = self.expert_up.permute(1, 0, 2).reshape(self.expert_up.shape[1], num * rank)
-        return torch.addmm(out, h.to(out.dtype), up.t().to(out.dtype), alpha=self.scaling)
+        # (m, N, r) in the output's dtype: the permute and the cast in one copy
+        up = torch.empty((self.expert_up.shape[1], num, rank), dtype=out.dtype, device=out.device).copy_(
+            self.expert_up.permute(1, 0, 2))
+        return _add_product(out, h.to(out.dtype), up.view(-1, num * rank).t(), self.scaling)
 
     def _project_down(self, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ downᵀ`` with its tensor-parallel hooks; ``down`` is one expert's (r, w) matrix

@@ -13,9 +13,14 @@ import torch
 import torch.distributed as dist
 
 
+def router_precision(t: torch.Tensor) -> torch.Tensor:
+    """The router's arithmetic: fp32 at least (bf16/fp16 logits are upcast), fp64 stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def top_k_gates(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax in fp32, keep the top-k probabilities as gates; return ``(probs, gates, experts)``."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """Softmax in fp32 (or fp64), keep the top-k probabilities as gates; return ``(probs, gates, experts)``."""
+    probs = torch.softmax(router_precision(logits), dim=-1)
     gates, experts = torch.topk(probs, top_k, dim=-1)
     if normalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -92,8 +97,12 @@ def router_statistics(
     probs: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, with_z_loss: bool,
     group: Optional[dist.ProcessGroup],
 ) -> RouterStatistics:
-    slot_counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1])
-    z_sum = torch.logsumexp(logits.float(), dim=-1).pow(2).sum() if with_z_loss else None
+    # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host (a sync per
+    # layer, which stalls the launch queue); the size here is known.
+    flat = experts.reshape(-1)
+    slot_counts = torch.zeros(probs.shape[-1], dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    z_sum = torch.logsumexp(router_precision(logits), dim=-1).pow(2).sum() if with_z_loss else None
     return RouterStatistics(slot_counts, experts.shape[0], probs.sum(dim=0), z_sum, experts.shape[-1], group)
 
 
@@ -118,7 +127,8 @@ def finish_router_losses(stats: list[RouterStatistics]) -> list[RouterLosses]:
         summed = global_sum(torch.cat([counts, tokens]).double(), stats[indices[0]].group)
         per_layer = summed[:counts.numel()].split([stats[i].slot_counts.numel() for i in indices])
         for k, i in enumerate(indices):
-            totals[i] = (per_layer[k].float(), summed[counts.numel() + k].float().clamp(min=1))
+            dtype = stats[i].prob_sums.dtype
+            totals[i] = (per_layer[k].to(dtype), summed[counts.numel() + k].to(dtype).clamp(min=1))
     losses = []
     for s, (counts, tokens) in zip(stats, totals):
         z = s.z_sum / tokens if s.z_sum is not None else None
