@@ -206,7 +206,7 @@ def markdown(result: dict) -> str:
     meta, link = result["meta"], result["link_start"]
     lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']}, 2 processes × {result['threads']} thread(s), "
              f"n={result['shape']['n']} m={result['shape']['m']}, load average {meta['load_average_start'][0]:.1f} → "
-             f"{meta['load_average_end'][0]:.1f}{' (machine shared with other jobs)' if meta.get('shared_machine') else ''}; "
+             f"{meta['load_average_end'][0]:.1f}{' (above the core count: other jobs, or its own processes)' if meta.get('shared_machine') else ''}; "
              f"link measured {link['latency_s'] * 1e3:.3f} ms, {link['bytes_per_s'] / 1e9:.2f} GB/s, "
              f"compute {link['flops_per_s'] / 1e9:.0f} GFLOP/s at a skinny matmul and {link['op_s'] * 1e6:.1f} µs per small op, copies at {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
              f"(at the end: {result['link_end']['latency_s'] * 1e3:.3f} ms). Model and measurement agree on "

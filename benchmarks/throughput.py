@@ -651,7 +651,7 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
              f"load average {meta['load_average_start'][0]:.1f} → {meta['load_average_end'][0]:.1f}"
-             f"{' (machine shared with other jobs)' if meta.get('shared_machine') else ''}, {meta['elapsed_s']:.0f} s."]
+             f"{' (above the core count: other jobs, or its own processes)' if meta.get('shared_machine') else ''}, {meta['elapsed_s']:.0f} s."]
     layer = result.get("layer")
     if layer:
         shape = layer["shape"]

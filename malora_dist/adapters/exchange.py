@@ -33,12 +33,20 @@ class TrafficCounter:
 
 
 class LocalExchange:
-    """All experts are on this rank: the sorted rows are the local experts' rows."""
+    """All experts are on this rank: the sorted rows are the local experts' rows.
+
+    The dispatch has two halves, ``send`` and ``receive``, so that the layer can compute what does
+    not depend on the experts (the frozen base's product) while rows are in flight.
+    """
 
     def __init__(self):
         self.traffic = TrafficCounter()
 
-    def dispatch(self, rows: torch.Tensor, counts: list) -> tuple[torch.Tensor, list, None]:
+    def send(self, rows: torch.Tensor, counts: list) -> tuple[torch.Tensor, list]:
+        return rows, counts
+
+    def receive(self, sent: tuple[torch.Tensor, list]) -> tuple[torch.Tensor, list, None]:
+        rows, counts = sent
         return rows, counts, None
 
     def combine(self, rows: torch.Tensor, state: None) -> torch.Tensor:

@@ -136,8 +136,10 @@ class AdapterLinear(nn.Module):
         # (no view) that the adapter adds into in place (``_add_product``). The scaling and that sum are folded into the last
         # product (addmm_'s and index_add_'s alpha): at LoRA ranks, any extra elementwise pass over
         # the T×m output (a scaling, a copy of the base's output) costs more than the adapter.
-        out = self.base_layer(flat_x)
-        result = self._moe(flat_x, out) if self.router is not None else self._lora(flat_x, out)
+        if self.router is None:
+            result = self._lora(flat_x, self.base_layer(flat_x))
+        else:  # the MoE path runs the base itself, while its rows are in flight
+            result = self._moe(flat_x)
         return result.view(*x.shape[:-1], result.shape[-1])
 
     # Parameters are fp32 master weights; the products run in the activations' dtype (as autocast
@@ -147,7 +149,7 @@ class AdapterLinear(nn.Module):
         h = self._project_down(self.expert_down[0], self.dropout(x))
         return _add_product(out, h.to(out.dtype), self.expert_up[0].t().to(out.dtype), self.scaling)
 
-    def _moe(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         dense = self._use_dense_kernel()
         side = self._side_weight(dense)
@@ -176,10 +178,12 @@ class AdapterLinear(nn.Module):
                 h = self._copy_into_sharded_up(x_side)
             else:
                 h = self._project_down(self.expert_down.reshape(-1, self.expert_down.shape[-1]), z)
-            return self._dense_experts(h, gates, experts, out)
+            return self._dense_experts(h, gates, experts, self.base_layer(x))
         plan = plan_slots(experts, self.num_experts, cfg.capacity_factor)
         self.exchange.traffic.dropped_slots += plan.dropped
-        rows, local_counts, state = self.exchange.dispatch(z[plan.token_of_slot], plan.counts)
+        sent = self.exchange.send(z[plan.token_of_slot], plan.counts)
+        out = self.base_layer(x)  # independent of the experts: overlaps the rows' all-to-all
+        rows, local_counts, state = self.exchange.receive(sent)
         rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
         rows = (rows * slot_gates.to(rows.dtype)).to(out.dtype)
