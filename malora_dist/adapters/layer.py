@@ -28,12 +28,15 @@ from .routing import RouterStatistics, plan_slots, router_statistics, top_k_gate
 from .tags import tag
 
 
+def _in_place(out: torch.Tensor) -> bool:
+    """Whether the adapter may add into the base's output in place: not when it is a view, as
+    megatron's row-parallel reduction returns (autograd forbids modifying that in place)."""
+    return not out._is_view()
+
+
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out + alpha · a @ b``, in place unless ``out`` is a view: megatron's row-parallel reduction
-    returns its input as a view, which autograd forbids modifying in place."""
-    if out._is_view():
-        return torch.addmm(out, a, b, alpha=alpha)
-    return out.addmm_(a, b, alpha=alpha)
+    """``out + alpha · a @ b``, in place where ``_in_place`` allows."""
+    return out.addmm_(a, b, alpha=alpha) if _in_place(out) else torch.addmm(out, a, b, alpha=alpha)
 
 
 class AdapterLinear(nn.Module):
@@ -133,9 +136,10 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         # The base sees the flat input, so that its output is usually a fresh tensor of its own
-        # (no view) that the adapter adds into in place (``_add_product``). The scaling and that sum are folded into the last
-        # product (addmm_'s and index_add_'s alpha): at LoRA ranks, any extra elementwise pass over
-        # the T×m output (a scaling, a copy of the base's output) costs more than the adapter.
+        # (no view) that the adapter adds into in place (``_in_place``). The scaling and that sum
+        # are folded into the last product (addmm_'s and index_add_'s alpha): at LoRA ranks, any
+        # extra elementwise pass over the T×m output (a scaling, a copy of the base's output) costs
+        # more than the adapter.
         if self.router is None:
             result = self._lora(flat_x, self.base_layer(flat_x))
         else:  # the MoE path runs the base itself, while its rows are in flight
@@ -187,9 +191,8 @@ class AdapterLinear(nn.Module):
         rows = self.exchange.combine(self._run_experts(rows, local_counts), state)
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
         rows = (rows * slot_gates.to(rows.dtype)).to(out.dtype)
-        if out._is_view():
-            return out.index_add(0, plan.token_of_slot, rows, alpha=self.scaling)
-        return out.index_add_(0, plan.token_of_slot, rows, alpha=self.scaling)
+        index_add = out.index_add_ if _in_place(out) else out.index_add
+        return index_add(0, plan.token_of_slot, rows, alpha=self.scaling)
 
     def _side_weight(self, dense: bool) -> Optional[torch.Tensor]:
         """The weight that can share the router's product with x, or None.
