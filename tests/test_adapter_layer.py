@@ -215,3 +215,18 @@ def test_bf16_activations_with_fp32_master_weights(method, kernel):
     for name, param in adapter_params(layer).items():
         assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
         assert rel_err(param.grad, adapter_params(reference)[name].grad) <= 3e-2, name
+
+
+@pytest.mark.parametrize("method,kernel", [("malora", "dense"), ("malora", "sparse"), ("molora", "dense")])
+def test_fp32_router_keeps_no_fp32_copy_of_bf16_input(method, kernel):
+    """The router's fp32 product must not leave an fp32 copy of x (T×n×4 bytes) for the backward."""
+    n, m, tokens = 32, 24, 16
+    layer = make_layer(method, n, m, 4, 4, 2, expert_kernel=kernel)
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(tokens, n).bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == (tokens, n)]
+    out.float().sum().backward()
+    assert layer.router.weight.grad is not None and x.grad.dtype == torch.bfloat16

@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import AdapterConfig
 from .exchange import LocalExchange
@@ -37,6 +36,32 @@ def _in_place(out: torch.Tensor) -> bool:
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """``out + alpha · a @ b``, in place where ``_in_place`` allows."""
     return out.addmm_(a, b, alpha=alpha) if _in_place(out) else torch.addmm(out, a, b, alpha=alpha)
+
+
+class _UpcastProduct(torch.autograd.Function):
+    """``x.to(w.dtype) @ wᵀ`` that keeps x in its own dtype for the backward.
+
+    The router computes in fp32; with a bf16 base, autograd would keep the fp32 copy of x (T×n×4
+    bytes per MoE layer) for the weight gradient. This keeps x itself (already kept by the base's
+    product) and makes the copy again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return x.to(w.dtype) @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad_x = (grad @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x.to(w.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def _router_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ wᵀ`` in the router's dtype (``w``'s)."""
+    return x @ w.t() if x.dtype == w.dtype else _UpcastProduct.apply(x, w)
 
 
 class AdapterLinear(nn.Module):
@@ -157,16 +182,15 @@ class AdapterLinear(nn.Module):
         cfg = self.config
         dense = self._use_dense_kernel()
         side = self._side_weight(dense)
-        router_x = x.to(self.router.weight.dtype)
         if side is None:
-            logits = self._sum_partial_over_tp(F.linear(router_x, self.router.weight))
+            logits = self._sum_partial_over_tp(_router_product(x, self.router.weight))
         else:
             # One product for the router and the first projection (both read x): one skinny
             # input-gradient GEMM and one gradient sum into x instead of two of each (those T×n
             # passes cost more than the products' FLOPs), and on a GPU fewer kernels. It runs in the
             # router's fp32 (bf16 x is cast once, for the router anyway); the side part returns to
             # x's dtype. Row parallel: both are partial sums, one all-reduce.
-            both = self._sum_partial_over_tp(router_x @ torch.cat([self.router.weight, side]).t())
+            both = self._sum_partial_over_tp(_router_product(x, torch.cat([self.router.weight, side])))
             logits, x_side = both.split([self.num_experts, side.shape[0]], dim=-1)
             x_side = x_side.to(x.dtype)
         probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
