@@ -33,9 +33,9 @@ def _in_place(out: torch.Tensor) -> bool:
     return not out._is_view()
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out + alpha · a @ b``, in place where ``_in_place`` allows."""
-    return out.addmm_(a, b, alpha=alpha) if _in_place(out) else torch.addmm(out, a, b, alpha=alpha)
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out + a @ b``, in place where ``_in_place`` allows."""
+    return out.addmm_(a, b) if _in_place(out) else torch.addmm(out, a, b)
 
 
 class _UpcastProduct(torch.autograd.Function):
@@ -161,10 +161,10 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         # The base sees the flat input, so that its output is usually a fresh tensor of its own
-        # (no view) that the adapter adds into in place (``_in_place``). The scaling and that sum
-        # are folded into the last product (addmm_'s and index_add_'s alpha): at LoRA ranks, any
-        # extra elementwise pass over the T×m output (a scaling, a copy of the base's output) costs
-        # more than the adapter.
+        # (no view) that the adapter adds into in place (``_in_place``): at LoRA ranks, an extra
+        # pass over the T×m output (a copy of the base's output) costs more than the adapter. The
+        # scaling goes on the smallest tensor: the gates (T×k), or LoRA's rank-space h (T×r); as
+        # addmm's alpha it would cost a pass over the m×r gradient in the backward.
         if self.router is None:
             result = self._lora(flat_x, self.base_layer(flat_x))
         else:  # the MoE path runs the base itself, while its rows are in flight
@@ -175,8 +175,10 @@ class AdapterLinear(nn.Module):
     # would: a bf16 base gets bf16 adapter products, whose gradients reach the fp32 parameters
     # through the casts), except the router, which runs in fp32 (DESIGN.md §1).
     def _lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        h = self._project_down(self.expert_down[0], self.dropout(x))
-        return _add_product(out, h.to(out.dtype), self.expert_up[0].t().to(out.dtype), self.scaling)
+        # squeeze, not [0]: selecting from the stacked (1, ·, ·) parameters would zero-fill their
+        # whole gradient in the backward before copying into it
+        h = self._project_down(self.expert_down.squeeze(0), self.dropout(x))
+        return _add_product(out, (self.scaling * h).to(out.dtype), self.expert_up.squeeze(0).t().to(out.dtype))
 
     def _moe(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -195,7 +197,7 @@ class AdapterLinear(nn.Module):
             x_side = x_side.to(x.dtype)
         probs, gates, experts = top_k_gates(logits, self.top_k, cfg.normalize_gates)
         self.router_stats = router_statistics(probs, logits, experts, cfg.router_z_loss_coef > 0, self.dp_group)
-        gates = self._copy_into_sharded_up(gates)
+        gates = self.scaling * self._copy_into_sharded_up(gates)
 
         z = self.dropout(x)
         if self.shared_A is not None:
@@ -216,7 +218,7 @@ class AdapterLinear(nn.Module):
         slot_gates = gates.reshape(-1)[plan.order].unsqueeze(-1)
         rows = (rows * slot_gates.to(rows.dtype)).to(out.dtype)
         index_add = out.index_add_ if _in_place(out) else out.index_add
-        return index_add(0, plan.token_of_slot, rows, alpha=self.scaling)
+        return index_add(0, plan.token_of_slot, rows)
 
     def _side_weight(self, dense: bool) -> Optional[torch.Tensor]:
         """The weight that can share the router's product with x, or None.
@@ -255,7 +257,7 @@ class AdapterLinear(nn.Module):
         # (m, N, r) in the output's dtype: the permute and the cast in one copy
         up = torch.empty((self.expert_up.shape[1], num, rank), dtype=out.dtype, device=out.device).copy_(
             self.expert_up.permute(1, 0, 2))
-        return _add_product(out, h.to(out.dtype), up.view(-1, num * rank).t(), self.scaling)
+        return _add_product(out, h.to(out.dtype), up.view(-1, num * rank).t())
 
     def _project_down(self, down: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ downᵀ`` with its tensor-parallel hooks; ``down`` is one expert's (r, w) matrix
