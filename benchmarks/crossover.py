@@ -240,9 +240,7 @@ def main(argv=None):
     parser.add_argument("--name")
     parser.add_argument("--markdown-from", metavar="JSON", help="print the README table of a result file and exit")
     args = parser.parse_args(argv)
-    if args.markdown_from:
-        with open(args.markdown_from) as f:
-            print(markdown(json.load(f)))
+    if throughput.print_markdown_from(args, markdown):
         return None
     defaults = dict(methods="malora" if args.quick else "malora,molora", tokens="16,64" if args.quick else "16,128,1024",
                     experts="4,8" if args.quick else "4,8,16,32,64,128,256", n=64 if args.quick else 576,

@@ -79,6 +79,15 @@ PHASES = ("forward_s", "backward_s", "optimizer_s")
 
 
 # ---- machine and command line ------------------------------------------------------------------
+def print_markdown_from(args, markdown) -> bool:
+    """``--markdown-from JSON``: print the README tables of a result file instead of measuring."""
+    if not args.markdown_from:
+        return False
+    with open(args.markdown_from) as f:
+        print(markdown(json.load(f)))
+    return True
+
+
 def machine_info() -> dict:
     model = None
     try:
@@ -757,9 +766,7 @@ def main(argv=None):
     parser.add_argument("--name", default=None, help="file stem of the outputs (default throughput, or throughput_quick)")
     parser.add_argument("--markdown-from", metavar="JSON", help="print the README tables of a result file and exit")
     args = parser.parse_args(argv)
-    if args.markdown_from:
-        with open(args.markdown_from) as f:
-            print(markdown(json.load(f)))
+    if print_markdown_from(args, markdown):
         return None
     quick = args.quick
     defaults = dict(model="tiny" if quick else "smollm2", seq_len=32 if quick else 64, global_batch=4, micro_batch=2,
