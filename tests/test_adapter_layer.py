@@ -230,3 +230,16 @@ def test_fp32_router_keeps_no_fp32_copy_of_bf16_input(method, kernel):
     assert not [t for t in saved if t.dtype == torch.float32 and t.shape == (tokens, n)]
     out.float().sum().backward()
     assert layer.router.weight.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def test_auto_kernel_is_dense_up_to_the_limit_then_sparse():
+    from malora_dist.adapters.config import DENSE_KERNEL_MAX_EXPERTS as limit
+
+    assert make_layer("molora", 16, 16, 2, limit, 2).dense_when_local()
+    many = make_layer("molora", 16, 16, 2, 2 * limit, 2)
+    assert not many.dense_when_local() and not many._use_dense_kernel()
+    assert not make_layer("molora", 16, 16, 2, 8, 2, capacity_factor=1.0).dense_when_local()
+    randomize_adapter_(many, torch.Generator().manual_seed(1))
+    x = torch.randn(40, 16)
+    ref = dense_adapter_output(x, many.base_layer.weight, adapter_params(many), "molora", 2, False, many.scaling)
+    assert rel_err(many(x), ref) <= 1e-5

@@ -8,6 +8,11 @@ from typing import Optional
 from ..config_utils import from_dict, load_yaml
 
 METHODS = ("lora", "molora", "malora")
+# ``expert_kernel: auto`` computes local experts densely up to this many experts: the dense kernel's
+# cost grows with N·T, the sparse one's with T·k plus a small per-expert cost. Measured (one process,
+# MALoRA, 576×576, fwd+bwd; benchmarks/README.md): dense faster at N ≤ 32, sparse from N = 64
+# (1024 tokens: 30 vs 40 ms; N = 256: 48 vs 129 ms).
+DENSE_KERNEL_MAX_EXPERTS = 32
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -34,8 +39,8 @@ class AdapterConfig:
         ceil(capacity_factor · slots / N) slots per source rank and drops the rest (counted).
     expert_kernel: how experts that sit on this rank are computed: ``sparse`` (rows gathered per
         expert), ``dense`` (every expert for every token, masked by the gates: two matmuls and no
-        gather, cheap because the ranks are tiny), or ``auto`` (dense when all experts are local and
-        routing is dropless, else sparse).
+        gather, cheap because the ranks are tiny), or ``auto`` (dense when all experts are local,
+        routing is dropless and N ≤ DENSE_KERNEL_MAX_EXPERTS, else sparse).
     """
 
     method: str = "malora"

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig
+from .config import DENSE_KERNEL_MAX_EXPERTS, AdapterConfig
 from .exchange import LocalExchange
 from .init import kaiming_uniform, malora_svd_init
 from .routing import RouterStatistics, plan_slots, router_statistics, top_k_gates
@@ -238,11 +238,14 @@ class AdapterLinear(nn.Module):
         return side if side.dtype == self.router.weight.dtype else None
 
     def _use_dense_kernel(self) -> bool:
-        kernel = self.config.expert_kernel
-        all_local = self.num_local_experts == self.num_experts
-        if kernel == "auto":
-            return all_local and self.config.capacity_factor is None
-        return kernel == "dense" and all_local
+        return self.num_local_experts == self.num_experts and self.dense_when_local()
+
+    def dense_when_local(self) -> bool:
+        """Whether the dense kernel computes this layer's experts when all of them are on this rank."""
+        cfg = self.config
+        if cfg.expert_kernel == "auto":
+            return cfg.capacity_factor is None and self.num_experts <= DENSE_KERNEL_MAX_EXPERTS
+        return cfg.expert_kernel == "dense"
 
     def _dense_experts(self, h: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, masked by the top-k gates: ``h`` (T, N·r) is every expert's

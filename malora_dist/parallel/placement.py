@@ -14,9 +14,11 @@ each placement adds, per layer (M micro-batches per step, T tokens per rank and 
   backward, counted below — at the measured copy bandwidth;
 - replicate: the extra gradient all-reduce traffic of holding all N experts instead of N/ep,
   ``2·(dp−1)/dp·N·P − 2·(edp−1)/edp·(N/ep)·P`` bytes (P = bytes of one expert), fused into the
-  existing gradient buckets (no extra calls), and the dense kernel's extra FLOPs: it computes all N
-  experts for every token where routing needs k, ``6·T·(N−k)·r·(w + m)`` (forward 2, backward 4)
-  at the measured matmul rate.
+  existing gradient buckets (no extra calls), and the local kernel's compute: the dense kernel's
+  extra FLOPs (it computes all N experts for every token where routing needs k,
+  ``6·T·(N−k)·r·(w + m)``, forward 2 and backward 4, at the measured matmul rate), or, where the
+  layer computes local experts sparsely (N > DENSE_KERNEL_MAX_EXPERTS under ``auto``), the sparse
+  kernel's small ops for all N experts and its memory passes.
 
 What it leaves out (see benchmarks/README.md, "Crossover"): ranks waiting for each other at every
 collective beyond the measured latency, and the cache behaviour of the dense kernel at large N·T.
@@ -144,5 +146,9 @@ def placement_costs(layer, tokens_per_rank: int, dp: int, ep: int, link: LinkMod
     expert_bytes = (layer.expert_down[0].numel() + layer.expert_up[0].numel()) * bytes_per_number
     edp = dp // ep
     extra = 2 * (dp - 1) / dp * num * expert_bytes - 2 * (edp - 1) / edp * num / ep * expert_bytes
-    dense_flops = 6 * tokens_per_rank * max(num - k, 0) * rank * (width + m)
-    return PlacementCosts(exchange, max(extra, 0.0) / link.bytes_per_s + dense_flops / link.flops_per_s)
+    if layer.dense_when_local():  # all N experts for every token, where routing needs k
+        local_compute = 6 * tokens_per_rank * max(num - k, 0) * rank * (width + m) / link.flops_per_s
+    else:  # the sparse kernel over all N experts, without the exchange
+        local_compute = (micro_batches * (SPARSE_EXTRA_OPS + SPARSE_OPS_PER_LOCAL_EXPERT * num) * link.op_s
+                         + sparse_bytes / link.copy_bytes_per_s)
+    return PlacementCosts(exchange, max(extra, 0.0) / link.bytes_per_s + local_compute)
