@@ -6,7 +6,7 @@ the placement cost model (``malora_dist.parallel.placement``).
 
 For every cell of the grid (tokens per rank × number of experts) and method (MALoRA with d=32, r̄=12
 fixed, so that only N varies; MoLoRA r=8), the same layer is built twice from one seed and laid out
-with ``parallelize_adapters``: ``ep`` (experts split over the 2 ranks, tokens exchanged by
+with ``build_adapters``: ``ep`` (experts split over the 2 ranks, tokens exchanged by
 all-to-all, sparse kernel) and ``replicate`` (all experts on both ranks, dense kernel, expert
 gradients all-reduced). One step = forward, backward (input requiring grad, as inside a network),
 the gradient reduction of ``malora_dist.parallel.gradients`` and the AdamW step of training.
@@ -14,8 +14,9 @@ The placements alternate round by round (the order flips each round); medians an
 wall times are reported (and its process CPU time, which leaves out waiting for the other rank).
 
 The prediction is ``placement_costs`` with the link and compute rates measured by ``measure_link``
-at start-up (as ``auto`` does in training): it predicts what each placement adds (communication,
-the sparse kernel's extra small ops, the dense kernel's extra FLOPs), so the measured difference
+at start-up (as ``auto`` does in training) and the cost terms the layer's parts report (the
+exchange's collectives and bytes, each kernel's ops, bytes and FLOPs counted from its own code), so
+the measured difference
 (ep − replicate step time) is set against the predicted difference (exchange − replicate seconds),
 and the winner of each against the other.
 
@@ -44,17 +45,21 @@ METHODS = {
 PARTS = ("forward_s", "backward_s", "reduce_s", "optimizer_s")
 
 
-def _layer(adapter, num_experts, n, m, device):
+def _layer(adapter, num_experts, n, m, device, groups=None, placement="replicate"):
+    """The layer of one cell, built for ``placement`` on ``groups`` (one process if None)."""
     import torch.nn as nn
 
     from malora_dist.adapters.config import AdapterConfig
-    from malora_dist.adapters.layer import AdapterLinear
+    from malora_dist.parallel.groups import ParallelGroups
+    from malora_dist.parallel.parallelize import build_adapters
 
     torch.manual_seed(0)
-    layer = AdapterLinear(nn.Linear(n, m, bias=False).to(device), AdapterConfig(**adapter, num_experts=num_experts))
+    model = nn.ModuleDict({"proj": nn.Linear(n, m, bias=False).to(device)})
+    config = AdapterConfig(**adapter, num_experts=num_experts, target_modules=["proj"])
+    build_adapters(model, config, groups or ParallelGroups.single(), placement)
     with torch.no_grad():
-        layer.expert_up.normal_(0, 0.01)  # B̄ = 0 at init: make the up-projections do real work
-    return layer
+        model["proj"].expert_up.normal_(0, 0.01)  # B̄ = 0 at init: make the up-projections do real work
+    return model
 
 
 def _step(layer, optimizer, params, groups, x, grad, device) -> dict:
@@ -82,31 +87,30 @@ def _step(layer, optimizer, params, groups, x, grad, device) -> dict:
 
 def crossover_world(spec: dict) -> dict:
     import torch.distributed as dist
-    import torch.nn as nn
 
+    from malora_dist.adapters.config import AdapterConfig
     from malora_dist.adapters.inject import adapter_parameters
     from malora_dist.parallel.groups import ParallelGroups
-    from malora_dist.parallel.parallelize import parallelize_adapters
     from malora_dist.parallel.placement import measure_link, placement_costs
     from malora_dist.runtime import pick_backend_and_device
     from malora_dist.train.optim import build_optimizer
 
     _, device = pick_backend_and_device(int(os.environ.get("LOCAL_RANK", "0")))
     groups = ParallelGroups.build(tp=1, ep=dist.get_world_size())
-    link = measure_link(groups.dp_group, device)
+    link = measure_link(groups.ep_group, device)
     n, m = spec["n"], spec["m"]
     cells = []
     for method in spec["methods"]:
         for num_experts in spec["experts"]:
             for tokens in spec["tokens"]:
                 adapter = METHODS[method]
-                predicted = placement_costs(_layer(adapter, num_experts, n, m, device), tokens, groups.dp, groups.ep, link)
+                predicted = placement_costs(AdapterConfig(**adapter, num_experts=num_experts), n, m, tokens,
+                                            groups.dp, groups.ep, link)
                 runs = {}
                 for placement in ("ep", "replicate"):
-                    model = nn.Sequential(_layer(adapter, num_experts, n, m, device))
-                    parallelize_adapters(model, groups, placement)
+                    model = _layer(adapter, num_experts, n, m, device, groups, placement)
                     params = adapter_parameters(model)
-                    runs[placement] = (model[0], build_optimizer(params, lr=1e-4, weight_decay=0.0), params)
+                    runs[placement] = (model["proj"], build_optimizer(params, lr=1e-4, weight_decay=0.0), params)
                 gen = torch.Generator().manual_seed(1000 + groups.dp_rank)
                 x = torch.randn(tokens, n, generator=gen).to(device).requires_grad_()
                 grad = torch.randn(tokens, m, generator=gen).to(device)
@@ -120,9 +124,11 @@ def crossover_world(spec: dict) -> dict:
                             samples[placement].append(sample)
                 cells.append({"method": method, "num_experts": num_experts, "tokens_per_rank": tokens,
                               "predicted": {"exchange_s": predicted.exchange_s, "replicate_s": predicted.replicate_s,
-                                            "choice": predicted.choice},
+                                            "choice": predicted.choice,
+                                            "exchange_terms": dataclasses.asdict(predicted.exchange_terms),
+                                            "replicate_terms": dataclasses.asdict(predicted.replicate_terms)},
                               "samples": samples})
-    link_end = measure_link(groups.dp_group, device)
+    link_end = measure_link(groups.ep_group, device)
     return {"link_start": dataclasses.asdict(link), "link_end": dataclasses.asdict(link_end),
             "threads": torch.get_num_threads(), "device": str(device), "cells": cells}
 

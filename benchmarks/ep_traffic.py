@@ -22,9 +22,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.parallel.groups import ParallelGroups
-from malora_dist.parallel.parallelize import parallelize_adapters
+from malora_dist.parallel.parallelize import build_adapters
 
 METHODS = {"molora": dict(method="molora", rank=8, num_experts=8, top_k=2),
            "malora": dict(method="malora", rank=8, num_experts=8, top_k=2, lam=0.5)}
@@ -38,11 +37,12 @@ def _worker(rank, world, port, args, out):
     result = {}
     for name, adapter in METHODS.items():
         torch.manual_seed(0)
-        layer = AdapterLinear(nn.Linear(args.n, args.m, bias=False), AdapterConfig(**adapter))
-        parallelize_adapters(nn.Sequential(layer), groups, placement="ep")
+        model = nn.ModuleDict({"proj": nn.Linear(args.n, args.m, bias=False)})
+        build_adapters(model, AdapterConfig(**adapter, target_modules=["proj"]), groups, placement="ep")
+        layer = model["proj"]
         x = torch.randn(args.tokens, args.n, generator=torch.Generator().manual_seed(rank))
         layer(x).sum().backward()
-        t = layer.exchange.traffic
+        t = layer.traffic
         forward = t.dispatch_bytes + t.combine_bytes + t.count_exchange_bytes
         result[name] = {"dispatch_bytes": t.dispatch_bytes, "combine_bytes": t.combine_bytes,
                         "count_exchange_bytes": t.count_exchange_bytes, "forward_bytes": forward,

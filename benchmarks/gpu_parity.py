@@ -78,7 +78,7 @@ def build_layer(case, seed=0):
     layer = AdapterLinear(nn.Linear(n, m, bias=False), config).double()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, param in layer.named_parameters():
+        for name, param in layer.adapter_tensors():
             # router logits of order one (not peaked gates), everything else as the tests draw it
             scale = n ** -0.5 if name == "router.weight" else 0.5
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) * scale)
@@ -93,7 +93,7 @@ def draw_inputs(layer, case, seed=0):
         gen = torch.Generator().manual_seed(1000 * seed + attempt + 7)
         x = torch.randn(shape + (n,), generator=gen, dtype=torch.float64)
         grad = torch.randn(shape + (m,), generator=gen, dtype=torch.float64)
-        if layer.router is None:
+        if layer.config.method == "lora":
             return x, grad, 0
         logits = x.reshape(-1, n) @ layer.router.weight.detach().t()
         top = torch.topk(logits, min(layer.top_k + 1, logits.shape[-1]), dim=-1).values

@@ -290,7 +290,7 @@ def _adapter_step(variant) -> dict:
 
     trainer = variant.trainer
     result = trainer.train_step()
-    remote = sum(layer.exchange.traffic.dispatch_bytes_remote + layer.exchange.traffic.combine_bytes_remote
+    remote = sum(layer.traffic.dispatch_bytes_remote + layer.traffic.combine_bytes_remote
                  for _, layer in adapter_layers(trainer.model))
     row = trainer.metrics_row(result)  # also resets the traffic counters
     return {"forward_s": row["time_forward_s"], "backward_s": row["time_backward_s"],

@@ -45,11 +45,13 @@ def adapter_skeleton(config: RunConfig) -> nn.Module:
         model = AutoModelForCausalLM.from_config(hf_config)
     inject_adapters(model, config.adapter)  # on a meta base the adapters are built on meta too
     for _, layer in adapter_layers(model):
-        for module in filter(None, (layer, layer.router)):
-            for name, param in list(module.named_parameters(recurse=False)):
+        for part_name, part in layer.named_modules():
+            if part_name.startswith("base_layer"):
+                continue
+            for name, param in list(part.named_parameters(recurse=False)):
                 value = nn.Parameter(torch.zeros(param.shape, dtype=param.dtype), requires_grad=False)
                 value.__dict__.update(param.__dict__)  # the layout tags
-                setattr(module, name, value)
+                setattr(part, name, value)
     return model
 
 

@@ -29,13 +29,13 @@ def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scali
 def randomize_adapter_(layer, generator):
     """Give every adapter parameter random values (B̄ = 0 at init would hide most gradients)."""
     with torch.no_grad():
-        for name, param in layer.named_parameters():
-            if not name.startswith("base_layer."):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        for _, param in layer.adapter_tensors():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
 def adapter_params(layer):
-    return {n: p for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
+    """The layer's parameters by their layout-free names (shared_A, expert_down, expert_up, router.weight)."""
+    return dict(layer.adapter_tensors())
 
 
 def rel_err(a, b):

@@ -150,18 +150,23 @@ def test_crossover_cells(results):
     for cell in cells:
         for placement in ("ep", "replicate"):
             assert cell["measured"][placement]["step_s"]["median"] > 0
-        # placement_costs with the measured link (MALoRA d=32, r̄=12, top-2, ep=2, one micro-batch):
-        # 5 latencies, 12 + 8·N/2 small ops, 2·T·k·(d+m)·4·(ep−1)/ep bytes, 20 m- and 13 d-wide passes
-        # over the T·k slots; replicate: the extra
-        # expert all-reduce and the dense kernel's 6·T·(N−k)·r̄·(d+m) FLOPs.
+        # placement_costs from the parts' own cost terms (MALoRA d=32, r̄=12, top-2, ep=2, one
+        # micro-batch): the exchange's 5 collectives and 2·T·k·(d+m)·4·(ep−1)/ep bytes; replicate's
+        # extra expert all-reduce; and the work counted from the kernels' ops, whose FLOPs must
+        # differ by what the dense kernel computes beyond routing, 6·T·(N−k)·r̄·(d+m).
         num, tokens = cell["num_experts"], cell["tokens_per_rank"]
-        exchange = (5 * link["latency_s"] + (12 + 8 * num // 2) * link["op_s"]
-                    + 2 * tokens * 2 * (32 + m) * 4 * 0.5 / link["bytes_per_s"]
-                    + tokens * 2 * (20 * m + 13 * 32) * 4 / link["copy_bytes_per_s"])
-        assert cell["predicted"]["exchange_s"] == pytest.approx(exchange, rel=1e-9)
-        expert_bytes = 12 * (32 + m) * 4
-        replicate = (2 * 0.5 * num * expert_bytes - 0) / link["bytes_per_s"] + 6 * tokens * (num - 2) * 12 * (32 + m) / link["flops_per_s"]
-        assert cell["predicted"]["replicate_s"] == pytest.approx(replicate, rel=1e-9)
+        exchange, replicate = cell["predicted"]["exchange_terms"], cell["predicted"]["replicate_terms"]
+        assert exchange["collectives"] == 5 and replicate["collectives"] == 0
+        assert exchange["link_bytes"] == pytest.approx(2 * tokens * 2 * (32 + m) * 4 * 0.5, rel=1e-9)
+        assert replicate["reduce_bytes"] == pytest.approx(2 * 0.5 * num * 12 * (32 + m) * 4, rel=1e-9)
+        assert replicate["flops"] - exchange["flops"] == pytest.approx(6 * tokens * (num - 2) * 12 * (32 + m), rel=1e-9)
+        assert exchange["ops"] > replicate["ops"] > 0 and exchange["copy_bytes"] > 0
+        for side in ("exchange", "replicate"):
+            terms = cell["predicted"][f"{side}_terms"]
+            seconds = (terms["collectives"] * link["latency_s"] + terms["link_bytes"] / link["bytes_per_s"]
+                       + terms["reduce_bytes"] / link["reduce_bytes_per_s"] + terms["ops"] * link["op_s"]
+                       + terms["copy_bytes"] / link["copy_bytes_per_s"] + terms["flops"] / link["flops_per_s"])
+            assert cell["predicted"][f"{side}_s"] == pytest.approx(seconds, rel=1e-9)
         predicted = "replicate" if cell["predicted"]["replicate_s"] <= cell["predicted"]["exchange_s"] else "ep"
         assert cell["predicted"]["choice"] == predicted
         assert cell["agree"] == (cell["measured_choice"] == predicted)

@@ -17,12 +17,13 @@ import torch.nn as nn
 
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers
+from malora_dist.adapters.io import adapter_state, load_adapter_state
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.adapters.routing import finish_router_losses
 from malora_dist.adapters.tags import is_ep_sharded
 from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
 from malora_dist.parallel.groups import ParallelGroups
-from malora_dist.parallel.parallelize import parallelize_adapters
+from malora_dist.parallel.parallelize import build_adapters
 from malora_dist.parallel.placement import measure_link
 from malora_dist.parallel.sharding import full_tensor
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
@@ -72,12 +73,19 @@ def _cases():
 CASES = _cases()
 
 
-def build_reference(case):
+def case_config(case):
+    return AdapterConfig(method=case.method, rank=RANK, num_experts=EXPERTS, top_k=case.top_k,
+                         normalize_gates=case.normalize, capacity_factor=case.capacity_factor,
+                         balance_loss_coef=BALANCE_COEF, target_modules=["proj"])
+
+
+def base_linear():
     torch.manual_seed(0)
-    config = AdapterConfig(method=case.method, rank=RANK, num_experts=EXPERTS, top_k=case.top_k,
-                           normalize_gates=case.normalize, capacity_factor=case.capacity_factor,
-                           balance_loss_coef=BALANCE_COEF)
-    layer = AdapterLinear(nn.Linear(N_IN, N_OUT, bias=False), config)
+    return nn.Linear(N_IN, N_OUT, bias=False)
+
+
+def build_reference(case):
+    layer = AdapterLinear(base_linear(), case_config(case), name="proj")
     gen = torch.Generator().manual_seed(1)
     randomize_adapter_(layer, gen)
     total = sum(case.tokens)
@@ -144,12 +152,23 @@ def _dense_with_mask(x, layer, params, keep, case):
         "te,tem->tm", gates, torch.einsum("ter,emr->tem", h, params["expert_up"]))
 
 
+def ref_layer_copy(case):
+    """The reference layer's randomised tensors (a fresh build: the reference itself trains)."""
+    return build_reference(case)[0]
+
+
 def distributed_run(case, groups):
     ref_layer, ref_out, ref_x_grad, ref_grads, ref_dropped = reference_run(case)
-    layer, x_all, grad_all = build_reference(case)
-    link = measure_link(groups.dp_group, torch.device("cpu")) if case.placement == "auto" else None
-    decisions = parallelize_adapters(nn.Sequential(layer), groups, placement=case.placement,
-                                     tokens_per_rank=case.tokens[dist.get_rank()], link=link)
+    _, x_all, grad_all = build_reference(case)
+    link = measure_link(groups.ep_group, torch.device("cpu"), groups.dp_group) if case.placement == "auto" else None
+    model = nn.ModuleDict({"proj": base_linear()})
+    # A rank builds only its own experts; at init they must equal the full build's (same seed and name).
+    decisions = build_adapters(model, case_config(case), groups, placement=case.placement,
+                               tokens_per_rank=case.tokens[dist.get_rank()], link=link)
+    layer = model["proj"]
+    full_build = dict(AdapterLinear(base_linear(), case_config(case), name="proj").adapter_tensors())
+    init_gap = {n: (full_tensor(p, groups) - full_build[n]).abs().max().item() for n, p in layer.adapter_tensors()}
+    load_adapter_state(model, adapter_state(nn.ModuleDict({"proj": ref_layer_copy(case)})), groups)
     rank = dist.get_rank()
     start = sum(case.tokens[:rank])
     local = slice(start, start + case.tokens[rank])
@@ -168,9 +187,11 @@ def distributed_run(case, groups):
         "grads": {n: rel_err(full_tensor(p, groups, p.grad), ref_grads[n]) for n, p in params},
         "grad_norm": (global_grad_norm([p for _, p in params], groups).item(),
                       torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()),
-        "dropped": layer.exchange.traffic.dropped_slots,
+        "dropped": layer.traffic.dropped_slots,
         "ref_dropped": ref_dropped,
-        "traffic": layer.exchange.traffic.as_dict(),
+        "traffic": layer.traffic.as_dict(),
+        "init_gap": init_gap,
+        "local_expert_bytes": sum(p.numel() * p.element_size() for n, p in layer.adapter_tensors() if n.startswith("expert")),
         "local_slots": case.tokens[rank] * case.top_k,
         "decisions": decisions,
     }
@@ -227,6 +248,16 @@ def test_matches_single_process_layer(world_results, case):
             assert err <= 1e-5, (rank, "after AdamW", name, err)
         for name, gap in result["replica_gap"].items():
             assert gap == 0.0, (rank, "replicas differ", name, gap)
+        for name, gap in result["init_gap"].items():
+            assert gap == 0.0, (rank, "built for the layout, initial values differ from the full build", name, gap)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.placement == "ep" and c.world == c.ep], ids=lambda c: c.name)
+def test_a_rank_allocates_only_its_experts(world_results, case):
+    full = AdapterLinear(base_linear(), case_config(case), name="proj")
+    full_bytes = sum(p.numel() * p.element_size() for n, p in full.adapter_tensors() if n.startswith("expert"))
+    for result in world_results[case.name]:
+        assert result["local_expert_bytes"] * case.ep == full_bytes
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.placement == "replicate"], ids=lambda c: c.name)

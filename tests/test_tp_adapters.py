@@ -20,7 +20,7 @@ from malora_dist.adapters.io import adapter_state, load_adapter_state
 from malora_dist.models import build_tiny_causal_lm, shard_causal_lm
 from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
 from malora_dist.parallel.groups import ParallelGroups
-from malora_dist.parallel.parallelize import parallelize_adapters
+from malora_dist.parallel.parallelize import build_adapters
 from malora_dist.parallel.sharding import full_tensor
 from reference import rel_err
 from world import run_world
@@ -48,7 +48,6 @@ CASES = [(m, l) for m in ADAPTERS for l in LAYOUTS if not (m == "lora" and LAYOU
 
 def reference_model(method):
     model = build_tiny_causal_lm(MODEL, seed=0)
-    torch.manual_seed(1)
     inject_adapters(model, AdapterConfig(**ADAPTERS[method]))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -76,18 +75,15 @@ def reference_run(method):
     loss.backward()
     grads = {}
     for name, layer in adapter_layers(model):
-        for pname, p in layer.named_parameters():
-            if not pname.startswith("base_layer."):
-                grads[f"{name}.{pname}"] = p.grad.clone()
+        for pname, p in layer.adapter_tensors():
+            grads[f"{name}.{pname}"] = p.grad.clone()
     return model, loss.item(), grads
 
 
 def layout_run(method, layout_name, groups):
     ref_model, ref_loss, ref_grads = reference_run(method)
     model = shard_causal_lm(build_tiny_causal_lm(MODEL, seed=0), groups)
-    torch.manual_seed(1)
-    inject_adapters(model, AdapterConfig(**ADAPTERS[method]))
-    parallelize_adapters(model, groups)
+    build_adapters(model, AdapterConfig(**ADAPTERS[method]), groups)
     load_adapter_state(model, adapter_state(ref_model), groups)
 
     ids, labels = batch()
@@ -104,9 +100,8 @@ def layout_run(method, layout_name, groups):
         dist.all_reduce(total_loss, group=groups.dp_group)
     errors = {}
     for name, layer in adapter_layers(model):
-        for pname, p in layer.named_parameters():
-            if not pname.startswith("base_layer."):
-                errors[f"{name}.{pname}"] = rel_err(full_tensor(p, groups, p.grad), ref_grads[f"{name}.{pname}"])
+        for pname, p in layer.adapter_tensors():
+            errors[f"{name}.{pname}"] = rel_err(full_tensor(p, groups, p.grad), ref_grads[f"{name}.{pname}"])
     ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
     return {"loss": (total_loss.item(), ref_loss), "grads": errors,
             "grad_norm": (global_grad_norm(params, groups).item(), ref_norm)}

@@ -20,9 +20,13 @@ from malora_dist.train.run import run_training
 from training_support import Record, StopAfter, synthetic_dir, tiny_config
 from world import run_world
 
-# Dropout and the balance loss off for parity: their per-rank draws and micro-batch token sets
-# legitimately depend on the layout (the layer tests cover both).
-PARITY = dict(adapter=dict(dropout=0.0, balance_loss_coef=0.0))
+# Parity runs with the paper's adapter dropout (0.05): its masks are a function of each token's
+# place in the global batch, not of the rank. The balance loss is off: each micro-batch's balance
+# loss is over the dp-global micro-batch, whose token set legitimately depends on dp (the layer
+# tests cover it).
+PARITY = dict(adapter=dict(dropout=0.05, balance_loss_coef=0.0))
+# Heavier dropout for the replica test: tp peers must keep identical replicated tensors.
+DROPOUT_01 = dict(adapter=dict(dropout=0.1, balance_loss_coef=0.0), train=dict(steps=4))
 PROBE = torch.tensor([[1, 17, 230, 4051, 99, 7, 12, 3000]])
 
 # name -> (world size, section overrides)
@@ -53,6 +57,7 @@ def world_main(root, jobs):
             "start_step": getattr(hooks, "start_step", None),
             "start_state": getattr(hooks, "start_state", None),
             "logits": getattr(hooks, "logits", None),
+            "replica_gaps": getattr(hooks, "replica_gaps", None),
             "warnings": [str(w.message) for w in caught],
         }
     return out
@@ -77,12 +82,16 @@ def trained(tmp_path_factory):
     by_world[1] += [("from_ep2_to_ep1", RUNS["single"][1], Record(), ("ep2", 4)),
                     ("from_tp2_to_tp1", RUNS["single"][1], Record(), ("tp2", 4))]
     by_world[4] += [("from_ep2_to_ep4", dict(PARITY, parallel=dict(ep=4)), Record(), ("ep2", 4))]
+    # Replicated adapter tensors stay bit-identical across tp peers and dp replicas with dropout 0.1.
+    by_world[2] += [("tp2_dropout01", dict(DROPOUT_01, parallel=dict(tp=2)), Record(), None)]
+    by_world[4] += [("tp2ep2_dropout01", dict(DROPOUT_01, parallel=dict(tp=2, ep=2)), Record(), None)]
     # A bf16 base (fp32 adapter master weights, bf16 products and exchange) at ep=2.
     by_world[2] += [("ep2_bf16", dict(ep2, model=dict(dtype="bfloat16")), Record(), None)]
     # Worlds in the order that makes the checkpoints exist before they are resumed.
     for world in (2, 1, 4):
         per_rank = run_world(world, world_main, root, by_world[world])
         for name, value in per_rank[0].items():
+            value = dict(value, replica_gaps=[r[name]["replica_gaps"] for r in per_rank])  # every rank's view
             results.setdefault(name, []).append(value)
     return root, results
 
@@ -106,6 +115,15 @@ def test_layout_parity(trained, name):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (name, a["step"])
     assert reference[-1]["loss"] < reference[0]["loss"]
+
+
+@pytest.mark.parametrize("name", ["tp2_dropout01", "tp2ep2_dropout01", "tp2", "tp2ep2", "dp4", "ep2"])
+def test_replicated_tensors_stay_identical_with_dropout(trained, name):
+    _, results = trained
+    for rank, gaps in enumerate(results[name][0]["replica_gaps"]):
+        assert gaps and any("shared_A" in k for k in gaps)
+        differing = {k: v for k, v in gaps.items() if v != 0.0}
+        assert not differing, (name, rank, differing)
 
 
 def test_bf16_base_trains_close_to_fp32(trained):
@@ -169,7 +187,7 @@ def test_exported_adapter_matches_distributed_model(trained):
     for name in ("ep2", "tp2ep2"):
         config = build_run_config(tiny_config(synthetic_dir(root), os.path.join(root, name)))
         hf = build_tiny_causal_lm(config.model.config, seed=config.train.seed)
-        load_adapter(hf, os.path.join(root, name, "adapter"))
+        load_adapter(hf, os.path.join(root, name, "adapter")).eval()  # no adapter dropout
         with torch.no_grad():
             logits = hf(PROBE).logits
         distributed = results[name][0]["logits"]

@@ -59,13 +59,41 @@ class Record:
         self.start_step = None
         self.start_state = None
         self.logits = None
+        self.replica_gaps = None
 
     def on_start(self, trainer):
         self.start_step = trainer.step
         self.start_state = adapter_state(trainer.model, trainer.groups)
 
     def on_end(self, trainer):
+        self.replica_gaps = replica_gaps(trainer.model, trainer.groups)
         if self.probe_ids is not None:
             trainer.model.eval()
             with torch.no_grad():
                 self.logits = trainer.model.gather_logits(trainer.model(self.probe_ids))
+
+
+def replica_gaps(model, groups):
+    """Per adapter tensor: the largest difference between the copies that must be identical — the
+    ranks of its tp group where it is tp-replicated, and its dp (or, for ep-sharded experts,
+    expert-dp) replicas. A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    from malora_dist.adapters.inject import adapter_layers
+    from malora_dist.adapters.tags import is_ep_sharded, tp_dim
+
+    def gap(tensor, group):
+        if group is None:
+            return 0.0
+        copies = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(copies, tensor.contiguous(), group=group)
+        return max((c - copies[0]).abs().max().item() for c in copies)
+
+    gaps = {}
+    for name, layer in adapter_layers(model):
+        for suffix, param in layer.adapter_tensors():
+            value = param.detach()
+            across_tp = gap(value, groups.tp_group) if tp_dim(param) is None else 0.0
+            across_dp = gap(value, groups.edp_group if is_ep_sharded(param) else groups.dp_group)
+            gaps[f"{name}.{suffix}"] = max(across_tp, across_dp)
+    return gaps

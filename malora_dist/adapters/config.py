@@ -93,6 +93,27 @@ class AdapterConfig:
         alpha = self.alpha if self.alpha is not None else 2.0 * self.adapter_rank
         return alpha / self.adapter_rank
 
+    @property
+    def dense_by_default(self) -> bool:
+        """What ``expert_kernel: auto`` picks for experts that are all on this rank."""
+        return self.capacity_factor is None and self.num_experts <= DENSE_KERNEL_MAX_EXPERTS
+
+    def ineffective_keys(self, experts_split: bool = False) -> list[str]:
+        """Keys set away from their defaults that have no effect for this method or layout, each with
+        the reason. They are reported once in the log, not refused: a config is meant to switch
+        methods with one ``--set adapter.method=...``."""
+        defaults = AdapterConfig.__dataclass_fields__
+        moe_keys = ("num_experts", "top_k", "balance_loss_coef", "router_z_loss_coef", "normalize_gates",
+                    "capacity_factor", "expert_kernel")
+        malora_keys = ("lam", "shared_dim", "expert_rank", "beta")
+        unused = [k for k in (moe_keys if not self.is_moe else ()) + (malora_keys if self.method != "malora" else ())
+                  if getattr(self, k) != defaults[k].default]
+        notes = [f"adapter.{k} has no effect for method {self.method}" for k in unused]
+        if self.is_moe and experts_split and self.expert_kernel == "dense":
+            notes.append("adapter.expert_kernel=dense has no effect where experts are split over ranks "
+                         "(placement ep): they receive rows and run the sparse (grouped) kernel")
+        return notes
+
     def check_fits(self, in_features: int, name: str = "") -> None:
         """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n."""
         if self.method == "malora" and self.d > in_features:

@@ -1,10 +1,23 @@
-"""Initial values of the adapter matrices (DESIGN.md §1)."""
+"""Initial values of the adapter matrices (DESIGN.md §1), as functions of (seed, layer, part, expert).
+
+Each draw has a generator of its own, seeded from those names, so a rank that builds only its own
+experts gets exactly the values that a full build gives them, whatever the layout or the order in
+which layers are built.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
+from typing import Optional
 
 import torch
+
+
+def generator_for(seed: int, layer: str, part: str, expert: Optional[int] = None) -> torch.Generator:
+    """A CPU generator for one draw, keyed by (seed, layer name, part, expert)."""
+    digest = hashlib.sha256(f"{seed}|{layer}|{part}|{expert}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def kaiming_uniform(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -13,21 +26,29 @@ def kaiming_uniform(rows: int, cols: int, generator: torch.Generator | None = No
     return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
 
 
-def malora_svd_init(
-    num_experts: int, shared_dim: int, expert_rank: int, in_features: int, beta: float,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(S_A, P)`` with P stacked as (N, r̄, d), by the paper's Eqs 8–10 as written.
+def malora_expert_svd(shared_dim: int, in_features: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_t Σ_t, V_t)`` of the cropped SVD of one expert's Kaiming-uniform draw ``K_t`` (d×n)."""
+    u, s, vh = torch.linalg.svd(kaiming_uniform(shared_dim, in_features, generator), full_matrices=False)
+    return u * s, vh
 
-    Each expert draws ``K_t`` (d×n), cropped SVD ``K_t = U_t Σ_t V_t``; ``P_t = (U_t Σ_t)[:r̄] / β``
-    and ``S_A = β V_0``, so that ``P_t S_A`` is a Kaiming-like matrix inside span(S_A) whatever β is.
-    """
-    coefficients = []
-    shared = None
-    for t in range(num_experts):
-        k_t = kaiming_uniform(shared_dim, in_features, generator)
-        u, s, vh = torch.linalg.svd(k_t, full_matrices=False)
-        coefficients.append((u * s)[:expert_rank] / beta)
-        if t == 0:
-            shared = beta * vh
-    return shared, torch.stack(coefficients)
+
+def malora_shared_init(shared_dim: int, in_features: int, beta: float, seed: int, layer: str) -> torch.Tensor:
+    """``S_A = β V_0`` (Eqs 8–10 of the paper, as written: every P_t is paired with expert 0's V_0,
+    so P_t S_A is a Kaiming-like matrix inside span(S_A) whatever β is)."""
+    return beta * malora_expert_svd(shared_dim, in_features, generator_for(seed, layer, "down", 0))[1]
+
+
+def malora_coefficients_init(expert: int, shared_dim: int, expert_rank: int, in_features: int, beta: float,
+                             seed: int, layer: str) -> torch.Tensor:
+    """``P_t = (U_t Σ_t)[:r̄] / β`` for one expert."""
+    return malora_expert_svd(shared_dim, in_features, generator_for(seed, layer, "down", expert))[0][:expert_rank] / beta
+
+
+def lora_down_init(expert: int, rank: int, in_features: int, seed: int, layer: str) -> torch.Tensor:
+    """LoRA's / MoLoRA's ``A_t``: Kaiming-uniform, as ``nn.Linear`` (B is zero)."""
+    return kaiming_uniform(rank, in_features, generator_for(seed, layer, "down", expert))
+
+
+def router_init(num_experts: int, in_features: int, seed: int, layer: str) -> torch.Tensor:
+    """The router's ``W_g``: ``nn.Linear(n, N, bias=False)``'s default init."""
+    return kaiming_uniform(num_experts, in_features, generator_for(seed, layer, "router"))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from .config import AdapterConfig
 from .layer import AdapterLinear
+from .layout import SINGLE_PROCESS, AdapterLayout
 from .routing import finish_router_losses
 
 
@@ -18,11 +19,14 @@ def _is_linear_like(module: nn.Module) -> bool:
     )
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def inject_adapters(model: nn.Module, config: AdapterConfig, seed: int = 0,
+                    layout_for: Optional[Callable[[str, nn.Module], AdapterLayout]] = None) -> nn.Module:
     """Wrap every linear whose name ends in one of ``config.target_modules``; return the model.
 
-    All base parameters are frozen. A target name that matches no linear layer is an error (a typo
-    would otherwise train nothing there).
+    All base parameters are frozen. ``layout_for(name, base_layer)`` gives each layer its layout
+    (default: one process holds everything); ``seed`` and the layer's name determine its initial
+    values. A target name that matches no linear layer is an error (a typo would otherwise train
+    nothing there).
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -32,7 +36,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         leaf = name.rsplit(".", 1)[-1]
         if leaf in targets and _is_linear_like(module) and not isinstance(module, AdapterLinear):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, leaf, AdapterLinear(module, config, name=name))
+            layout = layout_for(name, module) if layout_for is not None else SINGLE_PROCESS
+            setattr(parent, leaf, AdapterLinear(module, config, name=name, layout=layout, seed=seed))
             found.add(leaf)
     missing = sorted(targets - found)
     if missing:
@@ -51,7 +56,7 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, layer in adapter_layers(model) for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
+    return [p for _, layer in adapter_layers(model) for _, p in layer.adapter_tensors()]
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
@@ -65,7 +70,7 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
         return torch.zeros(())
     losses = finish_router_losses([layer.router_stats for layer in layers])
     for layer, losses_of_layer in zip(layers, losses):
-        layer.router_stats = None
+        layer.router.stats = None
         layer.expert_load = losses_of_layer.expert_load
     config = layers[0].config
     total = config.balance_loss_coef * torch.stack([l.balance for l in losses]).mean()

@@ -26,16 +26,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "malora_dist"
 
 
-def _layer_tensor_names(layer) -> list[tuple[str, torch.Tensor]]:
-    """(file-key suffix, parameter) pairs of one layer; experts are split by global index at save."""
-    names = [("expert_down", layer.expert_down), ("expert_up", layer.expert_up)]
-    if layer.shared_A is not None:
-        names.append(("shared_A", layer.shared_A))
-    if layer.router is not None:
-        names.append(("router.weight", layer.router.weight))
-    return names
-
-
 def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[str]:
     """File keys of one full tensor: one per expert for MoE experts (in global order), PEFT's names for LoRA."""
     if suffix not in ("expert_down", "expert_up"):
@@ -54,7 +44,7 @@ def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None) -> 
     groups = groups or ParallelGroups.single()
     state = {}
     for name, layer in adapter_layers(model):
-        for suffix, param in _layer_tensor_names(layer):
+        for suffix, param in layer.adapter_tensors():
             full = full_tensor(param, groups).cpu().clone()  # a snapshot, never a view of the live parameter
             keys = _file_keys(name, suffix, layer.num_experts, layer.method)
             state.update(zip(keys, full.unbind(0) if _is_stacked(suffix) else [full]))
@@ -121,7 +111,7 @@ def load_adapter_state(model: nn.Module, state: dict, groups: ParallelGroups, so
     """Copy full, globally keyed tensors into the (possibly sharded) adapter parameters."""
     expected = set()
     for name, layer in adapter_layers(model):
-        for suffix, param in _layer_tensor_names(layer):
+        for suffix, param in layer.adapter_tensors():
             keys = _file_keys(name, suffix, layer.num_experts, layer.method)
             missing = [k for k in keys if k not in state]
             if missing:

@@ -8,10 +8,9 @@ import torch
 import torch.nn as nn
 
 from ..adapters.config import AdapterConfig
-from ..adapters.inject import inject_adapters
 from ..adapters.io import load_adapter, read_adapter_config
 from ..parallel.groups import ParallelGroups, validate_layout
-from ..parallel.parallelize import parallelize_adapters
+from ..parallel.parallelize import build_adapters
 from ..train.build import load_base
 from ..train.config import RunConfig
 
@@ -35,7 +34,6 @@ def build_eval_model(config: RunConfig, groups: ParallelGroups, device: torch.de
     from its full tensors. In eval mode (no dropout)."""
     model = load_base(config.model, groups, device, config.train.seed)
     if adapter_dir is not None:
-        inject_adapters(model, read_adapter_config(adapter_dir))
-        parallelize_adapters(model, groups)
+        build_adapters(model, read_adapter_config(adapter_dir), groups)
         load_adapter(model, adapter_dir, groups)  # fills the injected, sliced adapters
     return model.eval()

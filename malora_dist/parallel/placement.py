@@ -2,26 +2,20 @@
 or replicated on every rank (no token exchange, one larger gradient all-reduce) — DESIGN.md §2,
 "Alternatives worth measuring".
 
-``auto`` decides per layer with a cost model fed by the link's latency and bandwidth and the
-device's matmul rate and per-op cost, measured at start-up on the dp group. Seconds per step that
-each placement adds, per layer (M micro-batches per step, T tokens per rank and step):
+``auto`` decides per layer from the cost terms the layer's own parts report
+(``malora_dist.adapters.cost``), priced by the link and the device measured at start-up: the
+all-to-all's latency and bandwidth on the EP group that carries it, the gradient all-reduce's
+bandwidth on the dp group, the matmul rate, the cost of one small op and the copy bandwidth.
 
-- ep: 5 collectives per micro-batch (count exchange, dispatch and combine, and their two backward
-  mirrors), ``2·T·k·(w + m)·bytes·(ep−1)/ep`` bytes off the rank (w = d for MALoRA, n for MoLoRA),
-  the sparse kernel's extra small ops per micro-batch (sort, gather, regroup, scatter, and a loop
-  over the N/ep local experts) at the measured per-op cost, and its memory passes over the
-  (token, expert) slots — about 20 m-wide and 13 w-wide reads or writes per slot, forward and
-  backward, counted below — at the measured copy bandwidth;
-- replicate: the extra gradient all-reduce traffic of holding all N experts instead of N/ep,
-  ``2·(dp−1)/dp·N·P − 2·(edp−1)/edp·(N/ep)·P`` bytes (P = bytes of one expert), fused into the
-  existing gradient buckets (no extra calls), and the local kernel's compute: the dense kernel's
-  extra FLOPs (it computes all N experts for every token where routing needs k,
-  ``6·T·(N−k)·r·(w + m)``, forward 2 and backward 4, at the measured matmul rate), or, where the
-  layer computes local experts sparsely (N > DENSE_KERNEL_MAX_EXPERTS under ``auto``), the sparse
-  kernel's small ops for all N experts and its memory passes.
+- ep: the all-to-all dispatcher's collectives and bytes (``AllToAllDispatch.link_terms``, at the
+  activations' dtype), plus the local work of the dispatcher and the grouped experts on N/ep
+  experts, counted from their own ATen ops (``count_work``);
+- replicate: the extra gradient all-reduce bytes of holding all N experts instead of N/ep,
+  ``2·(dp−1)/dp·N·P − 2·(edp−1)/edp·(N/ep)·P`` (P = bytes of one expert, fp32 master weights),
+  plus the local work of the kernel the layer would use for N local experts.
 
 What it leaves out (see benchmarks/README.md, "Crossover"): ranks waiting for each other at every
-collective beyond the measured latency, and the cache behaviour of the dense kernel at large N·T.
+collective beyond the measured latency, and cache effects at large N·T.
 """
 
 from __future__ import annotations
@@ -32,30 +26,28 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+from ..adapters.config import AdapterConfig
+from ..adapters.cost import CostTerms, count_work
+from ..adapters.dispatch import AllToAllDispatch
+from ..adapters.layer import AdapterLinear
+from ..adapters.layout import AdapterLayout
 
 PLACEMENTS = ("ep", "replicate", "auto")
-EXCHANGE_CALLS_PER_MICRO_BATCH = 5
-# Small ops the sparse kernel runs beyond the dense one, per micro-batch, counted in
-# ``AdapterLinear._moe`` / ``_run_experts`` and ``AllToAllExchange`` (forward and backward):
-SPARSE_EXTRA_OPS = 12  # argsort, bincount, row gather, regroup (repeat_interleave, argsort, index),
-#                        index_copy, gate gather and product, index_add, and their backward ops
-SPARSE_OPS_PER_LOCAL_EXPERT = 8  # two products forward, four backward, a slice and a cat
-# Numbers read or written per slot by the sparse path and not by the dense one (forward + backward):
-# m-wide: expert output, cat, index_copy to source order, combine, gate product, index_add (10) and
-# their backward: index_select, gate product and gate gradient, combine, index_select (10);
-# w-wide: row gather, dispatch, regroup (6) and their backward scatters and zero fills (7).
-SPARSE_M_PASSES, SPARSE_W_PASSES = 20, 13
 
 
 @dataclass(frozen=True)
 class LinkModel:
-    """The link (latency, bandwidth) and the device's compute (matmul rate, cost of one small op)."""
+    """The links (latency and bandwidth of the EP group, all-reduce bandwidth of the dp group) and
+    the device's compute (matmul rate, cost of one small op, copy bandwidth)."""
 
     latency_s: float
     bytes_per_s: float
     flops_per_s: float = float("inf")
     op_s: float = 0.0
     copy_bytes_per_s: float = float("inf")  # bytes read + written per second by a large copy
+    reduce_bytes_per_s: float = float("inf")
 
 
 def _agree_on_slowest(value: float, group: Optional[dist.ProcessGroup], device: torch.device) -> float:
@@ -96,12 +88,8 @@ def measure_compute(device: torch.device, group: Optional[dist.ProcessGroup] = N
             2 * src.numel() * src.element_size() / max(copy_s, 1e-12))
 
 
-def measure_link(group: Optional[dist.ProcessGroup], device: torch.device, repeats: int = 10) -> LinkModel:
-    """Latency from a one-element all-reduce, bandwidth from a 4 MiB one (medians), and the compute
-    rates of ``measure_compute``."""
-    if group is None:
-        return LinkModel(0.0, float("inf"))
-
+def _all_reduce_timing(group: dist.ProcessGroup, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(latency, ring bandwidth) of all-reduces on ``group``: a one-element one and a 4 MiB one (medians)."""
     def timed(numel: int) -> float:
         t = torch.zeros(numel, device=device)
 
@@ -115,40 +103,90 @@ def measure_link(group: Optional[dist.ProcessGroup], device: torch.device, repea
     latency = timed(1)
     big = 1 << 20
     size = dist.get_world_size(group)
-    ring_bytes = 2 * (size - 1) / size * big * 4
-    flops, op_s, copy_bytes_per_s = measure_compute(device, group)
-    return LinkModel(latency, ring_bytes / max(timed(big) - latency, 1e-9), flops, op_s, copy_bytes_per_s)
+    return latency, 2 * (size - 1) / size * big * 4 / max(timed(big) - latency, 1e-9)
+
+
+def measure_link(exchange_group: Optional[dist.ProcessGroup], device: torch.device,
+                 reduce_group: Optional[dist.ProcessGroup] = None, repeats: int = 10) -> LinkModel:
+    """The EP group's latency and bandwidth (the exchange runs there), the dp group's all-reduce
+    bandwidth (``reduce_group``, default the EP group) and the compute rates of ``measure_compute``.
+    Collective: every rank of both groups calls it."""
+    if exchange_group is None:
+        return LinkModel(0.0, float("inf"))
+    latency, bandwidth = _all_reduce_timing(exchange_group, device, repeats)
+    reduce_bandwidth = bandwidth
+    if reduce_group is not None and reduce_group is not exchange_group:
+        reduce_bandwidth = _all_reduce_timing(reduce_group, device, repeats)[1]
+    flops, op_s, copy_bytes_per_s = measure_compute(device, exchange_group)
+    return LinkModel(latency, bandwidth, flops, op_s, copy_bytes_per_s, reduce_bandwidth)
 
 
 @dataclass(frozen=True)
 class PlacementCosts:
     exchange_s: float
     replicate_s: float
+    exchange_terms: CostTerms
+    replicate_terms: CostTerms
 
     @property
     def choice(self) -> str:
         return "replicate" if self.replicate_s <= self.exchange_s else "ep"
 
 
-def placement_costs(layer, tokens_per_rank: int, dp: int, ep: int, link: LinkModel, bytes_per_number: int = 4,
-                    micro_batches: int = 1) -> PlacementCosts:
-    """Predicted seconds per step that each placement adds for one layer (full sizes, before sharding);
+class _NoBase(nn.Module):
+    """A stand-in base for counting the adapter's own work (the base's is the same either way)."""
+
+    def __init__(self, n: int, m: int):
+        super().__init__()
+        self.in_features, self.out_features = n, m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.out_features)
+
+
+_WORK: dict = {}
+
+
+def layer_work(config: AdapterConfig, n: int, m: int, ep: int, tokens: int, dtype: torch.dtype) -> CostTerms:
+    """The adapter's own work for one micro-batch of ``tokens`` tokens (forward and backward), at
+    placement ``ep`` (experts split over ``ep`` ranks; the exchange itself excluded) or, for ep=1,
+    with all experts local. Counted at two small token counts and extrapolated linearly: op counts
+    do not depend on the tokens, bytes and FLOPs grow with them."""
+    key = (repr(config.to_dict()), n, m, ep, dtype)
+    if key not in _WORK:
+        _WORK[key] = _counted_work(config, n, m, ep, dtype)
+    small, per_token = _WORK[key]
+    return small + per_token.scaled(tokens - 8)
+
+
+def _counted_work(config: AdapterConfig, n: int, m: int, ep: int, dtype: torch.dtype) -> tuple[CostTerms, CostTerms]:
+    layout = AdapterLayout(ep_size=ep) if ep > 1 else AdapterLayout()
+    layer = AdapterLinear(_NoBase(n, m), config, layout=layout)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.expert_up.normal_(generator=gen)
+
+    def run(count: int) -> CostTerms:
+        x = torch.randn(count, n, generator=gen).to(dtype).requires_grad_()
+        return count_work(lambda: layer(x).float().sum().backward())
+
+    small, large = run(8), run(16)
+    per_token = (large + small.scaled(-1)).scaled(1 / 8)
+    per_token.ops = 0.0
+    return small, per_token
+
+
+def placement_costs(config: AdapterConfig, n: int, m: int, tokens_per_rank: int, dp: int, ep: int, link: LinkModel,
+                    micro_batches: int = 1, dtype: torch.dtype = torch.float32) -> PlacementCosts:
+    """Predicted seconds per step of each placement for one layer (``n``, ``m``: full sizes);
     ``tokens_per_rank``: per step, over its ``micro_batches``."""
-    width = layer.expert_down.shape[-1]  # d for MALoRA, n for MoLoRA
-    m, rank = layer.expert_up.shape[1], layer.expert_up.shape[2]
-    num, k = layer.num_experts, layer.top_k
-    slots = tokens_per_rank * k
-    exchange_bytes = 2 * slots * (width + m) * bytes_per_number * (ep - 1) / ep
-    sparse_ops = SPARSE_EXTRA_OPS + SPARSE_OPS_PER_LOCAL_EXPERT * num // ep
-    sparse_bytes = slots * (SPARSE_M_PASSES * m + SPARSE_W_PASSES * width) * bytes_per_number
-    exchange = micro_batches * (EXCHANGE_CALLS_PER_MICRO_BATCH * link.latency_s + sparse_ops * link.op_s) \
-        + exchange_bytes / link.bytes_per_s + sparse_bytes / link.copy_bytes_per_s
-    expert_bytes = (layer.expert_down[0].numel() + layer.expert_up[0].numel()) * bytes_per_number
-    edp = dp // ep
+    width = config.d if config.method == "malora" else n
+    tokens = max(tokens_per_rank // micro_batches, 1)
+    bytes_per_number = torch.empty((), dtype=dtype).element_size()
+    exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, m, ep, bytes_per_number)
+                + layer_work(config, n, m, ep, tokens, dtype)).scaled(micro_batches)
+    expert_bytes = config.adapter_rank * (width + m) * 4  # fp32 master weights and gradients
+    num, edp = config.num_experts, dp // ep
     extra = 2 * (dp - 1) / dp * num * expert_bytes - 2 * (edp - 1) / edp * num / ep * expert_bytes
-    if layer.dense_when_local():  # all N experts for every token, where routing needs k
-        local_compute = 6 * tokens_per_rank * max(num - k, 0) * rank * (width + m) / link.flops_per_s
-    else:  # the sparse kernel over all N experts, without the exchange
-        local_compute = (micro_batches * (SPARSE_EXTRA_OPS + SPARSE_OPS_PER_LOCAL_EXPERT * num) * link.op_s
-                         + sparse_bytes / link.copy_bytes_per_s)
-    return PlacementCosts(exchange, max(extra, 0.0) / link.bytes_per_s + local_compute)
+    replicate = CostTerms(reduce_bytes=max(extra, 0.0)) + layer_work(config, n, m, 1, tokens, dtype).scaled(micro_batches)
+    return PlacementCosts(exchange.seconds(link), replicate.seconds(link), exchange, replicate)

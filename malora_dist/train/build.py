@@ -1,9 +1,9 @@
-"""Build the model of a run: frozen base → tensor-parallel copy → adapters (full, seeded) → layout.
+"""Build the model of a run: frozen base → tensor-parallel copy → adapters built for the layout.
 
 The order is the house rule (DESIGN.md §5): model code holds no parallelism; the base is sharded
-by ``malora_dist.models``, adapters are injected with full tensors drawn from the same seed on every
-rank (so every layout starts from the same adapter), then ``parallelize_adapters`` keeps each
-rank's slice and connects the process groups.
+by ``malora_dist.models``, then ``build_adapters`` injects adapters built for their layout (each
+rank allocates its own experts and tensor-parallel slices, with the values a full build from the
+run's seed gives them, so every layout starts from the same adapter).
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters.inject import inject_adapters
 from ..models import (build_tiny_causal_lm, load_hf_model, load_tokenizer, shard_causal_lm,
                       shard_causal_lm_from_pretrained, smollm2_gguf_path)
 from ..parallel.groups import ParallelGroups
 from ..logging_utils import get_logger
-from ..parallel.parallelize import parallelize_adapters
+from ..parallel.parallelize import build_adapters
 from ..parallel.placement import measure_link
 from .config import ModelConfig, RunConfig
 
@@ -80,14 +79,15 @@ class CheckpointedLayer(nn.Module):
 
 def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:
     model = load_base(config.model, groups, device, config.train.seed)
-    torch.manual_seed(config.train.seed)  # the adapter init: the same full tensors on every rank
-    inject_adapters(model, config.adapter)
     placement = config.parallel.expert_placement
-    link = measure_link(groups.dp_group, device) if placement == "auto" and groups.ep > 1 else None
+    auto = placement == "auto" and config.adapter.is_moe and groups.ep > 1
+    reduce_group = groups.dp_group if groups.dp > groups.ep else None  # else the same ranks as ep
+    link = measure_link(groups.ep_group, device, reduce_group=reduce_group) if auto else None
     tokens_per_rank = config.train.global_batch_size // groups.dp * config.data.seq_len
     micro_batches = config.train.global_batch_size // (groups.dp * config.train.micro_batch_size)
-    decisions = parallelize_adapters(model, groups, placement, tokens_per_rank=tokens_per_rank, link=link,
-                                     micro_batches=micro_batches)
+    decisions = build_adapters(model, config.adapter, groups, placement, seed=config.train.seed,
+                               tokens_per_rank=tokens_per_rank, link=link, micro_batches=micro_batches,
+                               dtype=DTYPES[config.model.dtype])
     if decisions:
         counts = {p: sum(1 for d in decisions.values() if d == p) for p in ("ep", "replicate")}
         get_logger().info("expert placement %s: %d layer(s) ep, %d replicated%s", placement, counts["ep"],

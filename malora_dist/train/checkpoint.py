@@ -8,8 +8,8 @@ its tp part.
 
 A checkpoint is written to ``checkpoints/step_<N>.tmp`` and renamed to ``step_<N>`` after every
 rank has finished and rank 0 has written the ``COMPLETE`` marker; a directory without the marker
-is never loaded. Dropout is reseeded from (seed, step, rank) every step, so no RNG state is needed
-for an exact continuation.
+is never loaded. Adapter dropout masks are a function of (seed, step, each token's place), so no
+RNG state is needed for an exact continuation.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ..adapters.inject import adapter_layers
-from ..adapters.io import _file_keys, _is_stacked, _layer_tensor_names
+from ..adapters.io import _file_keys, _is_stacked
 from ..adapters.tags import is_expert
 from ..logging_utils import get_logger
 from ..parallel.sharding import gather_tp, slice_tp
@@ -53,7 +53,7 @@ def config_fingerprint(config) -> dict:
 def _entries(model, groups):
     """(key, param, local expert index or None) for every tensor this rank offers or needs."""
     for name, layer in adapter_layers(model):
-        for suffix, param in _layer_tensor_names(layer):
+        for suffix, param in layer.adapter_tensors():
             keys = _file_keys(name, suffix, layer.num_experts, layer.method)
             if not _is_stacked(suffix):
                 yield keys[0], param, None

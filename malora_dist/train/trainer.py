@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..adapters.dropout import DropoutContext, set_dropout_context, token_places
 from ..adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss
 from ..logging_utils import get_logger
 from ..parallel.gradients import clip_grad_norm_, reduce_gradients
@@ -100,10 +101,16 @@ class Trainer:
         best = record_best(self.output_dir, self.step, loss) if self.is_logger else False
         self.metrics.write({"step": self.step, "eval_loss": loss, "best": best})
 
+    def _dropout_context(self, index: int, shape: torch.Size) -> DropoutContext:
+        """Adapter dropout draws from (seed, step, each token's place in the global batch), never
+        from the rank: the same masks at every layout, and a resumed run continues exactly."""
+        rows, seq_len = shape
+        per_rank = self.config.train.global_batch_size // self.groups.dp
+        first_row = self.groups.dp_rank * per_rank + index * self.config.train.micro_batch_size
+        return DropoutContext(self.config.train.seed, self.step, token_places(first_row, rows, seq_len))
+
     def train_step(self) -> StepResult:
         step_start = time.perf_counter()
-        # Dropout draws from (seed, step, rank): a resumed run continues exactly without RNG state.
-        torch.manual_seed(self.config.train.seed * 1_000_003 + self.step * 1_009 + dist.get_rank())
         model, groups, device = self.model, self.groups, self.device
         num_tasks = len(self.data.task_names)
         batches = self._micro_batches(self.step)
@@ -117,8 +124,9 @@ class Trainer:
         task_sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)
         forward_s = backward_s = 0.0
-        for batch in batches:
+        for index, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
+            set_dropout_context(model, self._dropout_context(index, batch["input_ids"].shape))
             t0 = time.perf_counter()
             logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
             token_losses = model.token_losses(logits, batch["labels"])
@@ -215,7 +223,7 @@ class Trainer:
     def _traffic(self) -> dict:
         fwd = dropped = 0
         for _, layer in adapter_layers(self.model):
-            t = layer.exchange.traffic
+            t = layer.traffic
             fwd += t.dispatch_bytes + t.combine_bytes + t.count_exchange_bytes
             dropped += t.dropped_slots
             t.reset()

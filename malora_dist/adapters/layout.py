@@ -1,0 +1,40 @@
+"""Where one adapter layer's pieces live: given to the layer when it is built (DESIGN.md §2, §6).
+
+Tensor parallelism is the base layer's (its ``parallel_mode`` and ``tp_group``); this object adds
+what only the run's layout knows: the dp group over which routing statistics are global, and
+whether the experts are split across an expert-parallel group (placement ``ep``) or held whole by
+every rank (one process, or placement ``replicate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """dp_group: ranks that hold different tokens of one step (None: this process alone).
+    ep_group, ep_size, ep_rank: the expert-parallel group that splits the experts, or
+    (None, 1, 0) when every rank holds all experts."""
+
+    dp_group: Optional[dist.ProcessGroup] = None
+    ep_group: Optional[dist.ProcessGroup] = None
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    @property
+    def experts_split(self) -> bool:
+        return self.ep_size > 1
+
+    def local_experts(self, num_experts: int) -> range:
+        """The global indices of the experts this rank owns: rank e owns [e·N/ep, (e+1)·N/ep)."""
+        if num_experts % self.ep_size:
+            raise ValueError(f"parallel.ep={self.ep_size} must divide adapter.num_experts={num_experts}")
+        per_rank = num_experts // self.ep_size
+        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+
+
+SINGLE_PROCESS = AdapterLayout()

@@ -1,0 +1,58 @@
+"""The router part: fp32 logits → top-k experts and gates, and the statistics for the router losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .routing import RouterStatistics, router_statistics, top_k_gates
+from .tensor_parallel import TensorParallelHooks
+
+
+@dataclass
+class Routing:
+    """Per token: the chosen experts (T, k) by global index and their gates (T, k), already
+    multiplied by the adapter's scaling (the smallest tensor that can carry it)."""
+
+    experts: torch.Tensor
+    gates: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """``p = softmax(W_g x)`` in fp32 (fp64 stays fp64), keep the top-k. ``weight`` (N, n): an
+    ``nn.Linear`` without bias, fed x before dropout; sharded on n under a row-parallel base (its
+    logits are then partial sums, which the projection step all-reduces)."""
+
+    def __init__(self, weight: torch.Tensor, top_k: int, normalize: bool, z_loss: bool, scaling: float,
+                 hooks: TensorParallelHooks, dp_group: Optional[dist.ProcessGroup]):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.top_k = top_k
+        self.normalize = normalize
+        self.z_loss = z_loss
+        self.scaling = scaling
+        self.hooks = hooks
+        self.dp_group = dp_group
+        # The last forward's routing sums (turned into losses by ``inject.auxiliary_loss``).
+        self.stats: Optional[RouterStatistics] = None
+
+    def forward(self, logits: torch.Tensor) -> Routing:
+        probs, gates, experts = top_k_gates(logits, self.top_k, self.normalize)
+        self.stats = router_statistics(probs, logits, experts, self.z_loss, self.dp_group)
+        return Routing(experts, self.scaling * self.hooks.into_sharded_up(gates))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.weight.shape[0]}, top_k={self.top_k}"
+
+
+class SingleExpert:
+    """LoRA's trivial router: every token to its one expert; the scaling goes on the experts' h."""
+
+    stats = None
+
+    def __call__(self, logits: None) -> None:
+        return None

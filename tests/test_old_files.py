@@ -1,0 +1,34 @@
+"""Adapter files and checkpoints written before the layer was split into parts still load: their
+keys are layout-free (experts by global index), and so are the new layer's."""
+
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from malora_dist.adapters.io import adapter_state, load_adapter
+from malora_dist.export import export_checkpoint
+from malora_dist.models import build_tiny_causal_lm
+from malora_dist.train.config import load_run_config
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_tiny")
+
+
+def test_old_adapter_file_loads():
+    saved = load_file(os.path.join(FIXTURE, "adapter", "adapter_model.safetensors"))
+    config = load_run_config(os.path.join(FIXTURE, "config.yaml"))
+    model = load_adapter(build_tiny_causal_lm(config.model.config, seed=0), os.path.join(FIXTURE, "adapter"))
+    loaded = adapter_state(model)
+    assert loaded.keys() == saved.keys() and any(".experts.3." in k for k in saved)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_old_checkpoint_exports_to_the_old_adapter(tmp_path):
+    config = load_run_config(os.path.join(FIXTURE, "config.yaml"))
+    out = export_checkpoint(config, os.path.join(FIXTURE, "checkpoints", "step_2"), str(tmp_path / "adapter"))
+    exported = load_file(os.path.join(out, "adapter_model.safetensors"))
+    saved = load_file(os.path.join(FIXTURE, "adapter", "adapter_model.safetensors"))
+    assert exported.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(exported[key], value), key
