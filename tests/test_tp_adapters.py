@@ -84,6 +84,9 @@ def layout_run(method, layout_name, groups):
     ref_model, ref_loss, ref_grads = reference_run(method)
     model = shard_causal_lm(build_tiny_causal_lm(MODEL, seed=0), groups)
     build_adapters(model, AdapterConfig(**ADAPTERS[method]), groups)
+    # Built for the layout, each rank's slices hold what a one-process build gives them.
+    one_process = adapter_state(inject_adapters(build_tiny_causal_lm(MODEL, seed=0), AdapterConfig(**ADAPTERS[method])))
+    init_gap = max((v - one_process[k]).abs().max().item() for k, v in adapter_state(model, groups).items())
     load_adapter_state(model, adapter_state(ref_model), groups)
 
     ids, labels = batch()
@@ -103,7 +106,7 @@ def layout_run(method, layout_name, groups):
         for pname, p in layer.adapter_tensors():
             errors[f"{name}.{pname}"] = rel_err(full_tensor(p, groups, p.grad), ref_grads[f"{name}.{pname}"])
     ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
-    return {"loss": (total_loss.item(), ref_loss), "grads": errors,
+    return {"loss": (total_loss.item(), ref_loss), "grads": errors, "init_gap": init_gap,
             "grad_norm": (global_grad_norm(params, groups).item(), ref_norm)}
 
 
@@ -135,5 +138,6 @@ def test_adapter_gradients_match_single_process_hf_model(results, method, layout
         norm, ref_norm = result["grad_norm"]
         assert norm == pytest.approx(ref_norm, rel=1e-5), rank
         assert len(result["grads"]) > 0
+        assert result["init_gap"] == 0.0, rank
         for name, err in result["grads"].items():
             assert err <= 1e-5, (rank, name, err)
