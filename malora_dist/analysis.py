@@ -1,0 +1,235 @@
+"""What a trained mixture of adapters learned (the paper's Figs. 2 and 3).
+
+    python -m malora_dist.analysis RUN/adapter [OTHER ...] --out DIR [--labels a,b]
+    python -m malora_dist.analysis RUN/checkpoints/step_N --out DIR      # a checkpoint of any layout
+
+For every adapted linear (adapter files and checkpoints are layout-free, so any training layout
+reads the same):
+
+- **CCA similarity between its experts**, on the down side (MoLoRA's ``A_t``, MALoRA's
+  ``P_t S_A``: subspaces of the input space spanned by their rows) and on the up side (``B_t``,
+  ``B̄_t``: subspaces of the output space spanned by their columns). The similarity of two experts
+  is the mean of the canonical correlations of their subspaces (the cosines of the principal
+  angles); a layer's is the mean over its pairs of experts. The paper's Fig. 2 finds MoLoRA's A
+  side similar across experts and its B side not (below 0.05): the redundancy MALoRA's shared
+  ``S_A`` removes.
+- **Singular values** of the concatenated down matrices (rows of all experts stacked) and of the
+  concatenated up matrices (columns side by side), as in Fig. 3, with their effective rank
+  (exp of the entropy of the normalised spectrum).
+
+Summaries per projection type (q_proj, …) average over layers. Several inputs are put side by side
+(the paper's ST(S), ST(D) and MT settings are three runs). Writes ``analysis.json`` and, with
+matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png`` and ``spectra.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from itertools import combinations
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from .adapters.io import WEIGHTS_NAME, read_adapter_config
+from .export import export_checkpoint
+from .train.config import load_run_config
+
+# Singular values below this fraction of the largest span no direction (B̄ = 0 at init spans none).
+RANK_TOLERANCE = 1e-6
+
+
+def subspace_basis(matrix: torch.Tensor) -> Optional[torch.Tensor]:
+    """An orthonormal basis (columns) of the column space of ``matrix``, or None if it is zero."""
+    u, s, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        return None
+    return u[:, s > RANK_TOLERANCE * s[0]]
+
+
+def canonical_correlations(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """Canonical correlations between the column spaces of ``a`` and ``b`` (descending)."""
+    qa, qb = subspace_basis(a), subspace_basis(b)
+    if qa is None or qb is None:
+        return None
+    return torch.linalg.svdvals(qa.t() @ qb).clamp(max=1.0)
+
+
+def cca_similarity(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+    """Mean canonical correlation of two column spaces; None where either matrix is zero."""
+    correlations = canonical_correlations(a, b)
+    return None if correlations is None else float(correlations.mean())
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    p = singular_values / singular_values.sum().clamp(min=1e-30)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def layer_experts(state: dict, prefix: str, method: str, num_experts: int) -> tuple[list, list]:
+    """(down, up) per expert of one layer, in float64: down (r × n) rows in the input space, up (m × r)."""
+    state = {k: v.double() for k, v in state.items() if k.startswith((prefix, f"base_model.model.{prefix}"))}
+    if method == "lora":
+        return ([state[f"base_model.model.{prefix}.lora_A.weight"]], [state[f"base_model.model.{prefix}.lora_B.weight"]])
+    down = [state[f"{prefix}.experts.{t}.down"] for t in range(num_experts)]
+    if method == "malora":
+        down = [p @ state[f"{prefix}.shared_A"] for p in down]
+    return down, [state[f"{prefix}.experts.{t}.up"] for t in range(num_experts)]
+
+
+def layer_prefixes(state: dict, method: str) -> list[str]:
+    if method == "lora":
+        return sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
+    return sorted({k.rsplit(".experts.", 1)[0] for k in state if ".experts." in k})
+
+
+def mean_pairwise(matrices: list, transpose: bool) -> dict:
+    """Mean CCA similarity over pairs of experts, and the full matrix (None where undefined)."""
+    n = len(matrices)
+    table = [[1.0 if i == j else None for j in range(n)] for i in range(n)]
+    values = []
+    for i, j in combinations(range(n), 2):
+        a, b = (matrices[i].t(), matrices[j].t()) if transpose else (matrices[i], matrices[j])
+        value = cca_similarity(a, b)
+        table[i][j] = table[j][i] = value
+        if value is not None:
+            values.append(value)
+    return {"mean": sum(values) / len(values) if values else None, "pairs": table}
+
+
+def spectrum(matrix: torch.Tensor) -> dict:
+    values = torch.linalg.svdvals(matrix.double())
+    return {"singular_values": values.tolist(), "effective_rank": effective_rank(values)}
+
+
+def analyse_state(state: dict, method: str, num_experts: int) -> dict:
+    layers = {}
+    for prefix in layer_prefixes(state, method):
+        down, up = layer_experts(state, prefix, method, num_experts)
+        layers[prefix] = {
+            # rows of down_t span a subspace of the input space: compare the columns of down_tᵀ
+            "cca_down": mean_pairwise(down, transpose=True) if len(down) > 1 else None,
+            "cca_up": mean_pairwise(up, transpose=False) if len(up) > 1 else None,
+            "spectrum_down": spectrum(torch.cat(down, dim=0)),
+            "spectrum_up": spectrum(torch.cat(up, dim=1)),
+        }
+    return {"method": method, "num_experts": num_experts, "layers": layers, "by_projection": by_projection(layers)}
+
+
+def by_projection(layers: dict) -> dict:
+    """Per projection type (the name's last part), the mean over layers of each summary."""
+    groups: dict = {}
+    for prefix, layer in layers.items():
+        groups.setdefault(prefix.rsplit(".", 1)[-1], []).append(layer)
+    out = {}
+    for name, members in sorted(groups.items()):
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else None
+        out[name] = {
+            "cca_down": mean([m["cca_down"]["mean"] if m["cca_down"] else None for m in members]),
+            "cca_up": mean([m["cca_up"]["mean"] if m["cca_up"] else None for m in members]),
+            "effective_rank_down": mean([m["spectrum_down"]["effective_rank"] for m in members]),
+            "effective_rank_up": mean([m["spectrum_up"]["effective_rank"] for m in members]),
+            "layers": len(members),
+        }
+    return out
+
+
+def read_adapter(path: str) -> tuple[dict, object]:
+    """(state, adapter config) of an adapter directory or of a checkpoint ``RUN/checkpoints/step_N``
+    (exported through the run's own ``RUN/config.yaml``)."""
+    if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+        return load_file(os.path.join(path, WEIGHTS_NAME)), read_adapter_config(path)
+    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml")
+    if not os.path.exists(run_config):
+        raise ValueError(f"{path!r} is neither an adapter directory (no {WEIGHTS_NAME}) nor a checkpoint "
+                         f"RUN/checkpoints/step_N with the run's RUN/config.yaml")
+    with tempfile.TemporaryDirectory() as out:
+        export_checkpoint(load_run_config(run_config), path, out)
+        return load_file(os.path.join(out, WEIGHTS_NAME)), read_adapter_config(out)
+
+
+def analyse(path: str) -> dict:
+    state, config = read_adapter(path)
+    num_experts = config.num_experts if config.is_moe else 1
+    return {"source": path, **analyse_state(state, config.method, num_experts)}
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    """cca.png (per layer, down and up side, one line per run) and spectra.png (normalised mean
+    spectra per run); nothing without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for label, result in results.items():
+        names = list(result["layers"])
+        for ax, side in zip(axes, ("cca_down", "cca_up")):
+            values = [(result["layers"][n][side] or {}).get("mean") for n in names]
+            ax.plot([v if v is not None else float("nan") for v in values], marker=".", label=label)
+    for ax, title in zip(axes, ("down side (A_t / P_t S_A)", "up side (B_t / B̄_t)")):
+        ax.set_title(f"CCA similarity between experts, {title}")
+        ax.set_xlabel("adapted layer")
+        ax.legend()
+    axes[0].set_ylabel("mean canonical correlation")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cca.png"), dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, result in results.items():
+        for ax, side in zip(axes, ("spectrum_down", "spectrum_up")):
+            spectra = [torch.tensor(layer[side]["singular_values"]) for layer in result["layers"].values()]
+            length = min(len(s) for s in spectra)
+            mean = torch.stack([s[:length] / s[:length].mean().clamp(min=1e-30) for s in spectra]).mean(0)
+            ax.plot(mean.tolist(), label=label)
+    for ax, title in zip(axes, ("concatenated down matrices", "concatenated up matrices")):
+        ax.set_title(f"singular values / their mean, {title}")
+        ax.set_xlabel("index")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "spectra.png"), dpi=110)
+    plt.close(fig)
+    return ["cca.png", "spectra.png"]
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m malora_dist.analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="adapter directories or checkpoint directories RUN/checkpoints/step_N")
+    parser.add_argument("--out", required=True, help="directory for analysis.json and the plots")
+    parser.add_argument("--labels", help="comma-separated names of the inputs (default: their paths)")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else args.inputs
+    if len(labels) != len(args.inputs):
+        print(f"error: --labels names {len(labels)} inputs, but {len(args.inputs)} are given", file=sys.stderr)
+        return 2
+    try:
+        results = {label: analyse(path) for label, path in zip(labels, args.inputs)}
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    plots = plot(results, args.out)
+    with open(os.path.join(args.out, "analysis.json"), "w") as f:
+        json.dump({"runs": results, "plots": plots}, f, indent=1)
+    print("| run | projection | CCA down | CCA up | eff. rank down | eff. rank up |")
+    print("|---|---|---|---|---|---|")
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for label, result in results.items():
+        for name, row in result["by_projection"].items():
+            print(f"| {label} | {name} | {fmt(row['cca_down'])} | {fmt(row['cca_up'])} | "
+                  f"{row['effective_rank_down']:.1f} | {row['effective_rank_up']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

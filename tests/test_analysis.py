@@ -1,0 +1,90 @@
+"""The analysis command against independent computations: canonical correlations of matrices built
+with known principal angles, spectra against numpy's SVD, on adapter files and on a checkpoint."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from malora_dist.adapters.config import AdapterConfig
+from malora_dist.adapters.inject import adapter_layers, inject_adapters
+from malora_dist.adapters.io import save_adapter
+from malora_dist.analysis import analyse, canonical_correlations, cca_similarity, main
+from malora_dist.models import build_tiny_causal_lm
+
+TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+            intermediate_size=48, vocab_size=64, max_position_embeddings=32)
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_tiny")
+
+
+def test_canonical_correlations_are_the_cosines_of_the_principal_angles():
+    theta = 0.7
+    e = torch.eye(6, dtype=torch.float64)
+    a = torch.stack([e[0], e[1]], dim=1)
+    b = torch.stack([math.cos(theta) * e[0] + math.sin(theta) * e[2], e[1]], dim=1)
+    mix = torch.tensor([[2.0, 1.0], [0.5, 3.0]], dtype=torch.float64)  # any basis of the same spaces
+    got = canonical_correlations(a @ mix, b @ mix.t())
+    torch.testing.assert_close(got, torch.tensor([1.0, math.cos(theta)], dtype=torch.float64))
+    assert cca_similarity(a, b) == pytest.approx((1 + math.cos(theta)) / 2)
+    assert cca_similarity(a, torch.zeros(6, 2)) is None
+
+
+def _numpy_cca(x, y):
+    """Mean canonical correlation of the column spaces, by numpy's QR (an independent route)."""
+    qx, _ = np.linalg.qr(x)
+    qy, _ = np.linalg.qr(y)
+    return float(np.linalg.svd(qx.T @ qy, compute_uv=False).clip(max=1).mean())
+
+
+def _saved_adapter(tmp_path, method):
+    model = inject_adapters(build_tiny_causal_lm(TINY, seed=0),
+                            AdapterConfig(method=method, rank=2, num_experts=4, top_k=2, lam=1.0))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for _, param in layer.adapter_tensors():
+                param.copy_(torch.randn(param.shape, generator=gen))
+    path = str(tmp_path / method)
+    save_adapter(model, path, AdapterConfig(method=method, rank=2, num_experts=4, top_k=2, lam=1.0))
+    return path, model
+
+
+@pytest.mark.parametrize("method", ["malora", "molora", "lora"])
+def test_analysis_of_adapter_files(tmp_path, method):
+    path, model = _saved_adapter(tmp_path, method)
+    out = str(tmp_path / "out")
+    assert main([path, "--out", out, "--labels", method]) == 0
+    result = json.load(open(os.path.join(out, "analysis.json")))["runs"][method]
+    name, layer = next(adapter_layers(model))
+    tensors = {k: v.detach().double().numpy() for k, v in layer.adapter_tensors()}
+    down = tensors["expert_down"]
+    if method == "malora":
+        down = np.einsum("erd,dn->ern", down, tensors["shared_A"])
+    up = tensors["expert_up"]
+    row = result["layers"][name]
+    np.testing.assert_allclose(row["spectrum_down"]["singular_values"],
+                               np.linalg.svd(np.concatenate(list(down), 0), compute_uv=False), rtol=1e-9)
+    np.testing.assert_allclose(row["spectrum_up"]["singular_values"],
+                               np.linalg.svd(np.concatenate(list(up), 1), compute_uv=False), rtol=1e-9)
+    if method == "lora":
+        assert row["cca_down"] is None and row["cca_up"] is None
+        return
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    assert row["cca_down"]["mean"] == pytest.approx(np.mean([_numpy_cca(down[i].T, down[j].T) for i, j in pairs]))
+    assert row["cca_up"]["mean"] == pytest.approx(np.mean([_numpy_cca(up[i], up[j]) for i, j in pairs]))
+    assert set(result["by_projection"]) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_a_checkpoint_reads_as_its_adapter():
+    from_checkpoint = analyse(os.path.join(FIXTURE, "checkpoints", "step_2"))
+    from_adapter = analyse(os.path.join(FIXTURE, "adapter"))
+    assert from_checkpoint["layers"] == from_adapter["layers"]
+    assert all(layer["cca_down"]["mean"] is not None for layer in from_adapter["layers"].values())
+
+
+def test_not_an_adapter_is_refused(tmp_path, capsys):
+    assert main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "neither an adapter directory" in capsys.readouterr().err
