@@ -1,0 +1,283 @@
+"""Sweeps: a grid over config keys, trained and evaluated point by point, aggregated over seeds.
+
+    python -m malora_dist.sweep run --config BASE.yaml --out sweeps/ranks \\
+        --grid adapter.method=molora,malora --grid adapter.rank=4,8 --grid train.seed=0,1,2 \\
+        [--set k=v ...] [--eval-limit 200] [--launcher "torchrun --nproc_per_node 2"]
+    python -m malora_dist.sweep run --out sweeps/ranks          # resume: skips finished points
+    python -m malora_dist.sweep table --out sweeps/ranks        # the aggregated table again
+    sbatch --array=0-11 launch/slurm/sweep_array.sbatch sweeps/ranks   # one point per array task
+
+``run`` writes ``sweep.json`` (the base config, the grid and the list of points) first; each point
+trains into ``points/<name>/run`` with ``checkpoint.resume: auto`` (an interrupted point continues
+from its newest checkpoint) and is evaluated on its run's held-out sets into
+``points/<name>/eval.json``; a point with an ``eval.json`` is done and never re-run. Training and
+evaluation of a point are launched as separate commands (``--launcher`` prefixes them, e.g.
+torchrun or srun, for multi-process layouts). ``table`` groups the points by every grid key except
+``train.seed``: per task, the mean ± standard deviation of accuracy over seeds, and the paper's
+number beside it where the paper reports that method on that task (its LLaMA-2-7B results, for
+orientation only). Writes ``results.json``, ``results.md`` and, with matplotlib, ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+from typing import Optional
+
+import yaml
+
+from .evaluation.cli import main as evaluate_main
+from .train.config import load_run_config
+from .train.run import train_from_config
+
+SEED_KEY = "train.seed"
+# The paper's Table 2 (intra-domain, LLaMA-2-7B, accuracy %), by method and the task names of this
+# project's commonsense configs.
+PAPER_INTRA = {
+    "lora": {"piqa": 81.1, "openbookqa": 89.4, "boolq": 77.1, "arc_challenge": 64.5, "arc_easy": 80.5},
+    "molora": {"piqa": 80.3, "openbookqa": 90.4, "boolq": 79.3, "arc_challenge": 66.1, "arc_easy": 82.4},
+    "malora": {"piqa": 81.8, "openbookqa": 89.6, "boolq": 81.6, "arc_challenge": 66.6, "arc_easy": 82.8},
+}
+
+
+def parse_grid(specs: list[str]) -> dict:
+    """``KEY=V1,V2,...`` (values parsed as YAML) → {key: [values]}, in the given order."""
+    grid = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or "." not in key or not values:
+            raise ValueError(f"--grid {spec!r} must look like section.key=value1,value2")
+        if key in grid:
+            raise ValueError(f"--grid names {key} twice: give all its values in one --grid")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+def point_name(values: dict) -> str:
+    return "_".join(f"{key.split('.')[-1]}-{re.sub(r'[^A-Za-z0-9.+-]', '', str(v))}" for key, v in values.items())
+
+
+def expand(grid: dict) -> list[dict]:
+    """Every combination, in grid order, with a directory name made of its values."""
+    keys = list(grid)
+    points = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        points.append({"index": len(points), "name": point_name(values), "values": values})
+    return points
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def point_overrides(spec: dict, point: dict, out: str) -> list[str]:
+    run_dir = os.path.join(out, "points", point["name"], "run")
+    overrides = list(spec["set"]) + [f"{k}={_yaml_value(v)}" for k, v in point["values"].items()]
+    return overrides + [f"train.output_dir={run_dir}", "checkpoint.resume=auto"]
+
+
+def _module_command(spec: dict, *args: str) -> list[str]:
+    return shlex.split(spec["launcher"]) + ["-m", "malora_dist.sweep", *args]
+
+
+def run_point(spec: dict, point: dict, out: str) -> None:
+    """Train (or continue) and evaluate one point; done when its eval.json exists. Without a
+    launcher both run in this process (one process per point would spend most of a small sweep
+    starting Python); with one, each is its own launch."""
+    directory = os.path.join(out, "points", point["name"])
+    result = os.path.join(directory, "eval.json")
+    if os.path.exists(result):
+        return
+    overrides = point_overrides(spec, point, out)
+    run_dir = os.path.join(directory, "run")
+    evaluate = ["--config", os.path.join(run_dir, "config.yaml"), "--adapter", os.path.join(run_dir, "adapter"),
+                "--output", result + ".tmp"] + (["--limit", str(spec["eval_limit"])] if spec.get("eval_limit") else [])
+    if spec["launcher"]:
+        sets = [a for o in overrides for a in ("--set", o)]
+        subprocess.run(_module_command(spec, "train-point", "--config", spec["config"], *sets), check=True)
+        subprocess.run(_module_command(spec, "eval-point", *evaluate), check=True)
+    else:
+        train_from_config(spec["config"], overrides)
+        if evaluate_main(evaluate) != 0:
+            raise ValueError(f"the evaluation of point {point['name']} failed (see above)")
+    os.replace(result + ".tmp", result)  # written whole, so a half-done evaluation is re-run
+
+
+def aggregate(spec: dict, out: str) -> dict:
+    """Per group of points that differ only in the seed: per task mean ± sd of accuracy over seeds."""
+    groups: dict = {}
+    for point in spec["points"]:
+        path = os.path.join(out, "points", point["name"], "eval.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            tasks = json.load(f)["tasks"]
+        key = tuple((k, v) for k, v in point["values"].items() if k != SEED_KEY)
+        group = groups.setdefault(key, {"values": dict(key), "seeds": [], "tasks": {}})
+        group["seeds"].append(point["values"].get(SEED_KEY))
+        accuracies = {name: entry["accuracy"] for name, entry in tasks.items()}
+        accuracies["mean"] = sum(accuracies.values()) / len(accuracies)
+        for name, accuracy in accuracies.items():
+            group["tasks"].setdefault(name, []).append(accuracy)
+    rows = []
+    for group in groups.values():
+        method = group["values"].get("adapter.method", _base_method(spec))
+        cells = {}
+        for task, values in group["tasks"].items():
+            paper = PAPER_INTRA.get(method, {}).get(task)
+            cells[task] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                           "n": len(values), "paper": paper}
+        rows.append({"values": group["values"], "seeds": group["seeds"], "tasks": cells})
+    return {"grid": spec["grid"], "rows": rows, "done": sum(len(r["seeds"]) for r in rows), "points": len(spec["points"])}
+
+
+def _base_method(spec: dict) -> str:
+    with open(spec["config"]) as f:
+        return (yaml.safe_load(f).get("adapter") or {}).get("method", "malora")
+
+
+def markdown(results: dict) -> str:
+    tasks = sorted({t for row in results["rows"] for t in row["tasks"] if t != "mean"}) + ["mean"]
+    keys = [k for k in results["grid"] if k != SEED_KEY]
+    head = "| " + " | ".join([k.split(".")[-1] for k in keys] + ["seeds"] + tasks) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1 + len(tasks))]
+    for row in results["rows"]:
+        cells = []
+        for task in tasks:
+            cell = row["tasks"].get(task)
+            text = "–" if cell is None else f"{100 * cell['mean']:.1f} ± {100 * cell['sd']:.1f}"
+            if cell is not None and cell["paper"] is not None:
+                text += f" (paper {cell['paper']:.1f})"
+            cells.append(text)
+        lines.append("| " + " | ".join([str(row["values"][k]) for k in keys] + [str(len(row["seeds"]))] + cells) + " |")
+    lines.append(f"\n{results['done']} of {results['points']} points done; accuracy % (mean ± sd over seeds); the "
+                 f"paper's numbers are LLaMA-2-7B's (Table 2), for orientation.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = sorted({t for row in results["rows"] for t in row["tasks"]})
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(tasks)), 4))
+    width = 0.8 / max(len(results["rows"]), 1)
+    for i, row in enumerate(results["rows"]):
+        means = [100 * row["tasks"].get(t, {"mean": float("nan")})["mean"] for t in tasks]
+        sds = [100 * row["tasks"].get(t, {"sd": 0.0})["sd"] for t in tasks]
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["values"].items())
+        ax.bar([x + i * width for x in range(len(tasks))], means, width, yerr=sds, label=label, capsize=3)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy % (mean ± sd over seeds)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_table(spec: dict, out: str) -> dict:
+    results = aggregate(spec, out)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = markdown(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    results["plot"] = plot(results, os.path.join(out, "results.png"))
+    print(text)
+    return results
+
+
+def load_or_create(args) -> dict:
+    """The sweep's spec: read from ``OUT/sweep.json``, or written there from the arguments."""
+    path = os.path.join(args.out, "sweep.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            spec = json.load(f)
+        given = {"config": args.config and os.path.abspath(args.config), "grid": args.grid and parse_grid(args.grid)}
+        clashing = [k for k, v in given.items() if v and v != spec[k]]
+        if clashing:
+            raise ValueError(f"{path} holds a sweep with another {', '.join(clashing)}: pass a new --out, or "
+                             f"run without --config/--grid to resume the existing sweep")
+        return spec
+    if not args.config or not args.grid:
+        raise ValueError(f"no sweep in {args.out!r} yet: pass --config and at least one --grid to start one")
+    grid = parse_grid(args.grid)
+    spec = {"config": os.path.abspath(args.config), "grid": grid, "set": args.set, "launcher": args.launcher,
+            "eval_limit": args.eval_limit, "points": expand(grid)}
+    for point in spec["points"]:  # every point's config must be valid before the first one trains
+        load_run_config(spec["config"], point_overrides(spec, point, args.out))
+    os.makedirs(args.out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(spec, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return spec
+
+
+def _train_point(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m malora_dist.sweep train-point")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(argv)
+    train_from_config(args.config, args.set)
+    return 0
+
+
+def _eval_point(argv: list[str]) -> int:
+    return evaluate_main(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-point"]:
+        return _train_point(argv[1:])
+    if argv[:1] == ["eval-point"]:
+        return _eval_point(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m malora_dist.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "run-index", "table"))
+    parser.add_argument("index", nargs="?", type=int, help="run-index: the point to run (a SLURM array task id)")
+    parser.add_argument("--out", required=True, help="the sweep's directory")
+    parser.add_argument("--config", help="the base run config (a new sweep)")
+    parser.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                        help="a swept key and its values (repeatable; the grid is their product)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a key set for every point (repeatable)")
+    parser.add_argument("--launcher", default="", help='prefix of each launch, e.g. "torchrun --nproc_per_node 2"')
+    parser.add_argument("--eval-limit", type=int, help="evaluate each point on the first N held-out examples per task")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_or_create(args)
+        if args.command == "run-index":
+            if args.index is None or not 0 <= args.index < len(spec["points"]):
+                raise ValueError(f"run-index needs a point index in [0, {len(spec['points'])})")
+            run_point(spec, spec["points"][args.index], args.out)
+            return 0
+        if args.command == "run":
+            for point in spec["points"]:
+                print(f"[sweep] point {point['index'] + 1}/{len(spec['points'])}: {point['name']}", flush=True)
+                run_point(spec, point, args.out)
+        write_table(spec, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as err:
+        print(f"error: a point failed ({' '.join(err.cmd)} exited {err.returncode}); fix it and run the "
+              f"same command again to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The sweep command end to end: a 2×2×2 grid of tiny runs, half of it run as array tasks first,
+then resumed; the table aggregates the seeds."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from malora_dist.sweep import expand, parse_grid
+from training_support import REPO, TINY
+
+GRID = ["adapter.method=lora,malora", "adapter.rank=2,4", "train.seed=0,1"]
+
+
+def test_grid_expands_in_order():
+    points = expand(parse_grid(["adapter.rank=2,4", "train.seed=0,1"]))
+    assert [p["name"] for p in points] == ["rank-2_seed-0", "rank-2_seed-1", "rank-4_seed-0", "rank-4_seed-1"]
+    with pytest.raises(ValueError, match="section.key=value1,value2"):
+        parse_grid(["rank=2"])
+
+
+def sweep(*args):
+    return subprocess.run([sys.executable, "-m", "malora_dist.sweep", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_sweep_runs_resumes_and_aggregates(tmp_path):
+    out = str(tmp_path / "sweep")
+    start = ["--config", TINY, *[a for g in GRID for a in ("--grid", g)],
+             "--set", "train.steps=2", "--set", "data.eval_fraction=0.1", "--eval-limit", "4"]
+    # Half of it as SLURM array tasks would run it, then the whole sweep resumes.
+    for index in (0, 3, 5):
+        done = sweep("run-index", str(index), "--out", out, *start)
+        assert done.returncode == 0, done.stderr[-3000:]
+    spec = json.load(open(os.path.join(out, "sweep.json")))
+    first = {p["name"]: os.path.getmtime(os.path.join(out, "points", p["name"], "eval.json"))
+             for p in spec["points"] if p["index"] in (0, 3, 5)}
+    resumed = sweep("run", "--out", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, mtime in first.items():  # finished points are not run again
+        assert os.path.getmtime(os.path.join(out, "points", name, "eval.json")) == mtime
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["done"] == results["points"] == 8 and len(results["rows"]) == 4
+    for row in results["rows"]:
+        assert sorted(row["seeds"]) == [0, 1]
+        name = lambda seed: "_".join([f"method-{row['values']['adapter.method']}",  # noqa: E731
+                                      f"rank-{row['values']['adapter.rank']}", f"seed-{seed}"])
+        for task, cell in row["tasks"].items():
+            if task == "mean":
+                continue
+            seeds = [json.load(open(os.path.join(out, "points", name(s), "eval.json")))["tasks"][task]["accuracy"]
+                     for s in (0, 1)]
+            assert cell["mean"] == pytest.approx(statistics.fmean(seeds))
+            assert cell["sd"] == pytest.approx(statistics.stdev(seeds))
+    assert "± " in open(os.path.join(out, "results.md")).read()
+    clash = sweep("run", "--out", out, "--config", TINY, "--grid", "adapter.rank=8")
+    assert clash.returncode == 2 and "another grid" in clash.stderr
+
+
+@pytest.mark.slow
+def test_sweep_with_a_launcher_and_an_array_task(tmp_path):
+    """Points launched by torchrun on 2 processes (ep=2); point 1 run by the SLURM array template as
+    sbatch runs it (a copy elsewhere, the job's variables set), point 0 by resuming the sweep."""
+    out = str(tmp_path / "sweep")
+    launcher = f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --standalone"
+    created = sweep("run-index", "0", "--out", out, "--config", TINY, "--grid", "train.seed=0,1",
+                    "--set", "parallel.ep=2", "--set", "train.steps=2", "--set", "data.eval_fraction=0.1",
+                    "--eval-limit", "4", "--launcher", launcher)
+    assert created.returncode == 0, created.stderr[-3000:]
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    script = spool / "slurm_script"
+    script.write_text(open(os.path.join(REPO, "launch", "slurm", "sweep_array.sbatch")).read())
+    env = dict(os.environ, SLURM_SUBMIT_DIR=REPO, SLURM_ARRAY_TASK_ID="1", PYTHON=sys.executable)
+    task = subprocess.run(["bash", str(script), out], cwd=str(spool), env=env, capture_output=True, text=True)
+    assert task.returncode == 0, task.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "points", "seed-1", "eval.json"))
+    table = sweep("table", "--out", out)
+    assert table.returncode == 0 and json.load(open(os.path.join(out, "results.json")))["done"] == 2
+    rows = [json.loads(line) for line in open(os.path.join(out, "points", "seed-0", "run", "metrics.jsonl"))]
+    assert any(r.get("a2a_bytes", 0) > 0 for r in rows)  # the experts really were split over 2 ranks
