@@ -120,7 +120,7 @@ class Trainer:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.perf_counter()
-            logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            logits = model(batch["input_ids"], batch["position_ids"])
             token_losses = model.token_losses(logits, batch["labels"])
             loss = token_losses.sum() / global_tokens
             if self.fault_injector is not None:
