@@ -8,7 +8,9 @@ reduction rules, gathered to full tensors and compared with the reference gradie
 families beyond LLaMA cover the other plan styles the adapters sit on: Qwen3 and Gemma3 (per-head
 q/k norms, Gemma's scaled embedding and soft-capped logits), Phi-3 (fused ``qkv_proj`` /
 ``gate_up_proj``, all-gathered outputs). Each layout also exports its adapters (gathered to full
-tensors), loads them into the plain HF model and compares logits with the sharded model's.
+tensors), loads them into the plain HF model and compares logits with the sharded model's. Two
+layouts recompute every decoder layer in backward (``train.activation_checkpointing``), with the
+expert all-to-all (ep=2) and the tp reductions inside the recomputed layers.
 """
 
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
 from malora_dist.parallel.groups import ParallelGroups
 from malora_dist.parallel.parallelize import parallelize_adapters
 from malora_dist.parallel.sharding import full_tensor
+from malora_dist.train.build import enable_activation_checkpointing
 from reference import rel_err
 from world import run_world
 
@@ -56,11 +59,15 @@ class Layout:
     tp: int
     ep: int
     world: int
+    checkpointing: bool = False  # train.activation_checkpointing: recompute decoder layers in backward
 
 
-LAYOUTS = {"tp2": Layout(2, 1, 2), "tp2xep2": Layout(2, 2, 4), "tp2xdp2": Layout(2, 1, 4)}
-CASES = [("llama", m, l) for m in ADAPTERS for l in LAYOUTS if not (m == "lora" and LAYOUTS[l].ep > 1)]
+LAYOUTS = {"tp2": Layout(2, 1, 2), "tp2xep2": Layout(2, 2, 4), "tp2xdp2": Layout(2, 1, 4),
+           "ep2_recompute": Layout(1, 2, 2, True), "tp2_recompute": Layout(2, 1, 2, True)}
+CASES = [("llama", m, l) for m in ADAPTERS for l, layout in LAYOUTS.items()
+         if not layout.checkpointing and not (m == "lora" and layout.ep > 1)]
 CASES += [(f, "malora", l) for f in ("qwen3", "gemma3_text", "phi3") for l in ("tp2", "tp2xep2")]
+CASES += [("llama", "malora", l) for l in ("ep2_recompute", "tp2_recompute")]
 
 
 def base_model(family):
@@ -108,13 +115,20 @@ def reference_run(family, method):
     return model, loss.item(), grads
 
 
-def layout_run(family, method, groups):
+def layout_run(family, method, layout, groups):
     ref_model, ref_loss, ref_grads = reference_run(family, method)
     model = shard_causal_lm(base_model(family), groups)
     torch.manual_seed(1)
     inject_adapters(model, adapter_config(family, method))
     parallelize_adapters(model, groups)
     load_adapter_state(model, adapter_state(ref_model), groups)
+    layer_calls = []
+    if layout.checkpointing:
+        enable_activation_checkpointing(model)
+        model.train()  # HF recomputes in training mode only
+        for layer in model.model.layers:  # count MLP runs (module hooks do not run in a recompute)
+            forward = layer.mlp.forward
+            layer.mlp.forward = lambda x, forward=forward: (layer_calls.append(1), forward(x))[1]
 
     ids, labels = batch()
     share = BATCH // groups.dp
@@ -124,6 +138,7 @@ def layout_run(family, method, groups):
     token_losses = model.token_losses(local_logits, labels[mine])
     loss = token_losses.sum() / global_tokens + auxiliary_loss(model)
     loss.backward()
+    model.eval()
     params = adapter_parameters(model)
     reduce_gradients(params, groups)
     total_loss = loss.detach().clone()
@@ -140,7 +155,8 @@ def layout_run(family, method, groups):
     with torch.no_grad():
         export_err = rel_err(model.gather_logits(local_logits), exported(ids[mine]).logits)
     return {"loss": (total_loss.item(), ref_loss), "grads": errors,
-            "grad_norm": (global_grad_norm(params, groups).item(), ref_norm), "export_logits": export_err}
+            "grad_norm": (global_grad_norm(params, groups).item(), ref_norm), "export_logits": export_err,
+            "layer_calls": len(layer_calls)}
 
 
 def world_main(cases):
@@ -151,7 +167,7 @@ def world_main(cases):
         default = torch.get_default_dtype()
         torch.set_default_dtype(FAMILIES[family][2])  # the adapters' dtype
         try:
-            results[(family, method, layout_name)] = layout_run(family, method, groups)
+            results[(family, method, layout_name)] = layout_run(family, method, layout, groups)
         finally:
             torch.set_default_dtype(default)
     return results
@@ -179,3 +195,9 @@ def test_adapter_gradients_match_single_process_hf_model(results, family, method
         assert len(result["grads"]) > 0
         for name, err in result["grads"].items():
             assert err <= 1e-5, (rank, name, err)
+
+
+@pytest.mark.parametrize("layout", [name for name, layout in LAYOUTS.items() if layout.checkpointing])
+def test_activation_checkpointing_recomputes_every_layer(results, layout):
+    for result in results[("llama", "malora", layout)]:
+        assert result["layer_calls"] == 2 * MODEL["num_hidden_layers"]  # forward, then recompute

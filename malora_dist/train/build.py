@@ -91,4 +91,4 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     (which keep their attributes and names), non-reentrant so frozen inputs need no grad hack.
     Every rank recomputes the same layers in the same order, so the collectives inside
     (all-to-all, tp reductions) stay matched."""
-    model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
