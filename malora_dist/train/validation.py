@@ -60,8 +60,8 @@ def validate_run(config: RunConfig, world_size: int) -> None:
     if hf is None:
         return
     try:
-        check_tp_divisibility(hf, par.tp)
         check_plan(hf, par.tp)
+        check_tp_divisibility(hf, par.tp)
     except ValueError as err:
         raise ValueError(f"parallel.tp: {err}") from None
     if config.data.seq_len > hf.max_position_embeddings:
