@@ -27,6 +27,8 @@ from malora_dist.models import (
     shard_causal_lm,
     shard_causal_lm_from_pretrained,
 )
+from malora_dist.evaluation.packing import OptionTree, tree_batches
+from malora_dist.evaluation.scoring import score_batch
 from malora_dist.parallel.groups import ParallelGroups
 from world import run_world
 
@@ -118,6 +120,21 @@ def inputs() -> dict[str, torch.Tensor]:
     return dict(input_ids=input_ids, labels=labels, segment_ids=segment_ids, position_ids=position_ids)
 
 
+# evaluation's option trees, two packed in one row (longer than every sliding window here)
+TREES = [OptionTree("a", [5, 17, 9, 30, 2, 8], [[11, 4], [7, 40, 3]]), OptionTree("b", [6, 1, 22, 13, 9], [[50], [2, 33]])]
+
+
+def option_reference(hf_model: nn.Module) -> list[float]:
+    """Summed log-probability of each option after its prompt, one plain HF forward per option."""
+    scores = []
+    for tree in TREES:
+        for option in tree.options:
+            ids = torch.tensor([tree.prompt + option])
+            logprobs = hf_model(ids).logits[0, len(tree.prompt) - 1:-1].log_softmax(-1)
+            scores.append(logprobs.gather(-1, torch.tensor(option)[:, None]).sum().item())
+    return scores
+
+
 def planned_linears(model: nn.Module) -> dict[str, str]:
     """{path in decoder layer 0: plan style} of the linears the model's plan splits."""
     plan = model.config.base_model_tp_plan
@@ -159,6 +176,10 @@ def _model_cases(model, data, name) -> dict:
     out["token_losses"] = model.token_losses(local, labels).detach()
     out["segment_logits"] = model.gather_logits(model(ids, position_ids=data["position_ids"]))
     out["generate"] = model.generate(ids[:1, :5], 8, eos_token_id=model.config.eos_token_id)
+    (batch,) = tree_batches(TREES, row_tokens=64, rows_per_batch=1)
+    assert batch.input_ids.shape[0] == 1
+    by_option = dict(zip(batch.options, score_batch(model, batch, "cpu").tolist()))
+    out["option_scores"] = [by_option[(t.key, j)] for t in TREES for j in range(len(t.options))]
 
     # gradients through every collective: train the (replicated) RMSNorm weights
     norms = {n: p for n, p in model.named_parameters() if "norm" in n}
@@ -245,6 +266,7 @@ def references() -> dict[str, dict]:
             ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=8, do_sample=False,
             use_cache=False,
         )
+        ref["option_scores"] = option_reference(hf_model)
         ref["linears"] = {
             path: (m.in_features, m.out_features)
             for path, m in ((p, hf_model.model.layers[0].get_submodule(p)) for p in planned_linears(hf_model))
@@ -281,6 +303,14 @@ def test_segments_match_hf_on_each_segment(worlds, references, tp, name):
         assert rel_err(result[name]["segment_logits"], references[name]["segment_logits"]) <= TOL
     # the mask must matter: packed logits differ from plain causal ones
     assert rel_err(references[name]["segment_logits"], references[name]["logits"]) > 1e-2
+
+
+@pytest.mark.parametrize("tp,name", CASES)
+def test_evaluation_tree_scores_match_hf(worlds, references, tp, name):
+    """Option trees under one custom mask (sliding windows narrowed by position) = separate runs."""
+    expected = torch.tensor(references[name]["option_scores"], dtype=torch.float64)
+    for result in worlds[tp]:
+        assert rel_err(torch.tensor(result[name]["option_scores"]), expected) <= TOL
 
 
 @pytest.mark.parametrize("tp,name", CASES)
