@@ -272,7 +272,7 @@ def _base_step(model, data, sampler, step, groups, device, micro_batch_size) -> 
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         t0 = time.perf_counter()
-        logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+        logits = model(batch["input_ids"], batch["position_ids"])
         loss = model.token_losses(logits, batch["labels"]).sum() / global_tokens
         device_synchronize(device)
         t1 = time.perf_counter()

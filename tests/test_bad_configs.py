@@ -49,7 +49,11 @@ CASES = {
     "unknown parallel key": ({"parallel": {"pp": 2}}, 2, ["parallel.pp"]),
     "two model sources": ({"model": {"gguf_file": "smollm2"}}, 1, ["model.config", "model.gguf_file"]),
     "missing gguf file": ({"model": {"config": None, "gguf_file": "/nonexistent/model.gguf"}}, 1, ["model.gguf_file"]),
-    "unsupported model type": (with_model(model_type="gpt2"), 1, ["model_type", "gpt2"]),
+    "model without a tp plan at tp 2": ({**with_model(model_type="gpt2"), "parallel": {"tp": 2}}, 2,
+                                        ["parallel.tp", "gpt2", "base_model_tp_plan", "tp: 1"]),
+    "tp plan style not implemented": ({**with_model(model_type="mixtral"), "parallel": {"tp": 2},
+                                       "adapter": {"target_modules": ["q_proj", "v_proj"]}}, 2,
+                                      ["parallel.tp", "'packed_colwise' on layers.*.mlp.experts.gate_up_proj"]),
     # layout
     "tp does not divide world": ({"parallel": {"tp": 2}}, 3, ["parallel.tp"]),
     "tp zero": ({"parallel": {"tp": 0}}, 1, ["parallel.tp"]),
@@ -67,6 +71,8 @@ CASES = {
     "top_k > num_experts": ({"adapter": {"top_k": 5}}, 1, ["adapter.top_k"]),
     "unknown target module": ({"adapter": {"target_modules": ["q_proj", "o_projection"]}}, 1,
                               ["adapter.target_modules", "o_projection"]),
+    "target not in the model's plan": ({**with_model(model_type="phi3"), "adapter": {"target_modules": ["q_proj"]}},
+                                       1, ["adapter.target_modules ['q_proj']", "qkv_proj", "gate_up_proj"]),
     "MALoRA d not integral": ({"adapter": {"lam": 0.3}}, 1, ["adapter.shared_dim"]),  # d = 0.3·4·4
     "MALoRA r̄ not integral": ({"adapter": {"rank": 3, "lam": 0.5}}, 1, ["adapter.expert_rank"]),  # r̄ = 4.5
     "MALoRA r̄ > d": ({"adapter": {"num_experts": 2, "top_k": 1, "lam": 0.5}}, 1, ["adapter.lam", "r̄=6 > d=4"]),

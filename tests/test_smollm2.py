@@ -6,6 +6,7 @@ tp=1 model (a tp=1 layout on 3 ranks is dp=3, whose tp groups have one member ea
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -41,7 +42,7 @@ def _smollm2_world(input_ids: torch.Tensor) -> dict:
             max_new_tokens=NEW_TOKENS,
             do_sample=False,
         )
-        model = shard_causal_lm(hf_model, groups)
+        model = shard_causal_lm(copy.deepcopy(hf_model), groups)  # sharding converts in place
         with torch.no_grad():
             out["tp1_logits"] = model.gather_logits(model(input_ids))
         out["tp1_generate"] = model.generate(input_ids, NEW_TOKENS, eos_token_id=eos)

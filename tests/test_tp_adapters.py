@@ -4,7 +4,13 @@ single-process reference: the unsharded Hugging Face model with the same adapter
 The reference and every layout hold the same full adapter tensors (random, so B̄ ≠ 0 and every
 gradient path is exercised). Each layout runs its share of the global batch; its loss is the summed
 token loss over the global token count plus the balance loss, its gradients are summed by the
-reduction rules, gathered to full tensors and compared with the reference gradients.
+reduction rules, gathered to full tensors and compared with the reference gradients. The base
+families beyond LLaMA cover the other plan styles the adapters sit on: Qwen3 and Gemma3 (per-head
+q/k norms, Gemma's scaled embedding and soft-capped logits), Phi-3 (fused ``qkv_proj`` /
+``gate_up_proj``, all-gathered outputs). Each layout also exports its adapters (gathered to full
+tensors), loads them into the plain HF model and compares logits with the sharded model's. Two
+layouts recompute every decoder layer in backward (``train.activation_checkpointing``), with the
+expert all-to-all (ep=2) and the tp reductions inside the recomputed layers.
 """
 
 from dataclasses import dataclass
@@ -22,11 +28,24 @@ from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
 from malora_dist.parallel.groups import ParallelGroups
 from malora_dist.parallel.parallelize import build_adapters
 from malora_dist.parallel.sharding import full_tensor
+from malora_dist.train.build import enable_activation_checkpointing
 from reference import rel_err
 from world import run_world
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=64, vocab_size=128, max_position_embeddings=32, tie_word_embeddings=True)
+# family -> (HF config fields on top of MODEL, adapter targets, dtype). Gemma3 and Phi-3 run in
+# fp64: fp32 reduction-order noise of the tp sums reaches 1e-5 to 3e-5 in some adapter gradients
+# there (Gemma's √hidden embedding scale and (1 + w) norms amplify it; in fp64 the error is 2e-7,
+# the fp32 cross-entropy's, and Gemma3 at tp=1 in fp32 gives 7e-7: noise, not a tp error).
+FAMILIES = {
+    "llama": ({}, None, torch.float32),
+    "qwen3": (dict(model_type="qwen3"), None, torch.float32),
+    "gemma3_text": (dict(model_type="gemma3_text", head_dim=8, sliding_window=4, final_logit_softcapping=5.0,
+                         layer_types=["sliding_attention", "full_attention"]), None, torch.float64),
+    "phi3": (dict(model_type="phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+             ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], torch.float64),
+}
 ADAPTERS = {
     "malora": dict(method="malora", rank=2, num_experts=4, top_k=2, balance_loss_coef=0.1),
     "molora": dict(method="molora", rank=2, num_experts=4, top_k=2, balance_loss_coef=0.1),
@@ -40,15 +59,29 @@ class Layout:
     tp: int
     ep: int
     world: int
+    checkpointing: bool = False  # train.activation_checkpointing: recompute decoder layers in backward
 
 
-LAYOUTS = {"tp2": Layout(2, 1, 2), "tp2xep2": Layout(2, 2, 4), "tp2xdp2": Layout(2, 1, 4)}
-CASES = [(m, l) for m in ADAPTERS for l in LAYOUTS if not (m == "lora" and LAYOUTS[l].ep > 1)]
+LAYOUTS = {"tp2": Layout(2, 1, 2), "tp2xep2": Layout(2, 2, 4), "tp2xdp2": Layout(2, 1, 4),
+           "ep2_recompute": Layout(1, 2, 2, True), "tp2_recompute": Layout(2, 1, 2, True)}
+CASES = [("llama", m, l) for m in ADAPTERS for l, layout in LAYOUTS.items()
+         if not layout.checkpointing and not (m == "lora" and layout.ep > 1)]
+CASES += [(f, "malora", l) for f in ("qwen3", "gemma3_text", "phi3") for l in ("tp2", "tp2xep2")]
+CASES += [("llama", "malora", l) for l in ("ep2_recompute", "tp2_recompute")]
 
 
-def reference_model(method):
-    model = build_tiny_causal_lm(MODEL, seed=0)
-    inject_adapters(model, AdapterConfig(**ADAPTERS[method]))
+def base_model(family):
+    return build_tiny_causal_lm({**MODEL, **FAMILIES[family][0]}, seed=0, dtype=FAMILIES[family][2])
+
+
+def adapter_config(family, method):
+    targets = FAMILIES[family][1]
+    return AdapterConfig(**ADAPTERS[method], **({"target_modules": targets} if targets else {}))
+
+
+def reference_model(family, method):
+    model = base_model(family)
+    inject_adapters(model, adapter_config(family, method))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in adapter_parameters(model):
@@ -65,8 +98,8 @@ def batch():
     return ids, labels
 
 
-def reference_run(method):
-    model = reference_model(method)
+def reference_run(family, method):
+    model = reference_model(family, method)
     ids, labels = batch()
     logits = model(ids).logits
     token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -80,22 +113,31 @@ def reference_run(method):
     return model, loss.item(), grads
 
 
-def layout_run(method, layout_name, groups):
-    ref_model, ref_loss, ref_grads = reference_run(method)
-    model = shard_causal_lm(build_tiny_causal_lm(MODEL, seed=0), groups)
-    build_adapters(model, AdapterConfig(**ADAPTERS[method]), groups)
+def layout_run(family, method, layout, groups):
+    ref_model, ref_loss, ref_grads = reference_run(family, method)
+    model = shard_causal_lm(base_model(family), groups)
+    build_adapters(model, adapter_config(family, method), groups)
     # Built for the layout, each rank's slices hold what a one-process build gives them.
-    one_process = adapter_state(inject_adapters(build_tiny_causal_lm(MODEL, seed=0), AdapterConfig(**ADAPTERS[method])))
+    one_process = adapter_state(inject_adapters(base_model(family), adapter_config(family, method)))
     init_gap = max((v - one_process[k]).abs().max().item() for k, v in adapter_state(model, groups).items())
     load_adapter_state(model, adapter_state(ref_model), groups)
+    layer_calls = []
+    if layout.checkpointing:
+        enable_activation_checkpointing(model)
+        model.train()  # HF recomputes in training mode only
+        for layer in model.model.layers:  # count MLP runs (module hooks do not run in a recompute)
+            forward = layer.mlp.forward
+            layer.mlp.forward = lambda x, forward=forward: (layer_calls.append(1), forward(x))[1]
 
     ids, labels = batch()
     share = BATCH // groups.dp
     mine = slice(groups.dp_rank * share, (groups.dp_rank + 1) * share)
     global_tokens = (labels[:, 1:] != -100).sum()
-    token_losses = model.token_losses(model(ids[mine]), labels[mine])
+    local_logits = model(ids[mine])
+    token_losses = model.token_losses(local_logits, labels[mine])
     loss = token_losses.sum() / global_tokens + auxiliary_loss(model)
     loss.backward()
+    model.eval()
     params = adapter_parameters(model)
     reduce_gradients(params, groups)
     total_loss = loss.detach().clone()
@@ -106,16 +148,26 @@ def layout_run(method, layout_name, groups):
         for pname, p in layer.adapter_tensors():
             errors[f"{name}.{pname}"] = rel_err(full_tensor(p, groups, p.grad), ref_grads[f"{name}.{pname}"])
     ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
+    exported = inject_adapters(base_model(family), adapter_config(family, method))  # fresh adapters: B = 0
+    load_adapter_state(exported, adapter_state(model, groups), ParallelGroups.single())
+    with torch.no_grad():
+        export_err = rel_err(model.gather_logits(local_logits), exported(ids[mine]).logits)
     return {"loss": (total_loss.item(), ref_loss), "grads": errors, "init_gap": init_gap,
-            "grad_norm": (global_grad_norm(params, groups).item(), ref_norm)}
+            "grad_norm": (global_grad_norm(params, groups).item(), ref_norm), "export_logits": export_err,
+            "layer_calls": len(layer_calls)}
 
 
 def world_main(cases):
     results = {}
-    for method, layout_name in cases:
+    for family, method, layout_name in cases:
         layout = LAYOUTS[layout_name]
         groups = ParallelGroups.build(tp=layout.tp, ep=layout.ep)
-        results[(method, layout_name)] = layout_run(method, layout_name, groups)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(FAMILIES[family][2])  # the adapters' dtype
+        try:
+            results[(family, method, layout_name)] = layout_run(family, method, layout, groups)
+        finally:
+            torch.set_default_dtype(default)
     return results
 
 
@@ -123,16 +175,17 @@ def world_main(cases):
 def results():
     out = {}
     for world in sorted({l.world for l in LAYOUTS.values()}):
-        cases = [c for c in CASES if LAYOUTS[c[1]].world == world]
+        cases = [c for c in CASES if LAYOUTS[c[2]].world == world]
         per_rank = run_world(world, world_main, cases)
         for case in cases:
             out[case] = [r[case] for r in per_rank]
     return out
 
 
-@pytest.mark.parametrize("method,layout", CASES)
-def test_adapter_gradients_match_single_process_hf_model(results, method, layout):
-    for rank, result in enumerate(results[(method, layout)]):
+@pytest.mark.parametrize("family,method,layout", CASES)
+def test_adapter_gradients_match_single_process_hf_model(results, family, method, layout):
+    for rank, result in enumerate(results[(family, method, layout)]):
+        assert result["export_logits"] <= 1e-5, rank
         loss, ref_loss = result["loss"]
         assert loss == pytest.approx(ref_loss, rel=1e-5), rank
         norm, ref_norm = result["grad_norm"]
@@ -141,3 +194,9 @@ def test_adapter_gradients_match_single_process_hf_model(results, method, layout
         assert result["init_gap"] == 0.0, rank
         for name, err in result["grads"].items():
             assert err <= 1e-5, (rank, name, err)
+
+
+@pytest.mark.parametrize("layout", [name for name, layout in LAYOUTS.items() if layout.checkpointing])
+def test_activation_checkpointing_recomputes_every_layer(results, layout):
+    for result in results[("llama", "malora", layout)]:
+        assert result["layer_calls"] == 2 * MODEL["num_hidden_layers"]  # forward, then recompute

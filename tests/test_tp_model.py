@@ -1,7 +1,11 @@
 """The tensor-parallel frozen base against Hugging Face's own model (the independent reference).
 
-One real gloo world per world size (tp=1: one process, tp=2: two) runs every model and case; the
-test functions compare its results with the unsharded HF model computed here in the parent.
+One real gloo world per world size (tp=1: one process, tp=2: two) runs every model family and
+case; the test functions compare its results with the unsharded HF model computed here in the
+parent. The families cover every plan style the base implements: ``colwise`` / ``rowwise``,
+``replicated_with_grad_allreduce`` (Qwen3, Gemma3 q/k norms), ``colwise_gather_output`` /
+``rowwise_split_input`` (OLMo2's full-width q/k norms, Phi-3's fused projections), and a config
+without a plan (GPT-2, tp=1 only).
 """
 
 from __future__ import annotations
@@ -18,15 +22,26 @@ from torch import nn
 from malora_dist.models import (
     build_tiny_causal_lm,
     check_tp_divisibility,
+    check_plan,
     load_hf_model,
     shard_causal_lm,
     shard_causal_lm_from_pretrained,
 )
+from malora_dist.evaluation.packing import OptionTree, tree_batches
+from malora_dist.evaluation.scoring import score_batch
 from malora_dist.parallel.groups import ParallelGroups
 from world import run_world
 
 TOL = 1e-5
 WORLD_SIZES = (1, 2)
+GEMMA3 = dict(
+    model_type="gemma3_text",
+    head_dim=16,
+    sliding_window=3,
+    layer_types=["sliding_attention", "full_attention"],
+    final_logit_softcapping=3.0,
+    tie_word_embeddings=True,
+)
 BASE = dict(
     hidden_size=64,
     num_attention_heads=4,
@@ -60,19 +75,31 @@ MODELS = {
         tie_word_embeddings=False,
     ),
     "mistral_sliding_tied": dict(model_type="mistral", sliding_window=4, tie_word_embeddings=True),
+    "qwen3_qk_norm": dict(model_type="qwen3", tie_word_embeddings=False),
+    "gemma3_scaled_softcapped": GEMMA3,
+    "granite_multipliers": dict(
+        model_type="granite",
+        embedding_multiplier=3.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+        logits_scaling=2.0,
+        tie_word_embeddings=False,
+    ),
+    "olmo2_gathered_qk_norm": dict(model_type="olmo2", tie_word_embeddings=False),
+    "phi3_fused": dict(model_type="phi3", pad_token_id=0, tie_word_embeddings=False),
 }
+# no base_model_tp_plan: runs at tp=1, refused at tp>1
+NO_PLAN = dict(model_type="gpt2", n_embd=64, n_head=4, n_layer=2, vocab_size=256, n_positions=64)
 # saved with save_pretrained (transformers 5 always writes safetensors) and loaded slice by slice
-SAVED = {"llama_gqa_untied": "20KB", "mistral_sliding_tied": "50GB"}  # name -> max_shard_size
-PROJECTIONS = {
-    "self_attn": {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row"},
-    "mlp": {"gate_proj": "column", "up_proj": "column", "down_proj": "row"},
-}
+SAVED = {"llama_gqa_untied": "20KB", "mistral_sliding_tied": "50GB", "gemma3_scaled_softcapped": "50GB"}
+# plan style -> the wrapper's parallel_mode (None: full input and output, to an adapter a plain linear)
+MODES = {"colwise": "column", "rowwise": "row", "colwise_gather_output": None, "rowwise_split_input": None}
 SEGMENTS = [[0] * 5 + [1] * 4 + [2] * 3, [0] * 7 + [1] * 5]
 
 
 def tiny_model(name: str) -> nn.Module:
     """A tiny HF model with every parameter perturbed, so zero biases and unit norms are tested too."""
-    model = build_tiny_causal_lm({**BASE, **MODELS[name]}, seed=0)
+    model = build_tiny_causal_lm(NO_PLAN if name == "no_plan" else {**BASE, **MODELS[name]}, seed=0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -93,6 +120,29 @@ def inputs() -> dict[str, torch.Tensor]:
     return dict(input_ids=input_ids, labels=labels, segment_ids=segment_ids, position_ids=position_ids)
 
 
+# evaluation's option trees, two packed in one row (longer than every sliding window here)
+TREES = [OptionTree("a", [5, 17, 9, 30, 2, 8], [[11, 4], [7, 40, 3]]), OptionTree("b", [6, 1, 22, 13, 9], [[50], [2, 33]])]
+
+
+def option_reference(hf_model: nn.Module) -> list[float]:
+    """Summed log-probability of each option after its prompt, one plain HF forward per option."""
+    scores = []
+    for tree in TREES:
+        for option in tree.options:
+            ids = torch.tensor([tree.prompt + option])
+            logprobs = hf_model(ids).logits[0, len(tree.prompt) - 1:-1].log_softmax(-1)
+            scores.append(logprobs.gather(-1, torch.tensor(option)[:, None]).sum().item())
+    return scores
+
+
+def planned_linears(model: nn.Module) -> dict[str, str]:
+    """{path in decoder layer 0: plan style} of the linears the model's plan splits."""
+    plan = model.config.base_model_tp_plan
+    return {
+        path.removeprefix("layers.*."): style for path, style in plan.items() if style in MODES
+    }
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -108,32 +158,28 @@ class _Passthrough(nn.Module):
         return self.base_layer(x)
 
 
-def _model_cases(model, hf_model, data, name) -> dict:
+def _model_cases(model, data, name) -> dict:
     out = {}
     ids, labels = data["input_ids"], data["labels"]
     out["all_frozen"] = not any(p.requires_grad for p in model.parameters())
     layer = model.model.layers[0]
-    out["interface"] = {
-        proj: (
-            getattr(getattr(layer, block), proj).parallel_mode,
-            getattr(getattr(layer, block), proj).in_features,
-            getattr(getattr(layer, block), proj).out_features,
-            tuple(getattr(getattr(layer, block), proj).weight.shape),
-            getattr(getattr(layer, block), proj).tp_size,
-            getattr(getattr(layer, block), proj).tp_rank,
-            getattr(getattr(layer, block), proj).tp_group.size(),
-        )
-        for block, projs in PROJECTIONS.items()
-        for proj in projs
-    }
+    out["interface"] = {}
+    for path in planned_linears(model):
+        proj = layer.get_submodule(path)
+        out["interface"][path] = (
+            proj.parallel_mode, proj.in_features, proj.out_features, tuple(proj.weight.shape),
+            proj.tp_size, proj.tp_rank, proj.tp_group.size(),
+        )  # fmt: skip
     local = model(ids)
     out["local_shape"] = tuple(local.shape)
     out["logits"] = model.gather_logits(local)
     out["token_losses"] = model.token_losses(local, labels).detach()
-    out["segment_logits"] = model.gather_logits(
-        model(ids, position_ids=data["position_ids"], segment_ids=data["segment_ids"])
-    )
-    out["generate"] = model.generate(ids[:1, :5], 6, eos_token_id=hf_model.config.eos_token_id)
+    out["segment_logits"] = model.gather_logits(model(ids, position_ids=data["position_ids"]))
+    out["generate"] = model.generate(ids[:1, :5], 8, eos_token_id=model.config.eos_token_id)
+    (batch,) = tree_batches(TREES, row_tokens=64, rows_per_batch=1)
+    assert batch.input_ids.shape[0] == 1
+    by_option = dict(zip(batch.options, score_batch(model, batch, "cpu").tolist()))
+    out["option_scores"] = [by_option[(t.key, j)] for t in TREES for j in range(len(t.options))]
 
     # gradients through every collective: train the (replicated) RMSNorm weights
     norms = {n: p for n, p in model.named_parameters() if "norm" in n}
@@ -147,16 +193,12 @@ def _model_cases(model, hf_model, data, name) -> dict:
         param.grad = None
 
     if name == "llama_gqa_untied":
-        for block, projs in PROJECTIONS.items():
-            for lyr in model.model.layers:
-                for proj in projs:
-                    module = getattr(lyr, block)
-                    setattr(module, proj, _Passthrough(getattr(module, proj)))
+        for lyr in model.model.layers:
+            for path in planned_linears(model):
+                parent, _, leaf = path.rpartition(".")
+                module = lyr.get_submodule(parent)
+                setattr(module, leaf, _Passthrough(getattr(module, leaf)))
         out["wrapped_logits"] = model.gather_logits(model(ids))
-        with torch.no_grad():
-            for param in hf_model.parameters():
-                param.add_(1.0)
-        out["after_hf_change"] = model.gather_logits(model(ids))
     return out
 
 
@@ -169,8 +211,10 @@ def _tp_world(tp: int, saved_dirs: dict[str, str]) -> dict:
         results["no_groups_error"] = str(err)
     groups = ParallelGroups.build(tp=tp)
     for name in MODELS:
-        hf_model = tiny_model(name)
-        results[name] = _model_cases(shard_causal_lm(hf_model, groups), hf_model, data, name)
+        results[name] = _model_cases(shard_causal_lm(tiny_model(name), groups), data, name)
+    if tp == 1:
+        model = shard_causal_lm(tiny_model("no_plan"), groups)
+        results["no_plan"] = model.gather_logits(model(data["input_ids"]))
     for name, directory in saved_dirs.items():
         model = shard_causal_lm_from_pretrained(directory, groups)
         results[f"saved_{name}"] = model.gather_logits(model(data["input_ids"]))
@@ -218,9 +262,15 @@ def references() -> dict[str, dict]:
                 cols = torch.tensor(row) == s
                 segment_logits[b, cols] = hf_model(ids[b, cols][None]).logits[0].detach()
         ref["segment_logits"] = segment_logits
-        ref["generate"] = hf_model.generate(
-            ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=6, do_sample=False
+        ref["generate"] = hf_model.generate(  # the uncached reference for the cached TP generation
+            ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=8, do_sample=False,
+            use_cache=False,
         )
+        ref["option_scores"] = option_reference(hf_model)
+        ref["linears"] = {
+            path: (m.in_features, m.out_features)
+            for path, m in ((p, hf_model.model.layers[0].get_submodule(p)) for p in planned_linears(hf_model))
+        }
         norms = {n: p for n, p in hf_model.named_parameters() if "norm" in n}
         hf_model.requires_grad_(False)
         for param in norms.values():
@@ -256,6 +306,14 @@ def test_segments_match_hf_on_each_segment(worlds, references, tp, name):
 
 
 @pytest.mark.parametrize("tp,name", CASES)
+def test_evaluation_tree_scores_match_hf(worlds, references, tp, name):
+    """Option trees under one custom mask (sliding windows narrowed by position) = separate runs."""
+    expected = torch.tensor(references[name]["option_scores"], dtype=torch.float64)
+    for result in worlds[tp]:
+        assert rel_err(torch.tensor(result[name]["option_scores"]), expected) <= TOL
+
+
+@pytest.mark.parametrize("tp,name", CASES)
 def test_norm_gradients_match_hf(worlds, references, tp, name):
     ref = references[name]["norm_grads"]
     for result in worlds[tp]:
@@ -272,23 +330,15 @@ def test_greedy_generation_matches_hf(worlds, references, tp, name):
 
 
 @pytest.mark.parametrize("tp,name", CASES)
-def test_projection_interface(worlds, tp, name):
-    config = {**BASE, **MODELS[name]}
-    hidden, inner = config["hidden_size"], config["intermediate_size"]
-    head_dim = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
-    full = {
-        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
-        "o_proj": (hidden, hidden), "gate_proj": (hidden, inner), "up_proj": (hidden, inner),
-        "down_proj": (inner, hidden),
-    }  # fmt: skip
+def test_projection_interface(worlds, references, tp, name):
+    styles = planned_linears(tiny_model(name))
+    assert set(worlds[tp][0][name]["interface"]) == set(references[name]["linears"]) == set(styles)
     for rank, result in enumerate(worlds[tp]):
         assert result[name]["all_frozen"]
-        for block, projs in PROJECTIONS.items():
-            for proj, mode in projs.items():
-                n_in, n_out = full[proj]
-                local = (n_out // tp, n_in) if mode == "column" else (n_out, n_in // tp)
-                assert result[name]["interface"][proj] == (mode, n_in, n_out, local, tp, rank, tp)
+        for path, style in styles.items():
+            n_in, n_out = references[name]["linears"][path]
+            local = (n_out // tp, n_in) if style.startswith("colwise") else (n_out, n_in // tp)
+            assert result[name]["interface"][path] == (MODES[style], n_in, n_out, local, tp, rank, tp), path
 
 
 @pytest.mark.parametrize("tp", WORLD_SIZES)
@@ -297,8 +347,33 @@ def test_adapter_wrapping_and_copied_weights(worlds, references, tp):
     for result in worlds[tp]:
         res = result["llama_gqa_untied"]
         assert torch.equal(res["wrapped_logits"], res["logits"])
-        assert torch.equal(res["after_hf_change"], res["logits"])  # the HF weights were copied
         assert rel_err(res["logits"], ref) <= TOL
+
+
+def test_model_without_plan_runs_at_tp1(worlds):
+    reference = tiny_model("no_plan")(inputs()["input_ids"]).logits.detach()
+    assert rel_err(worlds[1][0]["no_plan"], reference) <= TOL
+
+
+PLAN_REFUSALS = [
+    # (HF config, tp, message fragments)
+    (NO_PLAN, 2, ["gpt2 config has no base_model_tp_plan", "parallel.tp: 1"]),
+    (dict(model_type="mixtral", num_local_experts=4), 2, ["'packed_colwise' on layers.*.mlp.experts.gate_up_proj",
+                                                         "'moe_tp_experts' on layers.*.mlp.experts"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields,tp,fragments", PLAN_REFUSALS)
+def test_plan_refusals(fields, tp, fragments):
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    check_plan(config, 1)  # tp=1 needs no plan
+    with pytest.raises(ValueError) as err:
+        check_plan(config, tp)
+    for fragment in fragments:
+        assert fragment in str(err.value)
 
 
 @pytest.mark.parametrize("tp,name", [(tp, name) for tp in WORLD_SIZES for name in SAVED])

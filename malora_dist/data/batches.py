@@ -3,9 +3,10 @@
 A sequence holds examples of one task only, so that each sequence has one ``task_id`` and the
 mixer can pick sequences by task. Inside a sequence every example is a segment: ``segment_ids``
 1, 2, … (padding 0), ``position_ids`` restarting at 0 in each segment, and attention must stay
-inside a segment (``segment_causal_mask``). Labels are aligned with ``input_ids`` (not shifted), as
-Hugging Face causal LMs take them: the loss at position t predicts ``labels[t]`` from the tokens
-before it. The first token of every segment has label -100 (a prompt token), so a shifted loss
+inside a segment (``segment_causal_mask``; the model derives the same mask from the restarting
+``position_ids``, as Hugging Face's attention does for packed sequences). Labels are aligned with
+``input_ids`` (not shifted), as Hugging Face causal LMs take them: the loss at position t predicts
+``labels[t]`` from the tokens before it. The first token of every segment has label -100 (a prompt token), so a shifted loss
 never predicts across a segment boundary.
 """
 

@@ -9,11 +9,11 @@ from .model import build_eval_model, validate_eval_layout
 from .packing import OptionTree, TreeBatch, tree_batches
 from .report import format_table
 from .run import evaluate, evaluate_run
-from .scoring import generate_answers, hidden_states, score_multiple_choice, token_logprobs
+from .scoring import generate_answers, option_logprobs, score_multiple_choice
 from .tasks import EvalTask, load_eval_tasks, parse_task_spec, task_configs_from_specs
 
 __all__ = [
     "EvalTask", "OptionTree", "TreeBatch", "build_eval_model", "evaluate", "evaluate_run", "format_table",
-    "generate_answers", "hidden_states", "load_eval_tasks", "parse_task_spec", "score_multiple_choice",
-    "task_configs_from_specs", "token_logprobs", "tree_batches", "validate_eval_layout",
+    "generate_answers", "load_eval_tasks", "option_logprobs", "parse_task_spec", "score_multiple_choice",
+    "task_configs_from_specs", "tree_batches", "validate_eval_layout",
 ]

@@ -14,7 +14,7 @@ one-token dummy forward while the others finish (``lockstep_rounds``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,32 +64,33 @@ def make_item(key: tuple, example, style: str, chat_tokenizer: Any) -> Item:
 
 
 # ---- the forward ---------------------------------------------------------------------------------
-def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """The final-norm hidden states of ``model`` (a ``TPCausalLM``) under the attention mask
-    ``allowed`` (B, 1, S, S), which ``TPCausalLM.forward`` cannot take (it builds causal/segment
-    masks only). Mirrors that forward; a sliding window is applied by position distance."""
-    decoder = model.model
-    h = decoder.embed_tokens(input_ids)
-    cos, sin = decoder.rotary_emb(h, position_ids)
-    masks = {}
-    for window in {layer.self_attn.sliding_window for layer in decoder.layers}:
-        masks[window] = allowed if window is None else (
-            allowed & (position_ids[:, None, :, None] - position_ids[:, None, None, :] < window))
-    for layer in decoder.layers:
-        h = layer(h, cos, sin, masks)
-    return decoder.norm(h)
+def tree_attention_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor):
+    """The HF attention mask for the tree mask ``allowed`` (B, 1, S, S): a custom 4-D mask reaches
+    every layer unchanged, so sliding-window layers get it narrowed by position distance — as
+    HF's mapping {layer type: mask} where the config names layer types, else (Mistral: every
+    layer slides) as the one mask."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or window >= allowed.shape[-1]:
+        return allowed
+    windowed = allowed & (position_ids[:, None, :, None] - position_ids[:, None, None, :] < window)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return windowed
+    return {"full_attention": allowed, "sliding_attention": windowed}
 
 
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target | hidden) for rows of hidden states (N, H): the LM head on these rows only."""
-    local, _ = model.lm_head(hidden[None], weight=model.model.embed_tokens.weight if model.tied else None)
-    logits = model.gather_logits(local[0]).float()
-    return F.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+def option_logprobs(model, batch: TreeBatch, device) -> torch.Tensor:
+    """log p(target) at every scored position of ``batch``: the LM head runs on those rows only."""
+    position_ids = batch.position_ids.to(device)
+    mask = tree_attention_masks(model.config, batch.allowed.to(device), position_ids)
+    local = model.logits_at(batch.score_rows.to(device), batch.score_cols.to(device),
+                            batch.input_ids.to(device), position_ids, mask)
+    logits = model.gather_logits(local).float()
+    return F.log_softmax(logits, dim=-1).gather(-1, batch.targets.to(device)[:, None])[:, 0]
 
 
 def _dummy_forward(model, device) -> None:
-    one = torch.zeros(1, 1, dtype=torch.long, device=device)
-    hidden_states(model, one, one, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device))
+    model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
 
 def lockstep_rounds(count: int, groups: ParallelGroups, device) -> int:
@@ -99,10 +100,6 @@ def lockstep_rounds(count: int, groups: ParallelGroups, device) -> int:
     t = torch.tensor([count], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=groups.dp_group)
     return int(t.item())
-
-
-def _any_rank(flag: bool, groups: ParallelGroups, device) -> bool:
-    return lockstep_rounds(int(flag), groups, device) > 0
 
 
 # ---- multiple choice -----------------------------------------------------------------------------
@@ -130,9 +127,7 @@ def option_trees(items: list[Item], tokenizer: Any, chat: bool, max_len: int) ->
 @torch.no_grad()
 def score_batch(model, batch: TreeBatch, device) -> torch.Tensor:
     """The summed log-probability of every option of ``batch`` (in ``batch.options`` order)."""
-    hidden = hidden_states(model, batch.input_ids.to(device), batch.position_ids.to(device), batch.allowed.to(device))
-    logprobs = token_logprobs(model, hidden[batch.score_rows.to(device), batch.score_cols.to(device)],
-                              batch.targets.to(device))
+    logprobs = option_logprobs(model, batch, device)
     sums = torch.zeros(len(batch.options), dtype=torch.float64, device=device)
     return sums.index_add_(0, batch.option_of_score.to(device), logprobs.double()).cpu()
 
@@ -167,33 +162,30 @@ def generate_answers(model, items: list[Item], tokenizer: Any, chat: bool, max_l
                      device, progress=None) -> dict:
     """{key: ItemResult} with the greedy answer (text up to EOS, stripped) of each generation item.
 
-    One example at a time, without a KV cache: generation tasks are small. Decoding stops at EOS
-    or ``len(target) + GENERATION_SLACK`` tokens; the dp ranks stop together (one tiny all-reduce
-    per token).
+    One example at a time, by the model's ``generate`` (HF's, with its KV cache). Decoding stops
+    at EOS or ``len(target) + GENERATION_SLACK`` tokens; with several ranks, ``generate`` keeps
+    every rank's forwards in step until all have stopped (one tiny all-reduce per token), and a
+    rank without an example left decodes a one-token dummy prompt meanwhile.
     """
     eos = eos_id(tokenizer)
     prompts = encode_prompts(tokenizer, [i.prompt for i in items], chat)
     budgets = [len(t) + GENERATION_SLACK for t in encode_continuations(tokenizer, [i.target for i in items])]
+    synced = dist.get_world_size() > 1
     results = {}
     for r in range(lockstep_rounds(len(items), groups, device)):
-        item: Optional[Item] = items[r] if r < len(items) else None
-        ids, new, truncated = [], [], False
-        if item is not None:
-            ids = list(prompts[r])
-            room = max(1, max_len - budgets[r])
-            if len(ids) > room:
-                ids, truncated = ids[-room:], True
-        active = item is not None
-        while _any_rank(active, groups, device):
-            if not active:
-                _dummy_forward(model, device)
-                continue
-            x = torch.tensor([ids + new], device=device)
-            new.append(int(model.gather_logits(model(x)[:, -1]).argmax(-1)))
-            active = len(new) < budgets[r] and new[-1] != eos
-        if item is not None:
-            text = tokenizer.decode(new[:-1] if new[-1:] == [eos] else new, skip_special_tokens=True).strip()
-            results[item.key] = ItemResult([], -1, text, truncated)
-            if progress is not None:
-                progress.update(1)
+        if r >= len(items):
+            model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), 1, eos, synced=synced)
+            continue
+        ids, truncated = list(prompts[r]), False
+        room = max(1, max_len - budgets[r])
+        if len(ids) > room:
+            ids, truncated = ids[-room:], True
+        out = model.generate(torch.tensor([ids], device=device), budgets[r], eos, synced=synced)
+        new = out[0, len(ids):].tolist()
+        if eos in new:
+            new = new[:new.index(eos)]
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        results[items[r].key] = ItemResult([], -1, text, truncated)
+        if progress is not None:
+            progress.update(1)
     return results

@@ -1,4 +1,4 @@
-"""The frozen base model: loading from HF/GGUF and its megatron-core tensor-parallel copy."""
+"""The frozen base model: loading from HF/GGUF and its megatron-core tensor-parallel form."""
 
 from malora_dist.models.loading import (
     build_tiny_causal_lm,
@@ -6,13 +6,13 @@ from malora_dist.models.loading import (
     load_tokenizer,
     smollm2_gguf_path,
 )
-from malora_dist.models.tp_linear import ColumnParallelBase, RowParallelBase, TensorParallelBase
-from malora_dist.models.tp_llama import (
+from malora_dist.models.tp_causal_lm import (
     TPCausalLM,
-    check_tp_divisibility,
     shard_causal_lm,
     shard_causal_lm_from_pretrained,
 )
+from malora_dist.models.tp_linear import ColumnParallelBase, RowParallelBase, TensorParallelBase
+from malora_dist.models.tp_plan import check_plan, check_tp_divisibility
 
 __all__ = [
     "ColumnParallelBase",
@@ -20,6 +20,7 @@ __all__ = [
     "TPCausalLM",
     "TensorParallelBase",
     "build_tiny_causal_lm",
+    "check_plan",
     "check_tp_divisibility",
     "load_hf_model",
     "load_tokenizer",

@@ -6,7 +6,11 @@ that keeps the wrapper as ``base_layer`` and reads ``parallel_mode``, the full `
 ``forward(x)`` returns one plain tensor (megatron's ``(output, bias)`` pair is resolved here):
 
 - "column": input replicated over tp, output sharded on ``out_features``;
-- "row": input sharded on ``in_features``, output all-reduced (full), bias added once after it.
+- "row": input sharded on ``in_features``, output all-reduced (full), bias added once after it;
+- None (the plan styles ``colwise_gather_output`` / ``rowwise_split_input``): full input, full
+  output, the weight still split; to an adapter this is a plain replicated linear. These styles
+  exist where the full output is needed (OLMo2's q/k norms over all heads, Phi-3's fused
+  ``qkv_proj`` / ``gate_up_proj``, whose contiguous split would cut across the fused parts).
 
 Only megatron code paths that run without CUDA are used: CPU initialisation with initialisation
 switched off (weights are copied in afterwards, never drawn), ``gather_output=False``, no sequence
@@ -66,10 +70,42 @@ def resolve_tp_group(groups: ParallelGroups) -> dist.ProcessGroup:
     return group
 
 
+class _GatherOrSplitLastDim(torch.autograd.Function):
+    """All-gather the last dim over tp (``gather``), or keep this rank's slice of it; backward does
+    the other. The gathered tensor's consumers are replicated over tp, so every rank holds the
+    full gradient and its slice is exact; the slices' gradients gather back to the full one."""
+
+    @staticmethod
+    def forward(ctx, x, group, gather: bool):
+        ctx.group, ctx.gather = group, gather
+        return _gather_or_split(x, group, gather)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_or_split(grad, ctx.group, not ctx.gather), None, None
+
+
+def _gather_or_split(x: torch.Tensor, group, gather: bool) -> torch.Tensor:
+    return all_gather_last_dim(x, group) if gather else local_slice_last_dim(x, group)
+
+
+def all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every tp rank's ``x`` on the last dim (no autograd)."""
+    if group.size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def local_slice_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(group.size(), dim=-1)[group.rank()].contiguous()
+
+
 class TensorParallelBase(nn.Module):
     """What column and row wrappers share: the attributes adapters read, and a plain-tensor forward."""
 
-    parallel_mode: str
+    parallel_mode: str | None
     # how each checkpoint tensor of this layer is split over tp (None: replicated)
     shard_dims: dict[str, int | None]
     megatron_cls: type
@@ -128,3 +164,30 @@ class RowParallelBase(TensorParallelBase):
     shard_dims = {"weight": 1, "bias": None}
     megatron_cls = RowParallelLinear
     megatron_options = {"input_is_parallel": True}
+
+
+class GatheredColumnBase(ColumnParallelBase):
+    """``colwise_gather_output``: column-parallel, the output all-gathered (full on every rank)."""
+
+    parallel_mode = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GatherOrSplitLastDim.apply(super().forward(x), self.tp_group, True)
+
+
+class SplitInputRowBase(RowParallelBase):
+    """``rowwise_split_input``: takes the full input, keeps this rank's slice, row-parallel after."""
+
+    parallel_mode = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_GatherOrSplitLastDim.apply(x, self.tp_group, False))
+
+
+# base_model_tp_plan style -> the wrapper that implements it on an nn.Linear
+LINEAR_STYLES = {
+    "colwise": ColumnParallelBase,
+    "rowwise": RowParallelBase,
+    "colwise_gather_output": GatheredColumnBase,
+    "rowwise_split_input": SplitInputRowBase,
+}

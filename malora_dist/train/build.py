@@ -13,7 +13,6 @@ import os
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from ..models import (build_tiny_causal_lm, load_hf_model, load_tokenizer, shard_causal_lm,
                       shard_causal_lm_from_pretrained, smollm2_gguf_path)
@@ -65,18 +64,6 @@ def load_base(model: ModelConfig, groups: ParallelGroups, device: torch.device, 
     return shard_causal_lm(hf_model, groups, dtype=dtype, device=device)
 
 
-class CheckpointedLayer(nn.Module):
-    """Recompute a decoder layer in backward. Every rank recomputes the same layers in the same
-    order, so the collectives inside (all-to-all, tp reductions) stay matched."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args):
-        return checkpoint(self.layer, *args, use_reentrant=False)
-
-
 def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:
     model = load_base(config.model, groups, device, config.train.seed)
     placement = config.parallel.expert_placement
@@ -95,7 +82,13 @@ def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device)
                           f"{link.bytes_per_s / 1e9:.2f} GB/s)" if link else "")
     model.expert_placement = decisions
     if config.train.activation_checkpointing:
-        layers = model.model.layers
-        for i in range(len(layers)):
-            layers[i] = CheckpointedLayer(layers[i])
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in backward: HF's own checkpointing of its decoder layers
+    (which keep their attributes and names), non-reentrant so frozen inputs need no grad hack.
+    Every rank recomputes the same layers in the same order, so the collectives inside
+    (all-to-all, tp reductions) stay matched."""
+    model.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -40,7 +40,7 @@ class HeldOutSet:
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         for ids in self.batches:
             batch = {k: v.to(device) for k, v in self.sequences.batch(ids).items()}
-            logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            logits = model(batch["input_ids"], batch["position_ids"])
             losses = model.token_losses(logits, batch["labels"])
             mask = token_mask(batch["labels"])
             sums += torch.stack([losses[mask].double().sum(), mask.sum().double()])

@@ -128,7 +128,7 @@ class Trainer:
             batch = {k: v.to(device) for k, v in batch.items()}
             set_dropout_context(model, self._dropout_context(index, batch["input_ids"].shape))
             t0 = time.perf_counter()
-            logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            logits = model(batch["input_ids"], batch["position_ids"])
             token_losses = model.token_losses(logits, batch["labels"])
             loss = token_losses.sum() / global_tokens
             if self.fault_injector is not None:

@@ -12,6 +12,8 @@ from ..parallel.groups import validate_layout
 from .config import RunConfig
 
 KNOWN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# inputs of the intermediate size (the rest take the hidden size)
+INTERMEDIATE_INPUTS = ("down_proj",)
 
 
 def model_hf_config(config: RunConfig):
@@ -37,7 +39,7 @@ def model_hf_config(config: RunConfig):
 
 
 def validate_run(config: RunConfig, world_size: int) -> None:
-    from ..models.tp_llama import SUPPORTED_MODEL_TYPES, check_tp_divisibility
+    from ..models import check_plan, check_tp_divisibility
 
     par, train, adapter = config.parallel, config.train, config.adapter
     dp = validate_layout(world_size, par.tp, par.ep, adapter.num_experts if adapter.is_moe else None)
@@ -48,18 +50,17 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size × dp "
             f"= {train.micro_batch_size} × {dp}: choose a global batch of {train.micro_batch_size * dp}·k sequences"
         )
-    unknown = sorted(set(adapter.target_modules) - set(KNOWN_PROJECTIONS))
-    if unknown:
-        raise ValueError(f"adapter.target_modules {unknown} are not linear layers of LLaMA-family models; "
-                         f"choose from {list(KNOWN_PROJECTIONS)}")
     _check_inputs_exist(config)
     hf = model_hf_config(config)
+    projections = _projections(hf)
+    unknown = sorted(set(adapter.target_modules) - set(projections))
+    if unknown:
+        raise ValueError(f"adapter.target_modules {unknown} are not linear layers of the base model; "
+                         f"choose from {projections}")
     if hf is None:
         return
-    if hf.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"the base model's model_type {hf.model_type!r} is not supported; "
-                         f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
     try:
+        check_plan(hf, par.tp)
         check_tp_divisibility(hf, par.tp)
     except ValueError as err:
         raise ValueError(f"parallel.tp: {err}") from None
@@ -67,8 +68,19 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds the model's context "
                          f"(max_position_embeddings={hf.max_position_embeddings}): lower data.seq_len")
     for target in adapter.target_modules:
-        n = hf.intermediate_size if target == "down_proj" else hf.hidden_size
+        n = hf.intermediate_size if target in INTERMEDIATE_INPUTS else hf.hidden_size
         adapter.check_fits(n, target)
+
+
+def _projections(hf) -> list[str]:
+    """Adapter targets: the linears the model's tensor-parallel plan names (Phi-3's fused
+    ``qkv_proj`` and ``gate_up_proj`` included), or the LLaMA names without a plan or config."""
+    from ..models.tp_linear import LINEAR_STYLES
+    from ..models.tp_plan import tp_plan
+
+    plan = tp_plan(hf) if hf is not None else {}
+    named = [path.rsplit(".", 1)[-1] for path, style in plan.items() if style in LINEAR_STYLES]
+    return list(dict.fromkeys(named)) or list(KNOWN_PROJECTIONS)
 
 
 def _check_inputs_exist(config: RunConfig) -> None:
