@@ -34,13 +34,14 @@ from world import run_world
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=64, vocab_size=128, max_position_embeddings=32, tie_word_embeddings=True)
-# family -> (HF config fields on top of MODEL, adapter targets, dtype). Gemma3 and Phi-3 run in
-# fp64: fp32 reduction-order noise of the tp sums reaches 1e-5 to 3e-5 in some adapter gradients
-# there (Gemma's √hidden embedding scale and (1 + w) norms amplify it; in fp64 the error is 2e-7,
+# family -> (HF config fields on top of MODEL, adapter targets, dtype). Qwen3, Gemma3 and Phi-3 run
+# in fp64: fp32 reduction-order noise of the tp sums reaches 1e-5 to 3e-5 in some adapter gradients
+# there (Qwen3's per-head q/k norms: 1.2e-5 in one S_A at tp=2×ep=2; Gemma's √hidden embedding
+# scale and (1 + w) norms amplify it; in fp64 the error is 2e-7,
 # the fp32 cross-entropy's, and Gemma3 at tp=1 in fp32 gives 7e-7: noise, not a tp error).
 FAMILIES = {
     "llama": ({}, None, torch.float32),
-    "qwen3": (dict(model_type="qwen3"), None, torch.float32),
+    "qwen3": (dict(model_type="qwen3"), None, torch.float64),
     "gemma3_text": (dict(model_type="gemma3_text", head_dim=8, sliding_window=4, final_logit_softcapping=5.0,
                          layer_types=["sliding_attention", "full_attention"]), None, torch.float64),
     "phi3": (dict(model_type="phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2),
