@@ -15,12 +15,10 @@ import sys
 import pytest
 import torch
 
-from malora_dist.adapters.inject import adapter_layers, inject_adapters
-from malora_dist.adapters.io import load_adapter, save_adapter
+from adapter_support import tiny, tiny_hf, write_random_adapter
 from malora_dist.data.synthetic import synthetic_records
-from malora_dist.models import build_tiny_causal_lm, load_tokenizer, smollm2_gguf_path
+from malora_dist.models import load_tokenizer, smollm2_gguf_path
 from malora_dist.train.config import load_run_config
-from reference import randomize_adapter_
 from training_support import REPO, TINY
 from world import run_world
 
@@ -31,27 +29,6 @@ TASK_SPECS = [f"{name}=synthetic:{task}:{style}" for name, (task, style) in TASK
 SCORE_TOL = 1e-4
 # name -> (world size, parallel section) of the evaluations with the random adapter
 LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2)}
-
-
-def tiny(*overrides):
-    return load_run_config(TINY, list(overrides))
-
-
-def tiny_hf(adapter_dir=None):
-    config = tiny()
-    model = build_tiny_causal_lm(config.model.config, seed=config.train.seed)
-    return load_adapter(model, adapter_dir) if adapter_dir else model
-
-
-def write_random_adapter(directory):
-    """The tiny config's MALoRA with random values everywhere (B̄ = 0 at init would hide it)."""
-    config = tiny()
-    model = tiny_hf()
-    inject_adapters(model, config.adapter)
-    generator = torch.Generator().manual_seed(1)
-    for _, layer in adapter_layers(model):
-        randomize_adapter_(layer, generator)
-    save_adapter(model, directory, config.adapter)
 
 
 def world_main(root, adapter_dir):
@@ -215,6 +192,40 @@ def test_task_errors_name_the_argument(tokenizer, tmp_path):
         load_eval_tasks(tiny().data, tokenizer, 0, task_configs_from_specs([f"x={missing}"]))
     with pytest.raises(ValueError, match="no held-out examples.*--task capitals=PATH"):
         load_eval_tasks(tiny().data, tokenizer, 0)  # tiny.yaml has neither eval_paths nor eval_fraction
+
+
+def test_training_layout_is_fitted_to_the_world():
+    from malora_dist.adapters.config import AdapterConfig
+    from malora_dist.evaluation.model import fit_eval_layout
+
+    moe = AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0)
+    lora = AdapterConfig(method="lora", rank=4)
+    layout = lambda c: (c.parallel.tp, c.parallel.ep)  # noqa: E731
+    assert layout(fit_eval_layout(tiny("parallel.ep=2"), 1, moe)) == (1, 1)
+    assert layout(fit_eval_layout(tiny("parallel.ep=4"), 2, moe)) == (1, 2)
+    assert layout(fit_eval_layout(tiny("parallel.ep=2"), 2, lora)) == (1, 1)
+    assert layout(fit_eval_layout(tiny("parallel.tp=2", "parallel.ep=2"), 3, moe)) == (1, 1)
+    assert layout(fit_eval_layout(tiny("parallel.ep=2"), 4, moe)) == (1, 2)  # what fits stays
+    pinned = fit_eval_layout(tiny("parallel.ep=2"), 1, moe, frozenset({"parallel.ep"}))
+    assert layout(pinned) == (1, 2)
+
+
+def test_cli_adapts_a_training_layout_but_refuses_one_asked_for(tmp_path, capsys):
+    """A config trained at ep=2 evaluates in one process; ``--set parallel.ep=2`` is refused."""
+    import yaml
+
+    from malora_dist.evaluation.cli import main
+
+    write_random_adapter(str(tmp_path / "adapter"))
+    config = tiny("parallel.ep=2").to_dict()
+    (tmp_path / "ep2.yaml").write_text(yaml.safe_dump(config))
+    args = ["--adapter", str(tmp_path / "adapter"), "--task", "cap=synthetic:capitals", "--limit", "2"]
+    assert main(["--config", str(tmp_path / "ep2.yaml"), *args, "--output", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["layout"] == {"tp": 1, "dp": 1, "ep": 1} and report["tasks"]["cap"]["n"] == 2
+    capsys.readouterr()
+    assert main(["--config", TINY, *args, "--set", "parallel.ep=2"]) == 2
+    assert "parallel.ep=2 must divide dp = world/tp = 1/1 = 1" in capsys.readouterr().err
 
 
 def test_layout_errors_name_the_key(evaluated):

@@ -94,6 +94,7 @@ def test_metrics_fields(trained):
                 "time_backward_s", "time_optimizer_s", "task_loss", "expert_load", "a2a_bytes", "rss_mb"):
         assert key in row, key
     assert row["step"] == 1 and row["a2a_bytes"] > 0
+    assert row["empty_experts"] == sum(load.count(0) for load in row["expert_load"].values())
     assert set(row["task_loss"]) <= {"capitals", "larger", "parity"}
 
 
