@@ -87,6 +87,7 @@ def check_scores(model, tokenizer, examples):
                                           abs=SCORE_TOL), (example["prompt"], option)
 
 
+@pytest.mark.slow
 def test_cli_report_and_table(evaluated):
     _, adapter_dir, stdout, reports = evaluated
     report = reports["single"]
@@ -102,6 +103,7 @@ def test_cli_report_and_table(evaluated):
         assert any(line.split()[:3] == [name, style, str(LIMIT)] for line in stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_multiple_choice_scores_match_hf(evaluated, tokenizer):
     _, adapter_dir, _, reports = evaluated
     model = tiny_hf(adapter_dir)
@@ -123,6 +125,7 @@ def test_multiple_choice_scores_match_hf(evaluated, tokenizer):
     assert abs(reference_score(base, tokenizer, example["prompt"], example["options"][0]) - example["scores"][0]) > 1e-2
 
 
+@pytest.mark.slow
 def test_generation_is_greedy_exact_match(evaluated, tokenizer):
     from malora_dist.evaluation.scoring import GENERATION_SLACK
 
@@ -141,6 +144,7 @@ def test_generation_is_greedy_exact_match(evaluated, tokenizer):
     assert examples[0]["prediction"] == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_match_single_process(evaluated, layout):
     _, _, _, reports = evaluated
@@ -153,6 +157,7 @@ def test_layouts_match_single_process(evaluated, layout):
         assert other[name]["accuracy"] == single[name]["accuracy"]
 
 
+@pytest.mark.slow
 def test_config_heldout_sets_split_over_dp(evaluated, tokenizer):
     from malora_dist.data import build_multitask_data
 
@@ -228,6 +233,7 @@ def test_cli_adapts_a_training_layout_but_refuses_one_asked_for(tmp_path, capsys
     assert "parallel.ep=2 must divide dp = world/tp = 1/1 = 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_layout_errors_name_the_key(evaluated):
     from malora_dist.adapters.io import read_adapter_config
     from malora_dist.evaluation import validate_eval_layout
@@ -238,6 +244,7 @@ def test_layout_errors_name_the_key(evaluated):
         validate_eval_layout(tiny("parallel.ep=3"), 3, read_adapter_config(evaluated[1]))
 
 
+@pytest.mark.slow
 def test_export_from_ep2_checkpoint_matches_final_adapter(evaluated, tmp_path):
     from malora_dist.export import main
 
@@ -260,6 +267,7 @@ def test_export_from_ep2_checkpoint_matches_final_adapter(evaluated, tmp_path):
         assert (tiny_hf(str(tmp_path / "step2"))(probe).logits - final).abs().max() > 1e-6
 
 
+@pytest.mark.slow
 def test_export_errors(evaluated, tmp_path, capsys):
     from malora_dist.export import main
 
@@ -273,6 +281,7 @@ def test_export_errors(evaluated, tmp_path, capsys):
     assert "adapter.rank" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_export_loads_in_peft(evaluated, tmp_path):
     from peft import PeftModel
 

@@ -150,6 +150,7 @@ def launched(tmp_path_factory):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_trains(launched):
     rows = losses(launched, "torchrun_ep2")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -161,6 +162,7 @@ def test_torchrun_two_processes_trains(launched):
     assert sum(values[-2:]) < sum(values[:2])  # falling on a learnable task
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_node(launched):
     one, two = losses(launched, "single"), losses(launched, "two_nodes")
     assert len(one) == len(two) == 8
@@ -171,6 +173,7 @@ def test_two_nodes_match_one_node(launched):
     assert info["world_size"] == 2 and info["layout"]["dp"] == 2
 
 
+@pytest.mark.slow
 def test_idle_experts_are_summarised_once_per_log_interval(launched):
     """One log line for each logged step at which some (layer, expert) got no tokens for the first
     time, none per expert; the per-step count is in the metrics."""

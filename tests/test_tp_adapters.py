@@ -25,6 +25,8 @@ from malora_dist.parallel.sharding import full_tensor
 from reference import rel_err
 from world import run_world
 
+pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
+
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=64, vocab_size=128, max_position_embeddings=32, tie_word_embeddings=True)
 ADAPTERS = {

@@ -234,6 +234,7 @@ def references() -> dict[str, dict]:
 CASES = [(tp, name) for tp in WORLD_SIZES for name in MODELS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_logits_and_loss_match_hf(worlds, references, tp, name):
     ref = references[name]
@@ -247,6 +248,7 @@ def test_logits_and_loss_match_hf(worlds, references, tp, name):
         assert abs(mean_loss.item() - ref["loss"]) / ref["loss"] <= TOL, rank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_segments_match_hf_on_each_segment(worlds, references, tp, name):
     for result in worlds[tp]:
@@ -255,6 +257,7 @@ def test_segments_match_hf_on_each_segment(worlds, references, tp, name):
     assert rel_err(references[name]["segment_logits"], references[name]["logits"]) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_norm_gradients_match_hf(worlds, references, tp, name):
     ref = references[name]["norm_grads"]
@@ -265,12 +268,14 @@ def test_norm_gradients_match_hf(worlds, references, tp, name):
             assert rel_err(grads[key], ref[key]) <= TOL, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_greedy_generation_matches_hf(worlds, references, tp, name):
     for result in worlds[tp]:
         assert torch.equal(result[name]["generate"], references[name]["generate"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_projection_interface(worlds, tp, name):
     config = {**BASE, **MODELS[name]}
@@ -291,6 +296,7 @@ def test_projection_interface(worlds, tp, name):
                 assert result[name]["interface"][proj] == (mode, n_in, n_out, local, tp, rank, tp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", WORLD_SIZES)
 def test_adapter_wrapping_and_copied_weights(worlds, references, tp):
     ref = references["llama_gqa_untied"]["logits"]
@@ -301,12 +307,14 @@ def test_adapter_wrapping_and_copied_weights(worlds, references, tp):
         assert rel_err(res["logits"], ref) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", [(tp, name) for tp in WORLD_SIZES for name in SAVED])
 def test_safetensors_slice_loading(worlds, references, tp, name):
     for result in worlds[tp]:
         assert rel_err(result[f"saved_{name}"], references[name]["logits"]) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", WORLD_SIZES)
 def test_missing_groups_error(worlds, tp):
     for result in worlds[tp]:

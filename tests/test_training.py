@@ -20,6 +20,8 @@ from malora_dist.train.run import run_training
 from training_support import Record, StopAfter, synthetic_dir, tiny_config
 from world import run_world
 
+pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
+
 # Dropout and the balance loss off for parity: their per-rank draws and micro-batch token sets
 # legitimately depend on the layout (the layer tests cover both).
 PARITY = dict(adapter=dict(dropout=0.0, balance_loss_coef=0.0))
