@@ -44,7 +44,7 @@ def hf_generate(model, prompt: list[int], sampling: Sampling, eos: int, device) 
     ids = torch.tensor([prompt], device=device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
                          do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-                         top_p=None if greedy else sampling.top_p, top_k=None, eos_token_id=eos,
+                         top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0, eos_token_id=eos,
                          pad_token_id=eos)
     return _until_eos(out[0, len(prompt):].tolist(), eos)
 
