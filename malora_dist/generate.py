@@ -2,11 +2,11 @@
 
     malora-generate --config CONFIG [--adapter DIR] [--prompts FILE] [--max-new-tokens 64]
                     [--temperature T --top-p P --seed S] [--chat | --no-chat] [--output FILE.jsonl]
-    echo "What is the capital of France?" | malora-generate --config configs/demo.yaml --adapter runs/demo/adapter
+    echo '"Question: In which city is the government of Ermania seated?\\nAnswer:"' | malora-generate --config configs/demo.yaml --adapter runs/demo/adapter
     torchrun --nproc_per_node 2 launch/generate.py --config CONFIG --adapter DIR --prompts FILE
 
 Prompts: one per line of ``--prompts`` (or of stdin without it, read by rank 0); blank lines are
-skipped. The base
+skipped, and a line in double quotes is a JSON string (a prompt with newlines). The base
 model comes from the run config; ``--chat`` (default: the config's ``data.use_chat_template``) wraps
 each prompt in the tokenizer's chat template, as training did. ``--temperature 0`` (the default)
 decodes greedily. One process decodes with a plain Hugging Face model (adapter injected, KV cache);
@@ -43,10 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(path: Optional[str]) -> list[str]:
+    """One prompt per non-blank line; a line in double quotes is a JSON string, so that a prompt
+    can hold newlines (``"Question: ...\\nAnswer:"``, the demo's training format)."""
     if path is not None and not os.path.isfile(path):
         raise ValueError(f"--prompts {path!r} is not a file")
+    prompts = []
     with (open(path) if path is not None else sys.stdin) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if line.startswith('"'):
+                try:
+                    line = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path or 'stdin'} line {number}: a prompt in double quotes must be a "
+                                     f"JSON string ({err.msg})") from None
+            if line:
+                prompts.append(line)
     if not prompts:
         raise ValueError(f"no prompts in {path or 'stdin'}: give one prompt per line")
     return prompts

@@ -16,7 +16,7 @@ from malora_dist.generate import main
 from malora_dist.models import load_tokenizer, smollm2_gguf_path
 from training_support import REPO, TINY
 
-PROMPTS = ["What is the capital of France?", "hello there", "12 + 7 ="]
+PROMPTS = ["What is the capital of France?", "hello there", "Question: 12 + 7 =\nAnswer:"]
 NEW_TOKENS = 6
 GENERATE = os.path.join(REPO, "launch", "generate.py")
 
@@ -25,7 +25,8 @@ GENERATE = os.path.join(REPO, "launch", "generate.py")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     write_random_adapter(str(root / "adapter"))
-    (root / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n" + PROMPTS[2] + "\n")
+    # a blank line, and the last prompt as a JSON string (it holds a newline)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n" + json.dumps(PROMPTS[2]) + "\n")
     return root
 
 
@@ -75,8 +76,11 @@ def test_sampling_repeats_with_its_seed(setup):
     (["--top-p", "0"], "--top-p must be"),
     (["--prompts", "/nonexistent/prompts.txt"], "--prompts '/nonexistent/prompts.txt' is not a file"),
     (["--set", "parallel.tp=2"], "parallel.tp=2 does not divide the world size 1"),
+    (["--prompts", "BROKEN"], "line 1: a prompt in double quotes must be a JSON string"),
 ])
 def test_bad_input_names_the_flag(setup, args, message, capsys):
+    (setup / "broken.txt").write_text('"unterminated\n')
+    args = [str(setup / "broken.txt") if a == "BROKEN" else a for a in args]
     assert main(["--config", TINY, "--prompts", str(setup / "prompts.txt"), *args]) == 2
     assert message in capsys.readouterr().err
 
@@ -88,7 +92,7 @@ def test_torchrun_tp2_matches_plain_hf_model(setup):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", GENERATE, "--config", TINY,
          "--adapter", str(setup / "adapter"), "--max-new-tokens", str(NEW_TOKENS), "--set", "parallel.tp=2",
          "--output", str(out)],
-        input="\n".join(PROMPTS) + "\n", capture_output=True, text=True, cwd=REPO, timeout=300,
+        input="\n".join(json.dumps(p) for p in PROMPTS) + "\n", capture_output=True, text=True, cwd=REPO, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     for answer in answers(out):
