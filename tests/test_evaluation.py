@@ -225,7 +225,12 @@ def test_cli_adapts_a_training_layout_but_refuses_one_asked_for(tmp_path, capsys
     config = tiny("parallel.ep=2").to_dict()
     (tmp_path / "ep2.yaml").write_text(yaml.safe_dump(config))
     args = ["--adapter", str(tmp_path / "adapter"), "--task", "cap=synthetic:capitals", "--limit", "2"]
+    launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {key: os.environ.get(key) for key in launch_vars}
     assert main(["--config", str(tmp_path / "ep2.yaml"), *args, "--output", str(tmp_path / "r.json")]) == 0
+    # the one-process world is gone, and so are its variables (subprocesses started later would
+    # otherwise take themselves for its ranks)
+    assert {key: os.environ.get(key) for key in launch_vars} == before
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["layout"] == {"tp": 1, "dp": 1, "ep": 1} and report["tasks"]["cap"]["n"] == 2
     capsys.readouterr()
