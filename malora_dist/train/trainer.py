@@ -218,13 +218,12 @@ class Trainer:
     def log_empty_experts(self) -> None:
         """One line for the experts that got no tokens for the first time since the last call (a
         few idle experts in early steps are normal; many, or the same ones for long, are not)."""
-        if not self._empty_experts_unlogged or not self.is_logger:
+        unlogged, self._empty_experts_unlogged = self._empty_experts_unlogged, set()
+        if not unlogged or not self.is_logger:
             return
-        layers = {name for name, _ in self._empty_experts_unlogged}
         self.log.warning("%d expert(s) in %d adapted layer(s) received no tokens for the first time by step %d "
                          "(per-step counts: empty_experts and expert_load in metrics.jsonl)",
-                         len(self._empty_experts_unlogged), len(layers), self.step)
-        self._empty_experts_unlogged.clear()
+                         len(unlogged), len({name for name, _ in unlogged}), self.step)
 
     def _traffic(self) -> dict:
         fwd = dropped = 0
