@@ -24,7 +24,19 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=9.0", "peft>=0.21,<0.22"],
+        "test": ["pytest>=9.0", "peft>=0.21,<0.22", "lm-eval==0.4.13"],
+        "eval": ["lm-eval==0.4.13"],  # lm-evaluation-harness: malora-lm-eval
         "plots": ["matplotlib>=3.8"],
+    },
+    # Each command is also a module (python -m ..., torchrun -m ...); launch/*.py are thin wrappers.
+    entry_points={
+        "console_scripts": [
+            "malora-train = malora_dist.train.cli:main",
+            "malora-eval = malora_dist.evaluation.cli:main",
+            "malora-generate = malora_dist.generate:main",
+            "malora-lm-eval = malora_dist.lm_eval_harness:main",
+            "malora-export = malora_dist.export:main",
+            "malora-params = malora_dist.params:main",
+        ],
     },
 )

@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     output_dir = load_run_config(os.path.join(REPO, args.config), args.set).train.output_dir
     output_dir = output_dir if os.path.isabs(output_dir) else os.path.join(REPO, output_dir)
     overrides = [x for s in args.set for x in ("--set", s)]
-    # Scoring runs in one process (both cores): the exported adapter holds every expert.
-    evaluate = [sys.executable, "launch/evaluate.py", "--config", args.config, "--limit", str(args.limit)] + overrides + [
-        "--set", "parallel.ep=1"]
+    # Scoring runs in one process (both cores): the exported adapter holds every expert, and the
+    # evaluation shrinks the config's ep=2 to what one process holds.
+    evaluate = [sys.executable, "launch/evaluate.py", "--config", args.config, "--limit", str(args.limit)] + overrides
     start = time.time()
     run(evaluate + ["--output", os.path.join(output_dir, "eval_base.json")])
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),

@@ -1,50 +1,16 @@
 #!/usr/bin/env python
-"""Train an adapter: ``torchrun [--nnodes N --nproc_per_node P ...] launch/train.py --config CFG [--set k=v ...]``.
+"""Train an adapter (``malora-train`` once the package is installed): see ``malora_dist/train/cli.py``.
 
-Also runs under SLURM's ``srun`` (ranks from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) and as plain
-``python launch/train.py`` for one process. ``--dry-run --world-size N`` validates the config
-against N ranks and exits without starting anything.
+``torchrun [--nnodes N --nproc_per_node P ...] launch/train.py --config CFG [--set k=v ...]``, under
+SLURM's ``srun``, or ``python launch/train.py --config CFG`` for one process.
 """
 
-import argparse
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/README.md)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config key; the value is parsed as YAML (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and exit")
-    parser.add_argument("--world-size", type=int, help="with --dry-run: the number of ranks to validate for")
-    args = parser.parse_args(argv)
-
-    from malora_dist.launch_env import resolve_launch_env
-    from malora_dist.train.config import load_run_config
-    from malora_dist.train.validation import validate_run
-
-    try:
-        if args.dry_run:
-            config = load_run_config(args.config, args.set)
-            world = args.world_size or resolve_launch_env(os.environ).world_size
-            validate_run(config, world)
-            print(f"config OK for {world} rank(s): tp={config.parallel.tp}, ep={config.parallel.ep}, "
-                  f"dp={world // config.parallel.tp}")
-            return 0
-        from malora_dist.train.run import train_from_config
-        from malora_dist.train.trainer import STOP_EVENT
-
-        signal.signal(signal.SIGTERM, lambda signum, frame: STOP_EVENT.set())
-        train_from_config(args.config, args.set)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from malora_dist.train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,12 @@ def pick_backend_and_device(local_rank: int = 0) -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
+# What a one-process world put into os.environ (key -> the value before, or None), put back at
+# shutdown: a later subprocess (a test's, a notebook's next command) must not inherit this world's
+# RANK and MASTER_PORT and take itself for a rank of a world that is gone.
+_SINGLE_WORLD_ENV: dict = {}
+
+
 def init_distributed(timeout_s: float = 600.0) -> torch.device:
     """Start the default process group from the launch environment and return the device.
 
@@ -37,6 +43,7 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
         return device
     if launch.launcher == "single":
         launch = dataclasses.replace(launch, master_port=free_port())
+        _SINGLE_WORLD_ENV.update({key: os.environ.get(key) for key in launch.export()})
     os.environ.update(launch.export())
     timeout = datetime.timedelta(seconds=timeout_s)
     if "TORCHELASTIC_RESTART_COUNT" in os.environ:
@@ -59,6 +66,12 @@ def shutdown_distributed(barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+    for key, value in _SINGLE_WORLD_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _SINGLE_WORLD_ENV.clear()
 
 
 def free_port() -> int:

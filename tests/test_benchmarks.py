@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark subprocesses (the fast tier: pytest -m "not slow")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny model of ``throughput.py --quick``: hidden 64, MLP 128, 4 heads and 4 KV heads (q/k/v/o
 # 64 wide), 2 layers; six adapted linears per layer as (n, m).

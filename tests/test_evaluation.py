@@ -15,12 +15,10 @@ import sys
 import pytest
 import torch
 
-from malora_dist.adapters.inject import adapter_layers, inject_adapters
-from malora_dist.adapters.io import load_adapter, save_adapter
+from adapter_support import tiny, tiny_hf, write_random_adapter
 from malora_dist.data.synthetic import synthetic_records
-from malora_dist.models import build_tiny_causal_lm, load_tokenizer, smollm2_gguf_path
+from malora_dist.models import load_tokenizer, smollm2_gguf_path
 from malora_dist.train.config import load_run_config
-from reference import randomize_adapter_
 from training_support import REPO, TINY
 from world import run_world
 
@@ -31,27 +29,6 @@ TASK_SPECS = [f"{name}=synthetic:{task}:{style}" for name, (task, style) in TASK
 SCORE_TOL = 1e-4
 # name -> (world size, parallel section) of the evaluations with the random adapter
 LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2)}
-
-
-def tiny(*overrides):
-    return load_run_config(TINY, list(overrides))
-
-
-def tiny_hf(adapter_dir=None):
-    config = tiny()
-    model = build_tiny_causal_lm(config.model.config, seed=config.train.seed)
-    return load_adapter(model, adapter_dir) if adapter_dir else model
-
-
-def write_random_adapter(directory):
-    """The tiny config's MALoRA with random values everywhere (B̄ = 0 at init would hide it)."""
-    config = tiny()
-    model = tiny_hf()
-    inject_adapters(model, config.adapter)
-    generator = torch.Generator().manual_seed(1)
-    for _, layer in adapter_layers(model):
-        randomize_adapter_(layer, generator)
-    save_adapter(model, directory, config.adapter)
 
 
 def world_main(root, adapter_dir):
@@ -110,6 +87,7 @@ def check_scores(model, tokenizer, examples):
                                           abs=SCORE_TOL), (example["prompt"], option)
 
 
+@pytest.mark.slow
 def test_cli_report_and_table(evaluated):
     _, adapter_dir, stdout, reports = evaluated
     report = reports["single"]
@@ -125,6 +103,7 @@ def test_cli_report_and_table(evaluated):
         assert any(line.split()[:3] == [name, style, str(LIMIT)] for line in stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_multiple_choice_scores_match_hf(evaluated, tokenizer):
     _, adapter_dir, _, reports = evaluated
     model = tiny_hf(adapter_dir)
@@ -146,6 +125,7 @@ def test_multiple_choice_scores_match_hf(evaluated, tokenizer):
     assert abs(reference_score(base, tokenizer, example["prompt"], example["options"][0]) - example["scores"][0]) > 1e-2
 
 
+@pytest.mark.slow
 def test_generation_is_greedy_exact_match(evaluated, tokenizer):
     from malora_dist.evaluation.scoring import GENERATION_SLACK
 
@@ -164,6 +144,7 @@ def test_generation_is_greedy_exact_match(evaluated, tokenizer):
     assert examples[0]["prediction"] == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_match_single_process(evaluated, layout):
     _, _, _, reports = evaluated
@@ -176,6 +157,7 @@ def test_layouts_match_single_process(evaluated, layout):
         assert other[name]["accuracy"] == single[name]["accuracy"]
 
 
+@pytest.mark.slow
 def test_config_heldout_sets_split_over_dp(evaluated, tokenizer):
     from malora_dist.data import build_multitask_data
 
@@ -217,6 +199,46 @@ def test_task_errors_name_the_argument(tokenizer, tmp_path):
         load_eval_tasks(tiny().data, tokenizer, 0)  # tiny.yaml has neither eval_paths nor eval_fraction
 
 
+def test_training_layout_is_fitted_to_the_world():
+    from malora_dist.adapters.config import AdapterConfig
+    from malora_dist.evaluation.model import fit_eval_layout
+
+    moe = AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0)
+    lora = AdapterConfig(method="lora", rank=4)
+    layout = lambda c: (c.parallel.tp, c.parallel.ep)  # noqa: E731
+    assert layout(fit_eval_layout(tiny("parallel.ep=2"), 1, moe)) == (1, 1)
+    assert layout(fit_eval_layout(tiny("parallel.ep=4"), 2, moe)) == (1, 2)
+    assert layout(fit_eval_layout(tiny("parallel.ep=2"), 2, lora)) == (1, 1)
+    assert layout(fit_eval_layout(tiny("parallel.tp=2", "parallel.ep=2"), 3, moe)) == (1, 1)
+    assert layout(fit_eval_layout(tiny("parallel.ep=2"), 4, moe)) == (1, 2)  # what fits stays
+    pinned = fit_eval_layout(tiny("parallel.ep=2"), 1, moe, frozenset({"parallel.ep"}))
+    assert layout(pinned) == (1, 2)
+
+
+def test_cli_adapts_a_training_layout_but_refuses_one_asked_for(tmp_path, capsys):
+    """A config trained at ep=2 evaluates in one process; ``--set parallel.ep=2`` is refused."""
+    import yaml
+
+    from malora_dist.evaluation.cli import main
+
+    write_random_adapter(str(tmp_path / "adapter"))
+    config = tiny("parallel.ep=2").to_dict()
+    (tmp_path / "ep2.yaml").write_text(yaml.safe_dump(config))
+    args = ["--adapter", str(tmp_path / "adapter"), "--task", "cap=synthetic:capitals", "--limit", "2"]
+    launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {key: os.environ.get(key) for key in launch_vars}
+    assert main(["--config", str(tmp_path / "ep2.yaml"), *args, "--output", str(tmp_path / "r.json")]) == 0
+    # the one-process world is gone, and so are its variables (subprocesses started later would
+    # otherwise take themselves for its ranks)
+    assert {key: os.environ.get(key) for key in launch_vars} == before
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["layout"] == {"tp": 1, "dp": 1, "ep": 1} and report["tasks"]["cap"]["n"] == 2
+    capsys.readouterr()
+    assert main(["--config", TINY, *args, "--set", "parallel.ep=2"]) == 2
+    assert "parallel.ep=2 must divide dp = world/tp = 1/1 = 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_layout_errors_name_the_key(evaluated):
     from malora_dist.adapters.io import read_adapter_config
     from malora_dist.evaluation import validate_eval_layout
@@ -227,6 +249,7 @@ def test_layout_errors_name_the_key(evaluated):
         validate_eval_layout(tiny("parallel.ep=3"), 3, read_adapter_config(evaluated[1]))
 
 
+@pytest.mark.slow
 def test_export_from_ep2_checkpoint_matches_final_adapter(evaluated, tmp_path):
     from malora_dist.export import main
 
@@ -249,6 +272,7 @@ def test_export_from_ep2_checkpoint_matches_final_adapter(evaluated, tmp_path):
         assert (tiny_hf(str(tmp_path / "step2"))(probe).logits - final).abs().max() > 1e-6
 
 
+@pytest.mark.slow
 def test_export_errors(evaluated, tmp_path, capsys):
     from malora_dist.export import main
 
@@ -262,6 +286,7 @@ def test_export_errors(evaluated, tmp_path, capsys):
     assert "adapter.rank" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_export_loads_in_peft(evaluated, tmp_path):
     from peft import PeftModel
 

@@ -29,6 +29,8 @@ from malora_dist.parallel.sharding import full_tensor
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
 from world import run_world
 
+pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
+
 N_IN, N_OUT, RANK, EXPERTS = 12, 10, 2, 4  # MALoRA: d = 4, r̄ = 3
 BALANCE_COEF = 0.1
 

@@ -50,9 +50,14 @@ def test_broken_launch_environment_names_the_variable():
         resolve_launch_env({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"})
 
 
-@pytest.mark.parametrize("template", TEMPLATES)
-def test_slurm_templates_build_the_launch_command(template, tmp_path):
-    """Run the job script with a stand-in ``srun`` that records what it was asked to run."""
+def sbatch_job(template, tmp_path, submit_dir, extra_env=None):
+    """Run ``template`` as ``sbatch`` does: a copy in a spool directory, started in the submit
+    directory with the job's SLURM variables, and a stand-in ``srun`` that records its command."""
+    spool = tmp_path / "spool" / "job1234"
+    spool.mkdir(parents=True)
+    script = spool / "slurm_script"
+    with open(os.path.join(SLURM_DIR, template)) as f:
+        script.write_text(f.read())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "srun.json"
@@ -63,13 +68,20 @@ def test_slurm_templates_build_the_launch_command(template, tmp_path):
         f"open(\"{record}\", \"w\"))' \"$@\"\n")
     (bin_dir / "srun").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "SLURM_JOB_NODELIST": "gpu[07-08,10]", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_ID": "1234",
-           "SLURM_GPUS_PER_NODE": "8"}
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+           "SLURM_SUBMIT_DIR": str(submit_dir), "SLURM_JOB_NODELIST": "gpu[07-08,10]", "SLURM_JOB_NUM_NODES": "3",
+           "SLURM_JOB_ID": "1234", "SLURM_GPUS_PER_NODE": "8"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "REPO", "PYTHONPATH"):
         env.pop(key, None)
-    subprocess.run(["bash", os.path.join(SLURM_DIR, template), "configs/x.yaml", "--set", "train.steps=3"],
-                   env=env, check=True, cwd=REPO)
-    called = json.loads(record.read_text())
+    env.update(extra_env or {})
+    done = subprocess.run(["bash", str(script), "configs/x.yaml", "--set", "train.steps=3"],
+                          env=env, cwd=submit_dir, capture_output=True, text=True)
+    return done, (json.loads(record.read_text()) if record.exists() else None)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_slurm_templates_build_the_launch_command(template, tmp_path):
+    done, called = sbatch_job(template, tmp_path, REPO)
+    assert done.returncode == 0, done.stderr
     argv = called["argv"]
     assert called["MASTER_PORT"] == "29734"
     assert argv[-4:] == ["--config", "configs/x.yaml", "--set", "train.steps=3"]
@@ -77,16 +89,29 @@ def test_slurm_templates_build_the_launch_command(template, tmp_path):
         assert called["MASTER_ADDR"] == "gpu07"
         joined = " ".join(argv)
         assert "--nnodes 3 --nproc_per_node 8" in joined and "--rdzv_endpoint gpu07:29734" in joined
-    else:
-        assert argv[-5].endswith("launch/train.py")
+    assert argv[-5] == os.path.join(REPO, "launch", "train.py")
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_slurm_templates_find_the_repo_or_say_how(template, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done, called = sbatch_job(template, tmp_path, elsewhere)
+    assert done.returncode == 2 and called is None
+    assert "submit from the repository's root or set REPO=" in done.stderr
+    (tmp_path / "explicit").mkdir()
+    done, called = sbatch_job(template, tmp_path / "explicit", elsewhere, {"REPO": REPO})
+    assert done.returncode == 0, done.stderr
+    assert called["argv"][-5] == os.path.join(REPO, "launch", "train.py")
 
 
 # ---- real launches ------------------------------------------------------------------------------
 def write_config(tmp_path, name, **sections):
     import yaml
 
+    # 16 experts at top-1 on a few hundred tokens: some get none (the idle-expert summary test).
     config = tiny_config(synthetic_dir(str(tmp_path)), str(tmp_path / name),
-                         adapter=dict(dropout=0.0, balance_loss_coef=0.0), **sections)
+                         adapter=dict(dropout=0.0, balance_loss_coef=0.0, num_experts=16, top_k=1), **sections)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -107,6 +132,7 @@ def launched(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("launch")
     single = run([sys.executable, TRAIN, "--config", write_config(tmp_path, "single")])
     assert single.returncode == 0, single.stderr[-3000:]
+    (tmp_path / "single.stderr").write_text(single.stderr)
     two = run(TORCHRUN + ["--nproc_per_node", "2", TRAIN, "--config",
                           write_config(tmp_path, "torchrun_ep2", parallel=dict(ep=2))])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -124,6 +150,7 @@ def launched(tmp_path_factory):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_trains(launched):
     rows = losses(launched, "torchrun_ep2")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -135,6 +162,7 @@ def test_torchrun_two_processes_trains(launched):
     assert sum(values[-2:]) < sum(values[:2])  # falling on a learnable task
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_node(launched):
     one, two = losses(launched, "single"), losses(launched, "two_nodes")
     assert len(one) == len(two) == 8
@@ -143,3 +171,19 @@ def test_two_nodes_match_one_node(launched):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     info = json.loads((launched / "two_nodes" / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["layout"]["dp"] == 2
+
+
+@pytest.mark.slow
+def test_idle_experts_are_summarised_once_per_log_interval(launched):
+    """One log line for each logged step at which some (layer, expert) got no tokens for the first
+    time, none per expert; the per-step count is in the metrics."""
+    seen, first_time_steps = set(), 0
+    for row in losses(launched, "single"):
+        empty = {(layer, e) for layer, load in row["expert_load"].items() for e, c in enumerate(load) if c == 0}
+        assert row["empty_experts"] == len(empty)
+        first_time_steps += bool(empty - seen)
+        seen |= empty
+    assert first_time_steps > 0
+    lines = (launched / "single.stderr").read_text().splitlines()
+    assert not [line for line in lines if "received no tokens at step" in line]
+    assert len([line for line in lines if "received no tokens for the first time" in line]) == first_time_steps

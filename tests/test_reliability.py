@@ -27,6 +27,8 @@ from malora_dist.train.metrics import read_metrics
 from training_support import REPO, TINY
 from world import run_world
 
+pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
+
 STEPS = 12
 # One micro-batch per rank and step; a checkpoint every 2 steps, so a crash loses at most 2.
 CLI_SET = [f"train.steps={STEPS}", "checkpoint.interval=2", "train.global_batch_size=4"]

@@ -32,6 +32,8 @@ from malora_dist.train.build import enable_activation_checkpointing
 from reference import rel_err
 from world import run_world
 
+pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
+
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=64, vocab_size=128, max_position_embeddings=32, tie_word_embeddings=True)
 # family -> (HF config fields on top of MODEL, adapter targets, dtype). Qwen3, Gemma3 and Phi-3 run

@@ -284,6 +284,7 @@ def references() -> dict[str, dict]:
 CASES = [(tp, name) for tp in WORLD_SIZES for name in MODELS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_logits_and_loss_match_hf(worlds, references, tp, name):
     ref = references[name]
@@ -297,6 +298,7 @@ def test_logits_and_loss_match_hf(worlds, references, tp, name):
         assert abs(mean_loss.item() - ref["loss"]) / ref["loss"] <= TOL, rank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_segments_match_hf_on_each_segment(worlds, references, tp, name):
     for result in worlds[tp]:
@@ -305,6 +307,7 @@ def test_segments_match_hf_on_each_segment(worlds, references, tp, name):
     assert rel_err(references[name]["segment_logits"], references[name]["logits"]) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_evaluation_tree_scores_match_hf(worlds, references, tp, name):
     """Option trees under one custom mask (sliding windows narrowed by position) = separate runs."""
@@ -313,6 +316,7 @@ def test_evaluation_tree_scores_match_hf(worlds, references, tp, name):
         assert rel_err(torch.tensor(result[name]["option_scores"]), expected) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_norm_gradients_match_hf(worlds, references, tp, name):
     ref = references[name]["norm_grads"]
@@ -323,12 +327,14 @@ def test_norm_gradients_match_hf(worlds, references, tp, name):
             assert rel_err(grads[key], ref[key]) <= TOL, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_greedy_generation_matches_hf(worlds, references, tp, name):
     for result in worlds[tp]:
         assert torch.equal(result[name]["generate"], references[name]["generate"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", CASES)
 def test_projection_interface(worlds, references, tp, name):
     styles = planned_linears(tiny_model(name))
@@ -341,6 +347,7 @@ def test_projection_interface(worlds, references, tp, name):
             assert result[name]["interface"][path] == (MODES[style], n_in, n_out, local, tp, rank, tp), path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", WORLD_SIZES)
 def test_adapter_wrapping_and_copied_weights(worlds, references, tp):
     ref = references["llama_gqa_untied"]["logits"]
@@ -350,6 +357,7 @@ def test_adapter_wrapping_and_copied_weights(worlds, references, tp):
         assert rel_err(res["logits"], ref) <= TOL
 
 
+@pytest.mark.slow
 def test_model_without_plan_runs_at_tp1(worlds):
     reference = tiny_model("no_plan")(inputs()["input_ids"]).logits.detach()
     assert rel_err(worlds[1][0]["no_plan"], reference) <= TOL
@@ -376,12 +384,14 @@ def test_plan_refusals(fields, tp, fragments):
         assert fragment in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,name", [(tp, name) for tp in WORLD_SIZES for name in SAVED])
 def test_safetensors_slice_loading(worlds, references, tp, name):
     for result in worlds[tp]:
         assert rel_err(result[f"saved_{name}"], references[name]["logits"]) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", WORLD_SIZES)
 def test_missing_groups_error(worlds, tp):
     for result in worlds[tp]:

@@ -20,6 +20,8 @@ from malora_dist.train.run import run_training
 from training_support import Record, StopAfter, synthetic_dir, tiny_config
 from world import run_world
 
+pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
+
 # Parity runs with the paper's adapter dropout (0.05): its masks are a function of each token's
 # place in the global batch, not of the rank. The balance loss is off: each micro-batch's balance
 # loss is over the dp-global micro-batch, whose token set legitimately depends on dp (the layer
@@ -103,6 +105,7 @@ def test_metrics_fields(trained):
                 "time_backward_s", "time_optimizer_s", "task_loss", "expert_load", "a2a_bytes", "rss_mb"):
         assert key in row, key
     assert row["step"] == 1 and row["a2a_bytes"] > 0
+    assert row["empty_experts"] == sum(load.count(0) for load in row["expert_load"].values())
     assert set(row["task_loss"]) <= {"capitals", "larger", "parity"}
 
 

@@ -1,10 +1,12 @@
-"""``launch/evaluate.py``: score a base model, or base + adapter, on multiple-choice and generation tasks.
+"""``malora-eval`` / ``launch/evaluate.py``: score a base model, or base + adapter, on multiple-choice and generation tasks.
 
     python launch/evaluate.py --config CONFIG [--adapter DIR] [--task NAME=PATH[:style] ...]
                               [--limit N] [--output FILE] [--set section.key=value ...]
     torchrun --nproc_per_node 2 launch/evaluate.py --config CONFIG --adapter DIR --set parallel.ep=2
 
-The base model and the layout (tp, ep; dp = world / tp) come from the run config; without
+The base model and the layout (tp, ep; dp = world / tp) come from the run config; a layout that
+this world cannot hold (a config trained at ep=2 evaluated in one process) is shrunk to one it
+can, unless ``--set parallel.tp=/ep=`` asks for it; without
 ``--task`` the tasks are the config's ``data.tasks`` with their held-out sets. Multiple-choice
 options are scored by summed log-probability (no length normalisation); ``generation`` tasks by
 exact match of the greedy answer. Rank 0 prints a table and writes the JSON report to ``--output``.
@@ -22,7 +24,7 @@ from .run import ROW_TOKENS, ROWS_PER_BATCH
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/evaluate.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="malora-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (its model:, parallel: and data: sections)")
     parser.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -39,11 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pinned_keys(overrides: list) -> frozenset:
+    """The config keys that ``--set section.key=value`` overrides name."""
+    return frozenset(o.partition("=")[0].strip() for o in overrides)
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..adapters.io import read_adapter_config
     from ..launch_env import resolve_launch_env
+    from ..logging_utils import setup_logging
     from ..runtime import init_distributed, shutdown_distributed
     from ..train.config import load_run_config
+    from .model import fit_eval_layout
     from .report import format_table
     from .run import evaluate_run
     from .tasks import task_configs_from_specs
@@ -57,7 +67,10 @@ def main(argv: Optional[list] = None) -> int:
         task_configs = task_configs_from_specs(args.task) if args.task else None
         if args.adapter is not None and not os.path.isdir(args.adapter):
             raise ValueError(f"--adapter {args.adapter!r} is not a directory")
-        resolve_launch_env(os.environ)  # a broken launch environment fails before any process group
+        launch = resolve_launch_env(os.environ)  # a broken launch environment fails before any process group
+        setup_logging(launch.rank)
+        adapter = read_adapter_config(args.adapter) if args.adapter is not None else None
+        config = fit_eval_layout(config, launch.world_size, adapter, pinned_keys(args.set))
         init_distributed(config.parallel.timeout_s)
         try:
             report = evaluate_run(config, task_configs, args.adapter, args.limit, args.row_tokens, args.rows_per_batch)
@@ -75,3 +88,7 @@ def main(argv: Optional[list] = None) -> int:
                 json.dump(report, f, indent=1)
             print(f"report written to {args.output}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

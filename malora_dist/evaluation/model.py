@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn as nn
 
 from ..adapters.config import AdapterConfig
 from ..adapters.io import load_adapter, read_adapter_config
+from ..logging_utils import get_logger
 from ..parallel.groups import ParallelGroups, validate_layout
 from ..parallel.parallelize import build_adapters
 from ..train.build import load_base
@@ -25,6 +28,30 @@ def validate_eval_layout(config: RunConfig, world_size: int, adapter: Optional[A
         what = f"the adapter is {adapter.method}" if adapter is not None else "no --adapter is given"
         raise ValueError(f"parallel.ep={par.ep} needs a mixture-of-experts adapter, but {what}: "
                          f"pass --set parallel.ep=1")
+
+
+def fit_eval_layout(config: RunConfig, world_size: int, adapter: Optional[AdapterConfig],
+                    pinned: frozenset = frozenset()) -> RunConfig:
+    """The run config with ``parallel.tp`` / ``parallel.ep`` shrunk to what ``world_size`` processes and
+    the evaluated adapter can hold, so that a training config evaluates in any world (the demo trains
+    at ep=2 under 2 processes and scores in one); one log line says what changed.
+
+    Keys in ``pinned`` (``"parallel.tp"``, ``"parallel.ep"``: given on the command line) are kept as
+    they are, and ``validate_eval_layout`` refuses them if they do not fit.
+    """
+    par = config.parallel
+    tp = par.tp if "parallel.tp" in pinned or world_size % par.tp == 0 else math.gcd(par.tp, world_size)
+    dp = world_size // tp if world_size % tp == 0 else 1
+    moe = adapter is not None and adapter.is_moe
+    ep = par.ep
+    if "parallel.ep" not in pinned:
+        ep = math.gcd(ep, dp, adapter.num_experts) if moe else 1
+    if (tp, ep) == (par.tp, par.ep):
+        return config
+    get_logger().info("evaluating at parallel.tp=%d, ep=%d instead of the config's tp=%d, ep=%d, which %d "
+                      "process(es)%s cannot hold (--set parallel.tp=/ep= to choose)", tp, ep, par.tp, par.ep,
+                      world_size, "" if moe else " without a mixture-of-experts adapter")
+    return dataclasses.replace(config, parallel=dataclasses.replace(par, tp=tp, ep=ep))
 
 
 def build_eval_model(config: RunConfig, groups: ParallelGroups, device: torch.device,

@@ -55,13 +55,17 @@ def load_base(model: ModelConfig, groups: ParallelGroups, device: torch.device, 
     ):
         # Shard by shard: this rank reads only its slices, never the whole model.
         return shard_causal_lm_from_pretrained(model.name_or_path, groups, dtype=dtype, device=device)
+    return shard_causal_lm(load_hf_base(model, seed), groups, dtype=dtype, device=device)
+
+
+def load_hf_base(model: ModelConfig, seed: int) -> nn.Module:
+    """The run's base as a plain Hugging Face model in fp32 (what ``load_base`` shards; generation
+    and lm-evaluation-harness use it whole, with its KV cache)."""
     if model.config is not None:
-        hf_model = build_tiny_causal_lm(model.config, seed=seed, dtype=torch.float32)
-    elif model.gguf_file is not None:
-        hf_model = load_hf_model(*os.path.split(_gguf(model.gguf_file)), dtype=torch.float32)
-    else:
-        hf_model = load_hf_model(model.name_or_path, dtype=torch.float32)
-    return shard_causal_lm(hf_model, groups, dtype=dtype, device=device)
+        return build_tiny_causal_lm(model.config, seed=seed, dtype=torch.float32)
+    if model.gguf_file is not None:
+        return load_hf_model(*os.path.split(_gguf(model.gguf_file)), dtype=torch.float32)
+    return load_hf_model(model.name_or_path, dtype=torch.float32)
 
 
 def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:

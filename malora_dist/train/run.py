@@ -98,6 +98,7 @@ def run_training(config: RunConfig, hooks=None, prepared=None) -> str:
 
 def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log, hooks, prepared) -> str:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .checkpoint import CheckpointManager
 
@@ -126,21 +127,23 @@ def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log,
              config.adapter.method, dist.get_world_size(), groups.tp, groups.dp, groups.ep, total_steps, trainer.step)
 
     progress = tqdm(total=total_steps, initial=trainer.step, disable=not rank0, desc="train", dynamic_ncols=True)
-    while trainer.step < total_steps:
-        result = trainer.train_step()
-        row = trainer.metrics_row(result)
-        if trainer.step % train.log_interval == 0 or trainer.step == total_steps:
-            trainer.metrics.write(row)
-        progress.update(1)
-        progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if train.eval_interval and trainer.step % train.eval_interval == 0:
-            trainer.evaluate_and_record()
-        if checkpoints.due() or trainer.stop_requested:
-            checkpoints.save()
-        if trainer.stop_requested:
-            log.warning("stop requested (SIGTERM): saved step %d on every rank, exiting", trainer.step)
-            STOP_EVENT.clear()
-            break
+    with logging_redirect_tqdm(loggers=[log]):  # log lines go above the progress bar, not into it
+        while trainer.step < total_steps:
+            result = trainer.train_step()
+            row = trainer.metrics_row(result)
+            if trainer.step % train.log_interval == 0 or trainer.step == total_steps:
+                trainer.metrics.write(row)
+                trainer.log_empty_experts()
+            progress.update(1)
+            progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if train.eval_interval and trainer.step % train.eval_interval == 0:
+                trainer.evaluate_and_record()
+            if checkpoints.due() or trainer.stop_requested:
+                checkpoints.save()
+            if trainer.stop_requested:
+                log.warning("stop requested (SIGTERM): saved step %d on every rank, exiting", trainer.step)
+                STOP_EVENT.clear()
+                break
     progress.close()
     if hasattr(hooks, "on_end"):
         hooks.on_end(trainer)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,7 +80,9 @@ class Trainer:
         self.metrics = MetricsWriter(output_dir, self.is_logger, train.tensorboard)
         self.telemetry = Telemetry(device)
         self.log = get_logger()
-        self._warned_empty_experts = set()
+        # (layer, expert) pairs seen without tokens, and those not yet in a log line (log_empty_experts).
+        self._empty_experts_seen = set()
+        self._empty_experts_unlogged = set()
         # Set by a SIGTERM handler; all-reduced each step so that every rank stops at the same step.
         self.stop_requested = False
         self.fault_injector = None  # tests: a callable(step, loss) -> loss
@@ -206,19 +207,31 @@ class Trainer:
         return True
 
     # ---- metrics ---------------------------------------------------------------------------
-    def _expert_load(self) -> dict:
-        load = {}
+    def _expert_load(self) -> tuple[dict, int]:
+        """Per-layer expert load of the last step, and how many (layer, expert) pairs got no tokens."""
+        load, empty = {}, 0
         for name, layer in adapter_layers(self.model):
             if layer.expert_load is None:
                 continue
             counts = layer.expert_load.tolist()
             load[name] = counts
             for expert, c in enumerate(counts):
-                if c == 0 and (name, expert) not in self._warned_empty_experts:
-                    self._warned_empty_experts.add((name, expert))
-                    if self.is_logger:
-                        warnings.warn(f"expert {expert} of {name} received no tokens at step {self.step}")
-        return load
+                if c == 0:
+                    empty += 1
+                    if (name, expert) not in self._empty_experts_seen:
+                        self._empty_experts_seen.add((name, expert))
+                        self._empty_experts_unlogged.add((name, expert))
+        return load, empty
+
+    def log_empty_experts(self) -> None:
+        """One line for the experts that got no tokens for the first time since the last call (a
+        few idle experts in early steps are normal; many, or the same ones for long, are not)."""
+        unlogged, self._empty_experts_unlogged = self._empty_experts_unlogged, set()
+        if not unlogged or not self.is_logger:
+            return
+        self.log.warning("%d expert(s) in %d adapted layer(s) received no tokens for the first time by step %d "
+                         "(per-step counts: empty_experts and expert_load in metrics.jsonl)",
+                         len(unlogged), len({name for name, _ in unlogged}), self.step)
 
     def _traffic(self) -> dict:
         fwd = dropped = 0
@@ -244,6 +257,6 @@ class Trainer:
             "task_loss": result.task_loss,
             **self._traffic(),
             **self.telemetry.read(),
-            "expert_load": self._expert_load(),
         }
+        row["expert_load"], row["empty_experts"] = self._expert_load()
         return row

@@ -1,0 +1,95 @@
+"""Decoding: greedy or sampled continuations of token ids, from a plain HF model or the TP model.
+
+A plain Hugging Face model (tp = 1, adapters injected) decodes with its own ``generate`` and KV
+cache. The tensor-parallel model (``TPCausalLM``) has no cache yet, so ``tp_generate`` recomputes
+the whole sequence per token; it is the one function to replace once the TP base is Hugging
+Face's own model with ``generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .parallel.groups import ParallelGroups
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0: greedy; otherwise sampling from softmax(logits / temperature), restricted to
+    the smallest set of tokens with probability ≥ top_p. ``seed`` makes sampling repeatable."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be ≥ 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@torch.no_grad()
+def hf_generate(model, prompt: list[int], sampling: Sampling, eos: int, device) -> list[int]:
+    """New token ids (up to and without EOS) from a plain HF causal LM, with its KV cache."""
+    greedy = sampling.temperature == 0
+    torch.manual_seed(sampling.seed)
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
+                         do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+                         top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0, eos_token_id=eos,
+                         pad_token_id=eos)
+    return _until_eos(out[0, len(prompt):].tolist(), eos)
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> int:
+    """The next token from one row of logits (argmax, or a top-p sample)."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p  # always keeps the most likely token
+    choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+    return int(order[choice])
+
+
+@torch.no_grad()
+def tp_generate(model, prompt: Optional[list[int]], sampling: Sampling, eos: int, groups: ParallelGroups,
+                device) -> list[int]:
+    """New token ids (up to and without EOS) from the tensor-parallel model; every rank calls it.
+
+    Each forward is a collective over tp (and, with expert parallelism, over dp), so the dp ranks
+    decode in lockstep: a rank with no prompt (``None``) or an answer already finished runs a
+    one-token forward until all are done. tp peers pick the same tokens: their logits are the same
+    gathered tensor and their generators share the seed.
+    """
+    generator = torch.Generator().manual_seed(sampling.seed + groups.dp_rank)
+    new: list[int] = []
+    active = prompt is not None
+    while _any_rank(active, groups, device):
+        if not active:
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            continue
+        logits = model.gather_logits(model(torch.tensor([prompt + new], device=device))[:, -1])[0]
+        new.append(pick_token(logits.cpu(), sampling, generator))
+        active = len(new) < sampling.max_new_tokens and new[-1] != eos
+    return _until_eos(new, eos)
+
+
+def _any_rank(flag: bool, groups: ParallelGroups, device) -> bool:
+    if groups.dp_group is None:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=groups.dp_group)
+    return bool(t.item())
