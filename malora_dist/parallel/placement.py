@@ -167,6 +167,7 @@ def _counted_work(config: AdapterConfig, n: int, m: int, ep: int, dtype: torch.d
         layer.expert_up.normal_(generator=gen)
 
     def run(count: int) -> CostTerms:
+        layer.zero_grad(set_to_none=True)  # as in training: no accumulation into the previous run's gradients
         x = torch.randn(count, n, generator=gen).to(dtype).requires_grad_()
         return count_work(lambda: layer(x).float().sum().backward())
 
