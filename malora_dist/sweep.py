@@ -35,6 +35,7 @@ import yaml
 
 from .evaluation.cli import main as evaluate_main
 from .train.config import load_run_config
+from .train.cli import main as train_main
 from .train.run import train_from_config
 
 SEED_KEY = "train.seed"
@@ -226,12 +227,7 @@ def load_or_create(args) -> dict:
 
 
 def _train_point(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m malora_dist.sweep train-point")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args(argv)
-    train_from_config(args.config, args.set)
-    return 0
+    return train_main(argv)
 
 
 def _eval_point(argv: list[str]) -> int:
