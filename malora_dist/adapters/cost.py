@@ -19,7 +19,7 @@ _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
 # Ops that do no work on the data: views, metadata, allocation without a fill.
 _FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "detach", "alias", "as_strided",
          "split", "split_with_sizes", "unbind", "slice", "select", "squeeze", "unsqueeze", "empty", "empty_like",
-         "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_to_copy_noop", "unsafe_split",
+         "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "unsafe_split",
          "_reshape_alias", "reshape", "sym_size", "sym_stride", "sym_numel", "is_same_size"}
 
 

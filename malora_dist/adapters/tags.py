@@ -3,7 +3,7 @@
 - ``malora_expert``: the parameter belongs to routed experts (stacked on dim 0 by global expert
   index); its gradient is summed over the expert-data-parallel group, its dim 0 is split by ep.
 - ``malora_tp_dim``: the dim split across tensor-parallel ranks, or None when replicated over tp.
-- ``malora_ep_sharded``: set by the layout step on expert tensors whose experts are split across
+- ``malora_ep_sharded``: set when the layer is built for its layout, on expert tensors split across
   the EP group (placement ``ep``); experts replicated on every rank (placement ``replicate``, or a
   single process) are reduced over dp like any replicated parameter.
 """
