@@ -13,13 +13,18 @@ reads the same):
   angles); a layer's is the mean over its pairs of experts. The paper's Fig. 2 finds MoLoRA's A
   side similar across experts and its B side not (below 0.05): the redundancy MALoRA's shared
   ``S_A`` removes.
+- **Routing by task** (``--routing-examples N``, for ``RUN/adapter`` of a training run): the
+  first N held-out examples of each of the run's tasks pass through the model, and each task's
+  expert load per layer, its entropy and the distance between the tasks' loads are reported
+  (``malora_dist.routing_analysis``).
 - **Singular values** of the concatenated down matrices (rows of all experts stacked) and of the
   concatenated up matrices (columns side by side), as in Fig. 3, with their effective rank
   (exp of the entropy of the normalised spectrum).
 
 Summaries per projection type (q_proj, …) average over layers. Several inputs are put side by side
 (the paper's ST(S), ST(D) and MT settings are three runs). Writes ``analysis.json`` and, with
-matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png`` and ``spectra.png``.
+matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png``, ``spectra.png`` and, with
+routing, ``routing.png``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from safetensors.torch import load_file
 
 from .adapters.io import WEIGHTS_NAME, read_adapter_config
 from .export import export_checkpoint
+from .routing_analysis import routing_by_task
 from .train.config import load_run_config
 
 # Singular values below this fraction of the largest span no direction (B̄ = 0 at init spans none).
@@ -155,10 +161,33 @@ def read_adapter(path: str) -> tuple[dict, object]:
         return load_file(os.path.join(out, WEIGHTS_NAME)), read_adapter_config(out)
 
 
-def analyse(path: str) -> dict:
+def analyse(path: str, routing_examples: int = 0) -> dict:
     state, config = read_adapter(path)
     num_experts = config.num_experts if config.is_moe else 1
-    return {"source": path, **analyse_state(state, config.method, num_experts)}
+    result = {"source": path, **analyse_state(state, config.method, num_experts)}
+    if routing_examples:
+        result["routing"] = routing_by_task(path, routing_examples)
+    return result
+
+
+def plot_routing(results: dict, out_dir: str, plt) -> list[str]:
+    """routing.png: per run, the mean expert load (over layers) of each task, as a task × expert map."""
+    routed = {label: r["routing"] for label, r in results.items() if r.get("routing")}
+    if not routed:
+        return []
+    fig, axes = plt.subplots(1, len(routed), figsize=(4.5 * len(routed), 3.5), squeeze=False)
+    for ax, (label, routing) in zip(axes[0], routed.items()):
+        tasks = list(routing["mean_load"])
+        image = ax.imshow([routing["mean_load"][t] for t in tasks], aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{label}: load (mean over layers)\ntask distance {routing['mean_task_distance']:.3f}",
+                     fontsize="small")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "routing.png"), dpi=110)
+    plt.close(fig)
+    return ["routing.png"]
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
@@ -198,7 +227,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "spectra.png"), dpi=110)
     plt.close(fig)
-    return ["cca.png", "spectra.png"]
+    return ["cca.png", "spectra.png"] + plot_routing(results, out_dir, plt)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -207,13 +236,18 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("inputs", nargs="+", help="adapter directories or checkpoint directories RUN/checkpoints/step_N")
     parser.add_argument("--out", required=True, help="directory for analysis.json and the plots")
     parser.add_argument("--labels", help="comma-separated names of the inputs (default: their paths)")
+    parser.add_argument("--routing-examples", type=int, default=0, metavar="N",
+                        help="routing by task from the first N held-out examples of each task of the "
+                             "adapter's run (RUN/adapter with RUN/config.yaml); 0: off")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else args.inputs
     if len(labels) != len(args.inputs):
         print(f"error: --labels names {len(labels)} inputs, but {len(args.inputs)} are given", file=sys.stderr)
         return 2
     try:
-        results = {label: analyse(path) for label, path in zip(labels, args.inputs)}
+        if args.routing_examples < 0:
+            raise ValueError(f"--routing-examples must be 0 (off) or positive, got {args.routing_examples}")
+        results = {label: analyse(path, args.routing_examples) for label, path in zip(labels, args.inputs)}
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -228,6 +262,15 @@ def main(argv: Optional[list] = None) -> int:
         for name, row in result["by_projection"].items():
             print(f"| {label} | {name} | {fmt(row['cca_down'])} | {fmt(row['cca_up'])} | "
                   f"{row['effective_rank_down']:.1f} | {row['effective_rank_up']:.1f} |")
+    routed = {label: r["routing"] for label, r in results.items() if r.get("routing")}
+    if routed:
+        print("\n| run | task | load entropy (mean over layers) | mean load per expert |")
+        print("|---|---|---|---|")
+        for label, routing in routed.items():
+            for task, entropy in routing["mean_entropy"].items():
+                load = " ".join(f"{v:.2f}" for v in routing["mean_load"][task])
+                print(f"| {label} | {task} | {entropy:.3f} | {load} |")
+            print(f"| {label} | (between tasks) | mean total-variation distance {routing['mean_task_distance']:.3f} | |")
     return 0
 
 

@@ -48,17 +48,37 @@ PAPER_INTRA = {
 }
 
 
+LINK = "/"
+
+
 def parse_grid(specs: list[str]) -> dict:
-    """``KEY=V1,V2,...`` (values parsed as YAML) → {key: [values]}, in the given order."""
+    """``KEY=V1,V2,...`` (values parsed as YAML) → {key: [values]}, in the given order. Linked keys
+    vary together: ``adapter.method/adapter.rank=lora/32,molora/8`` gives two points, not four (a
+    baseline at its own rank for a comparable parameter budget); each value is then a list."""
     grid = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
-        if not sep or "." not in key or not values:
-            raise ValueError(f"--grid {spec!r} must look like section.key=value1,value2")
-        if key in grid:
+        keys = key.split(LINK)
+        if not sep or not all("." in k for k in keys) or not values:
+            raise ValueError(f"--grid {spec!r} must look like section.key=value1,value2 "
+                             f"(or section.a{LINK}section.b=a1{LINK}b1,a2{LINK}b2 for linked keys)")
+        if key in grid or any(k in swept_keys(grid) for k in keys):
             raise ValueError(f"--grid names {key} twice: give all its values in one --grid")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        parsed = []
+        for value in values.split(","):
+            parts = value.split(LINK) if len(keys) > 1 else [value]
+            if len(parts) != len(keys):
+                raise ValueError(f"--grid {spec!r}: value {value!r} must give {len(keys)} parts joined by {LINK!r}, "
+                                 f"one per key of {key}")
+            items = [yaml.safe_load(v) for v in parts]
+            parsed.append(items if len(keys) > 1 else items[0])
+        grid[key] = parsed
     return grid
+
+
+def swept_keys(grid: dict) -> list[str]:
+    """The config keys a grid sets, linked keys split apart."""
+    return [k for key in grid for k in key.split(LINK)]
 
 
 def point_name(values: dict) -> str:
@@ -70,7 +90,10 @@ def expand(grid: dict) -> list[dict]:
     keys = list(grid)
     points = []
     for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo))
+        values = {}
+        for key, value in zip(keys, combo):
+            linked = key.split(LINK)
+            values.update(zip(linked, value) if len(linked) > 1 else [(key, value)])
         points.append({"index": len(points), "name": point_name(values), "values": values})
     return points
 
@@ -147,7 +170,7 @@ def _base_method(spec: dict) -> str:
 
 def markdown(results: dict) -> str:
     tasks = sorted({t for row in results["rows"] for t in row["tasks"] if t != "mean"}) + ["mean"]
-    keys = [k for k in results["grid"] if k != SEED_KEY]
+    keys = [k for k in swept_keys(results["grid"]) if k != SEED_KEY]
     head = "| " + " | ".join([k.split(".")[-1] for k in keys] + ["seeds"] + tasks) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 1 + len(tasks))]
     for row in results["rows"]:

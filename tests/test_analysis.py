@@ -4,15 +4,18 @@ with known principal angles, spectra against numpy's SVD, on adapter files and o
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers, inject_adapters
 from malora_dist.adapters.io import save_adapter
 from malora_dist.analysis import analyse, canonical_correlations, cca_similarity, main
+from malora_dist.routing_analysis import summarise
 from malora_dist.models import build_tiny_causal_lm
 
 TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -88,3 +91,56 @@ def test_a_checkpoint_reads_as_its_adapter():
 def test_not_an_adapter_is_refused(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "neither an adapter directory" in capsys.readouterr().err
+
+
+def test_routing_summary_of_known_loads():
+    even, one, other = torch.ones(4), torch.tensor([8.0, 0, 0, 0]), torch.tensor([0, 0, 0, 8.0])
+    summary = summarise({"a": {"l0": even, "l1": one}, "b": {"l0": even, "l1": other}})
+    assert summary["tasks"]["a"]["l0"]["entropy"] == pytest.approx(1.0)
+    assert summary["tasks"]["a"]["l1"]["entropy"] == pytest.approx(0.0)
+    assert summary["task_distance"] == {"l0": pytest.approx(0.0), "l1": pytest.approx(1.0)}
+    assert summary["mean_load"]["a"] == pytest.approx([0.625, 0.125, 0.125, 0.125])
+
+
+def test_routing_by_task_counts_the_routers_choices(tmp_path):
+    """The held-out pass through the run's model, against top-k of the router's own logits taken by
+    a hook on the first adapted layer (softmax and top-k computed here, not by the layer)."""
+    from malora_dist.adapters.layer import AdapterLinear
+    from malora_dist.routing_analysis import routing_by_task
+
+    seen = {}
+
+    def record(module, inputs, output):
+        chosen = torch.softmax(inputs[0].double(), dim=-1).topk(2, dim=-1).indices.reshape(-1)
+        seen.setdefault("counts", torch.zeros(4, dtype=torch.float64))
+        seen["counts"] += torch.bincount(chosen, minlength=4).double()
+
+    original = AdapterLinear.__init__
+
+    def hooked(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not seen.get("hooked"):
+            seen["hooked"] = True
+            self.router.register_forward_hook(record)
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    config = yaml.safe_load(open(run / "config.yaml"))
+    for task in config["data"]["tasks"]:  # the synthetic tasks' own test splits as held-out sets
+        task["eval_paths"] = task["paths"]
+    yaml.safe_dump(config, open(run / "config.yaml", "w"))
+    AdapterLinear.__init__ = hooked
+    try:
+        routing = routing_by_task(str(run / "adapter"), 3)
+    finally:
+        AdapterLinear.__init__ = original
+    assert routing["examples_per_task"] == {"capitals": 3, "larger": 3, "parity": 3}
+    tasks = routing["tasks"]
+    pooled = {layer: torch.tensor([tasks[t][layer]["slots"] for t in tasks]).sum(0) for layer in tasks["capitals"]}
+    assert any(torch.equal(c.double(), seen["counts"]) for c in pooled.values())
+    assert len({float(c.sum()) for c in pooled.values()}) == 1  # every layer routes every token k times
+    assert 0 <= routing["mean_task_distance"] <= 1
+    out = str(tmp_path / "out")
+    assert main([str(run / "adapter"), "--out", out, "--routing-examples", "2", "--labels", "tiny"]) == 0
+    written = json.load(open(os.path.join(out, "analysis.json")))
+    assert written["runs"]["tiny"]["routing"]["examples_per_task"]["parity"] == 2

@@ -22,6 +22,18 @@ def test_grid_expands_in_order():
         parse_grid(["rank=2"])
 
 
+def test_linked_keys_vary_together():
+    """A baseline at its own rank: three points for three methods, not nine."""
+    points = expand(parse_grid(["adapter.method/adapter.rank=lora/32,molora/8,malora/8", "train.seed=0,1"]))
+    assert [p["values"] for p in points[::2]] == [
+        {"adapter.method": m, "adapter.rank": r, "train.seed": 0} for m, r in (("lora", 32), ("molora", 8), ("malora", 8))]
+    assert points[1]["name"] == "method-lora_rank-32_seed-1"
+    with pytest.raises(ValueError, match="must give 2 parts"):
+        parse_grid(["adapter.method/adapter.rank=lora/32,molora"])
+    with pytest.raises(ValueError, match="twice"):
+        parse_grid(["adapter.method/adapter.rank=lora/32", "adapter.rank=8"])
+
+
 def sweep(*args):
     return subprocess.run([sys.executable, "-m", "malora_dist.sweep", *args], cwd=REPO, capture_output=True, text=True)
 
