@@ -97,13 +97,16 @@ def router_statistics(
     probs: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, with_z_loss: bool,
     group: Optional[dist.ProcessGroup],
 ) -> RouterStatistics:
-    # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host (a sync per
-    # layer, which stalls the launch queue); the size here is known.
-    flat = experts.reshape(-1)
-    slot_counts = torch.zeros(probs.shape[-1], dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
     z_sum = torch.logsumexp(router_precision(logits), dim=-1).pow(2).sum() if with_z_loss else None
-    return RouterStatistics(slot_counts, experts.shape[0], probs.sum(dim=0), z_sum, experts.shape[-1], group)
+    return RouterStatistics(slot_counts(experts, probs.shape[-1]), experts.shape[0], probs.sum(dim=0), z_sum,
+                            experts.shape[-1], group)
+
+
+def slot_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N,) int64: routed slots per expert. scatter_add, not bincount: bincount on CUDA reads the
+    maximum back to the host (a sync per layer, which stalls the launch queue); the size is known."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 @dataclass
