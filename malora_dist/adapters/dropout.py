@@ -89,7 +89,8 @@ class LayoutFreeDropout(nn.Module):
         if not self.training or self.p == 0:
             return None, None
         if self.context is None:
-            return torch.rand(x.shape, device=x.device) >= self.p, None
+            # nn.Dropout's own draw (same RNG stream as the reference path's F.dropout of x)
+            return F.dropout(torch.ones_like(x), self.p, training=True) != 0, None
         context, features = self.context, range(x.shape[-1])
         if context.token_place.numel() != x.shape[0]:
             raise ValueError(f"the dropout context places {context.token_place.numel()} tokens, but the "

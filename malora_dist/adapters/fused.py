@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .config import AdapterConfig
 from .layout import AdapterLayout
-from .routing import RouterStatistics, slot_counts
+from .routing import RouterStatistics
 
 KERNELS = ("auto", "fused", "reference")
 # The config keys the fused Function implements (each, at any value it accepts). A key added to
@@ -52,7 +52,7 @@ def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_
     that picks fused vs reference when the layer is built)."""
     if config.method not in ("lora", "molora", "malora"):
         return f"method {config.method!r} has no fused kernel"
-    defaults = {f.name: f.default for f in dataclasses.fields(AdapterConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     for key in defaults:
         if key not in _FUSED_KEYS and getattr(config, key) != defaults[key]:
             return f"adapter.{key} is not implemented by the fused kernel"
@@ -162,8 +162,9 @@ class FusedSpec:
 
 
 class FusedAdapterFunction(torch.autograd.Function):
-    """Outputs: the layer's output (T, m), the router's probability sums (N,), Σ logsumexp² (a scalar,
-    0 without z-loss) and the chosen experts (T, k) (not differentiable)."""
+    """Outputs: the layer's output (T, m), the router's probability sums (N,), Σ logsumexp² (a scalar)
+    and the routed slots per expert (N,) int64 (not differentiable); LoRA's and a disabled z-loss's
+    outputs are empty."""
 
     @staticmethod
     def forward(ctx, spec: FusedSpec, weights: PreparedWeights, x, base_weight, base_bias, router, shared, down, up):
@@ -182,30 +183,35 @@ class FusedAdapterFunction(torch.autograd.Function):
         tokens = x.shape[0]
         if routed:
             probs = torch.softmax(logits, dim=-1)
-            top_probs, experts = torch.topk(probs, spec.top_k, dim=-1)
-            gates = torch.zeros_like(probs).scatter_(1, experts, top_probs * spec.scaling)
+            experts = torch.topk(probs, spec.top_k, dim=-1).indices
+            # scaling on the chosen experts, zero elsewhere: gates = probs · chosen, and the gates'
+            # gradient reaches probs through the same (T, N) matrix
+            chosen = torch.zeros_like(probs).scatter_(1, experts, spec.scaling)
+            gates = probs * chosen
             gated = (h.view(tokens, spec.num_experts, -1) * gates.unsqueeze(-1).to(h.dtype)).view(tokens, -1)
             prob_sums = probs.sum(0)
             lse = torch.logsumexp(logits, dim=-1) if spec.z_loss else None
             z_sum = lse.pow(2).sum() if spec.z_loss else probs.new_empty((0,))
         else:  # LoRA: no router; empty placeholders keep the outputs' arity
-            probs = gates = lse = None
+            probs = gates = chosen = lse = None
             gated = h * spec.scaling
             prob_sums, z_sum = x.new_empty((0,)), x.new_empty((0,))
             experts = x.new_empty((0,), dtype=torch.int64)
         out = x @ base_weight.t() if base_bias is None else torch.addmm(base_bias, x, base_weight.t())
         out.addmm_(gated, weights.up)
         kept_mask = keep if keep is not None and spec.remake_keep is None else None
-        ctx.save_for_backward(x, base_weight, h, gated, z, probs, gates, lse, kept_mask)
+        ctx.save_for_backward(x, base_weight, h, gated, z, probs, gates, chosen, lse, kept_mask)
         ctx.spec, ctx.weights, ctx.routed = spec, weights, routed
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (router, shared, down, up))
         ctx.set_materialize_grads(False)  # unused outputs (the statistics at eval) cost no zero fills
-        ctx.mark_non_differentiable(experts)
-        return out, prob_sums, z_sum, experts
+        # slots per expert, for the balance loss: one op on the (T, N) matrix the gates use anyway
+        counts = torch.count_nonzero(chosen, dim=0) if routed else experts
+        ctx.mark_non_differentiable(counts)
+        return out, prob_sums, z_sum, counts
 
     @staticmethod
-    def backward(ctx, grad_out, grad_prob_sums, grad_z_sum, _grad_experts):
-        x, base_weight, h, gated, z, probs, gates, lse, kept_mask = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_prob_sums, grad_z_sum, _grad_counts):
+        x, base_weight, h, gated, z, probs, gates, chosen, lse, kept_mask = ctx.saved_tensors
         spec, weights = ctx.spec, ctx.weights
         needs = ctx.needs_input_grad  # spec, weights, x, base_weight, base_bias, router, shared, down, up
         grad_out = torch.zeros_like(x[:, :1]).expand(-1, base_weight.shape[0]) if grad_out is None else grad_out
@@ -214,14 +220,16 @@ class FusedAdapterFunction(torch.autograd.Function):
         grad_up = wide_product(gated.t(), grad_out) if needs[8] else None  # (N·r, m)
         grad_gated = grad_out @ weights.up.t()  # (T, N·r)
         if ctx.routed:
-            grad_gated3 = grad_gated.view(tokens, spec.num_experts, -1)
-            grad_gates = (grad_gated3.to(probs.dtype) * h.view_as(grad_gated3).to(probs.dtype)).sum(-1)
-            grad_h = (grad_gated3 * gates.unsqueeze(-1).to(grad_gated.dtype)).view(tokens, -1)
-            # the gates are scaling · probs on the top-k, zero elsewhere; the balance loss reads all probs
-            grad_probs = torch.where(gates != 0, grad_gates * spec.scaling, 0.0)
-            if grad_prob_sums is not None and grad_prob_sums.numel():
-                grad_probs = grad_probs + grad_prob_sums.to(probs.dtype)
-            grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+            num, rank = spec.num_experts, grad_gated.shape[1] // spec.num_experts
+            # per (token, expert): the dot product of its rank-space gradient and h (one batched product)
+            grad_gates = torch.matmul(grad_gated.view(tokens, num, 1, rank).to(probs.dtype),
+                                      h.unflatten(1, (num, rank)).unsqueeze(-1).to(probs.dtype)).view(tokens, num)
+            grad_h = (grad_gated.view(tokens, num, rank) * gates.unsqueeze(-1).to(grad_gated.dtype)).view(tokens, -1)
+            if grad_prob_sums is not None and grad_prob_sums.numel():  # the balance loss reads every prob
+                grad_probs = torch.addcmul(grad_prob_sums.to(probs.dtype), grad_gates, chosen)
+            else:
+                grad_probs = grad_gates * chosen
+            grad_logits = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             if spec.z_loss and grad_z_sum is not None and grad_z_sum.numel():
                 grad_logits = grad_logits + (2 * grad_z_sum) * lse.unsqueeze(-1) * probs
         else:
@@ -274,7 +282,7 @@ class FusedAdapterFunction(torch.autograd.Function):
 def fused_adapter(x: torch.Tensor, base_weight: torch.Tensor, base_bias: Optional[torch.Tensor],
                   router: Optional[torch.Tensor], shared: Optional[torch.Tensor], down: torch.Tensor,
                   up: torch.Tensor, spec: FusedSpec, weights: Optional[PreparedWeights] = None):
-    """(out, prob_sums, z_sum, experts) of one adapted linear; ``weights`` from a ``WeightCache``
+    """(out, prob_sums, z_sum, slot counts) of one adapted linear; ``weights`` from a ``WeightCache``
     (made here when None: what ``gradcheck`` needs, as it perturbs the parameters in place)."""
     if weights is None:
         weights = prepare_weights(router, shared, down, up, x.dtype)
@@ -292,9 +300,9 @@ def fused_layer_forward(layer, flat_x: torch.Tensor) -> torch.Tensor:
                      z_loss=router is not None and layer.router.z_loss, keep=keep,
                      keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0, remake_keep=remake)
     base = layer.base_layer
-    out, prob_sums, z_sum, experts = fused_adapter(flat_x, base.weight, base.bias, router, shared, down, up,
-                                                   spec, weights)
+    out, prob_sums, z_sum, counts = fused_adapter(flat_x, base.weight, base.bias, router, shared, down, up,
+                                                  spec, weights)
     if router is not None:
-        layer.router.stats = RouterStatistics(slot_counts(experts, layer.num_experts), experts.shape[0], prob_sums,
-                                              z_sum if spec.z_loss else None, layer.top_k, layer.router.dp_group)
+        layer.router.stats = RouterStatistics(counts, flat_x.shape[0], prob_sums, z_sum if spec.z_loss else None,
+                                              layer.top_k, layer.router.dp_group)
     return out
