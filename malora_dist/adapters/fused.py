@@ -16,7 +16,7 @@ a kernel launch on a GPU, and autograd adds a gradient sum into x per branch tha
   keyed on the parameters' ``_version``), not on every forward.
 
 It covers what ``fused_unsupported_reason`` accepts: the standard lora/molora/malora configurations on
-a plain ``nn.Linear`` base with every expert on this rank (the dense experts kernel), dropout on or
+a plain ``nn.Linear`` base (or a tensor-parallel base at tp=1) with every expert on this rank (the dense experts kernel), dropout on or
 off, z-loss on or off. Tensor parallelism, expert parallelism (all-to-all), the grouped (sparse)
 kernel, capacity limits, renormalised gates and any config key it does not know keep the reference
 parts. ``torch.compile`` was not chosen: the reference forward has graph breaks (``_is_view``, the
@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import AdapterConfig
 from .layout import AdapterLayout
@@ -64,9 +65,20 @@ def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_
         return "the grouped (sparse) experts kernel is not fused (expert_kernel sparse, capacity_factor or N > 32)"
     if tensor_parallel:
         return "tensor-parallel bases use the reference parts (their mappings sit between the products)"
-    if type(base_layer) is not nn.Linear or base_layer._forward_hooks or base_layer._forward_pre_hooks:
-        return f"the base is a {type(base_layer).__name__} (the fused kernel computes a plain nn.Linear itself)"
+    if not plain_product(base_layer):
+        return (f"the base is a {type(base_layer).__name__} (the fused kernel computes x Wᵀ + b itself: an "
+                f"nn.Linear or a tensor-parallel base at tp=1, without hooks)")
     return None
+
+
+def plain_product(base_layer: nn.Module) -> bool:
+    """The base computes ``x Wᵀ + b`` and nothing else: an ``nn.Linear``, or a column/row-parallel
+    wrapper (``malora_dist.models.tp_linear``) at tp=1, where megatron's mappings are identities."""
+    if base_layer._forward_hooks or base_layer._forward_pre_hooks:
+        return False
+    if type(base_layer) is nn.Linear:
+        return True
+    return getattr(base_layer, "parallel_mode", None) in ("column", "row") and getattr(base_layer, "tp_size", 0) == 1
 
 
 def use_fused(config: AdapterConfig, layout: AdapterLayout, base_layer: nn.Module, tensor_parallel: bool,
@@ -126,16 +138,30 @@ def prepare_weights(router: Optional[torch.Tensor], shared: Optional[torch.Tenso
                                up=up_rows.view(num * rank, -1))
 
 
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# The fused AdamW kernel (train/optim.py) updates parameters in place without moving their
+# ``_version`` (checked: torch 2.13, CPU), so every torch optimizer's step also invalidates the cache.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class WeightCache:
-    """``PreparedWeights`` rebuilt only when a parameter changed (its ``_version`` moves on every
-    in-place update: the optimizer step, ``load_state_dict``, a ``no_grad`` fill) or the dtype did."""
+    """``PreparedWeights`` rebuilt only when a parameter may have changed: after any torch optimizer's
+    step, or when its ``_version`` moved (``load_state_dict``, a ``no_grad`` fill, a plain in-place
+    update), or when the dtype did."""
 
     def __init__(self):
         self._key = None
         self._weights: Optional[PreparedWeights] = None
 
     def get(self, params: tuple, dtype: torch.dtype) -> PreparedWeights:
-        key = (dtype,) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        key = (dtype, _optimizer_steps) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
         if key != self._key:
             self._weights = prepare_weights(*params, dtype)
             self._key = key
