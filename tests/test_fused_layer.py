@@ -219,3 +219,31 @@ def test_training_losses_match_the_reference_path(tmp_path):
     assert len(losses["fused"]) == len(losses["reference"]) == 4
     for (loss_f, norm_f), (loss_r, norm_r) in zip(losses["fused"], losses["reference"]):
         assert abs(loss_f - loss_r) <= 1e-5 and abs(norm_f - norm_r) <= 1e-5 * max(1.0, norm_r)
+
+
+def test_launch_proxy_counts_fewer_ops_for_the_fused_kernel():
+    """benchmarks/layer_ops.py: every method's fused forward+backward issues fewer ATen work ops than
+    its reference parts, and the frozen base alone is its two products."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import layer_ops
+
+    rows = layer_ops.measure(n=32, m=24, tokens=16)["results"]
+    assert rows["base"]["work_ops"] == 2 and rows["base"]["matmuls"] == 2
+    for method in ("lora-r64", "molora-r8-dense", "malora-d32-r12-dense"):
+        assert rows[method]["work_ops"] < rows[method + "-ref"]["work_ops"], method
+        assert rows[method]["gflop"] == pytest.approx(rows[method + "-ref"]["gflop"], rel=0.05), method
+
+
+def test_phase_timer_sums_spans_per_phase():
+    from malora_dist.train.telemetry import PhaseTimer
+
+    timer = PhaseTimer(torch.device("cpu"))
+    a = timer.mark()
+    b = timer.mark()
+    timer.add("forward_s", a, b)
+    timer.add("forward_s", a, b)
+    timer.add("backward_s", b, timer.mark())
+    totals = timer.totals()
+    assert set(totals) == {"forward_s", "backward_s"} and totals["forward_s"] == pytest.approx(2 * (b - a))
+    assert timer.totals() == {}  # spans are read once per step
