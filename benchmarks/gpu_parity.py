@@ -42,8 +42,8 @@ SHAPES = {  # (n, m, rank, num_experts, tokens)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-def cases(kernel="auto"):
-    """``kernel``: the layers' ``adapter.kernel`` (``auto``: the fused Function wherever it runs)."""
+def cases(adapter_kernel="auto"):
+    """``adapter_kernel``: the layers' ``adapter.kernel`` (``auto``: the fused Function wherever it runs)."""
     out = []
     for shape in SHAPES:
         for method in ("malora", "molora"):
@@ -59,7 +59,7 @@ def cases(kernel="auto"):
         dict(method="molora", shape="mid", top_k=2, expert_kernel="sparse", capacity_factor=1.0),
         dict(method="malora", shape="mid", top_k=2, expert_kernel="auto", leading=(4, 256)),
     ]
-    return [dict(case, kernel=kernel) for case in out] if kernel != "auto" else out
+    return [dict(case, kernel=adapter_kernel) for case in out] if adapter_kernel != "auto" else out
 
 
 def case_name(case):
