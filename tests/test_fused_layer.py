@@ -247,3 +247,37 @@ def test_phase_timer_sums_spans_per_phase():
     totals = timer.totals()
     assert set(totals) == {"forward_s", "backward_s"} and totals["forward_s"] == pytest.approx(2 * (b - a))
     assert timer.totals() == {}  # spans are read once per step
+
+
+@pytest.mark.parametrize("method", ["malora", "molora"])
+def test_grouped_experts_run_one_grouped_product_per_projection(method):
+    """The sparse kernel's experts through ``grouped_mm`` (fp32, 16-byte strides), an expert without
+    rows included, against the independent dense reference; the loop stays for fp64 and odd ranks."""
+    from malora_dist.adapters.cost import WorkCounter
+    from malora_dist.adapters.experts import grouped_mm_fits
+
+    torch.manual_seed(0)
+    config = AdapterConfig(method=method, rank=4, num_experts=4, top_k=1, lam=1.0, expert_kernel="sparse")
+    layer = AdapterLinear(nn.Linear(16, 8, bias=False), config, name="layers.0.q_proj")
+    randomize_adapter_(layer, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.router.weight[3] = -5.0  # expert 3 gets no token ...
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 16, generator=gen).abs().requires_grad_()  # ... for these inputs
+    grad_out = torch.randn(12, 8, generator=gen)
+    assert grouped_mm_fits(x, layer.expert_down, layer.expert_up)
+    with WorkCounter() as counter:
+        out = layer(x)
+    # two grouped products, and only the router's and the base's plain ones (the loop: 2 more per expert)
+    assert counter.names.count("_grouped_mm") == 2 and counter.names.count("mm") == 2
+    (out * grad_out).sum().backward()
+    assert layer.router_stats.slot_counts[3] == 0
+    ref_params = {k: v.detach().clone().requires_grad_() for k, v in adapter_params(layer).items()}
+    ref_x = x.detach().clone().requires_grad_()
+    ref = dense_adapter_output(ref_x, layer.base_layer.weight, ref_params, method, 1, False, layer.scaling)
+    (ref * grad_out).sum().backward()
+    assert rel_err(out, ref) <= 1e-5 and rel_err(x.grad, ref_x.grad) <= 1e-5
+    for name, param in adapter_params(layer).items():
+        assert rel_err(param.grad, ref_params[name].grad) <= 1e-5, name
+    assert not grouped_mm_fits(x.double(), layer.expert_down, layer.expert_up)
+    assert not grouped_mm_fits(x.bfloat16(), layer.expert_down[:, :, :3], layer.expert_up)

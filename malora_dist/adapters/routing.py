@@ -34,14 +34,20 @@ class SlotPlan:
     order: indices into the flattened (T·k) slots, expert-major (stable: token order within an
         expert), with dropped slots removed.
     token_of_slot: the token each kept slot belongs to.
-    counts: kept slots per global expert (a CPU list: the split sizes of the exchange).
+    count_tensor: kept slots per global expert, on the device (no host sync to make).
     dropped: slots dropped by the capacity limit.
     """
 
     order: torch.Tensor
     token_of_slot: torch.Tensor
-    counts: list
+    count_tensor: torch.Tensor
     dropped: int
+
+    @property
+    def counts(self) -> list:
+        """The counts as a CPU list (the split sizes of an exchange): a host sync on a GPU, so only
+        the paths that need sizes on the host read it."""
+        return self.count_tensor.tolist()
 
 
 def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optional[float]) -> SlotPlan:
@@ -59,7 +65,7 @@ def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optiona
         dropped = int((~keep).sum())
         order = order[keep]
         counts = counts.clamp(max=capacity)
-    return SlotPlan(order=order, token_of_slot=order // top_k, counts=counts.tolist(), dropped=dropped)
+    return SlotPlan(order=order, token_of_slot=order // top_k, count_tensor=counts, dropped=dropped)
 
 
 def global_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
