@@ -54,7 +54,7 @@ def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optiona
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = slot_counts(experts, num_experts)
     dropped = 0
     if capacity_factor is not None:
         capacity = math.ceil(capacity_factor * flat.numel() / num_experts)
