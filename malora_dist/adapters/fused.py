@@ -95,15 +95,22 @@ def use_fused(config: AdapterConfig, layout: AdapterLayout, base_layer: nn.Modul
 
 
 # ---- products with router precision ---------------------------------------------------------------
+_mm_out_dtype_works = True
+
+
 def wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with an fp32 result at least (fp64 stays fp64): bf16/fp16 inputs go to the tensor
     cores with an fp32 output on CUDA; elsewhere they are upcast."""
     if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
         return a @ b
-    if a.is_cuda and a.dim() == 2 and b.dim() == 2:
+    global _mm_out_dtype_works
+    if a.is_cuda and a.dim() == 2 and b.dim() == 2 and _mm_out_dtype_works:
         low = a.dtype if a.dtype not in (torch.float32, torch.float64) else b.dtype
-        return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
-    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        try:
+            return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # a build without that kernel: upcast from now on
+            _mm_out_dtype_works = False
+    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return a.to(wide) @ b.to(wide)
 
 
