@@ -168,7 +168,8 @@ class WeightCache:
         self._weights: Optional[PreparedWeights] = None
 
     def get(self, params: tuple, dtype: torch.dtype) -> PreparedWeights:
-        key = (dtype, _optimizer_steps) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        # inference mode makes inference tensors, which a later training forward must not reuse
+        key = (dtype, _optimizer_steps, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
         if key != self._key:
             self._weights = prepare_weights(*params, dtype)
             self._key = key
