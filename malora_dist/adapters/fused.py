@@ -19,9 +19,10 @@ It covers what ``fused_unsupported_reason`` accepts: the standard lora/molora/ma
 a plain ``nn.Linear`` base (or a tensor-parallel base at tp=1) with every expert on this rank (the dense experts kernel), dropout on or
 off, z-loss on or off. Tensor parallelism, expert parallelism (all-to-all), the grouped (sparse)
 kernel, capacity limits, renormalised gates and any config key it does not know keep the reference
-parts. ``torch.compile`` was not chosen: the reference forward has graph breaks (``_is_view``, the
-host-side routing counts of the sparse path) and its compiled backward cannot fold the input
-gradient into the base's product, which is the largest saving here.
+parts. A hand-written backward rather than ``torch.compile`` (not measured against it): it folds
+the input gradient into the base's product and keeps only small tensors, which a compiled region
+that stops at the frozen base would not, and it needs no compiler on the CPU; the reference forward
+also has graph breaks (``_is_view``, the sparse path's host-side counts).
 """
 
 from __future__ import annotations
