@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (H100/H200, no network): malora_dist on CUDA, checked and measured in
-# ≤ ~6 min. Needs the carried folder .whl (made by benchmarks/gpu_prepare.sh): the wheels that the
+# ≤ 7 min. Needs the carried folder .whl (made by benchmarks/gpu_prepare.sh): the wheels that the
 # machine lacks (megatron-core; transformers of the version this repo is tested with) and the
 # SmolLM2 tokenizer as an HF directory (the GGUF and the gguf package are not there).
 #
 #   bash benchmarks/gpu_check.sh                              # there; results in $OUT
 #   GPU_CHECK_LOCAL=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh   # here: CPU, tiny sizes, .venv
 #
-# Steps (each with its own timeout, all within a 330 s budget; a failed step does not stop the rest):
+# Steps (each with its own timeout, all within a 390 s budget; a failed step does not stop the rest):
 #   info        nvidia-smi, versions
-#   parity      benchmarks/gpu_parity.py: AdapterLinear on cuda vs the CPU (fp64/fp32 fail the run; bf16 reported)
+#   parity      benchmarks/gpu_parity.py: AdapterLinear on cuda vs the CPU (fp64/fp32 fail the run; bf16 reported);
+#               adapter.kernel auto = the fused Function wherever it runs (dense local experts)
+#   parity_ref  the same cases with adapter.kernel=reference (the parts)
+#   layer_ops   benchmarks/layer_ops.py on cuda, bf16: work ops and CUDA kernels per layer fwd+bwd, fused vs reference
 #   train       launch/train.py under torch.distributed.run (torchrun), configs/tiny.yaml: NCCL + cuda,
 #               checkpoints at steps 4 and 8 (torch.distributed.checkpoint), adapter export
 #   resume      the same run resumed from step_8 to step 12 (checkpoint load, fused AdamW state on cuda)
-#   layer_big   benchmarks/layer_speed.py n=m=4096, 16384 tokens, bfloat16 (float32 if bfloat16 fails)
+#   layer_big   benchmarks/layer_speed.py n=m=4096, 16384 tokens, bfloat16 (float32 if bfloat16 fails):
+#               every method fused and reference (-ref), time, saved-for-backward MB
 #   layer_issue benchmarks/layer_speed.py n=m=2048, 2048 tokens, float32 (the README's shape)
 #   throughput  benchmarks/throughput.py --parts training --layouts single on a random 1.0B LLaMA
 #               (benchmarks/models/llama_1b.json) in bfloat16, 16 × 1024 tokens per step, 2 warm-up + 5
-#               timed rounds: in 4 micro-batches (throughput), and in one (throughput16)
-# Exit status 1 if parity, train or resume failed, else 0. Files in $OUT (≤ 8): gpu_check.log, parity.json, layer_big_<dtype>.json, layer_issue_float32.json,
+#               timed rounds: in 4 micro-batches (throughput, LoRA/MoLoRA/MALoRA fused and -ref: peak GPU
+#               memory per variant), and in one (throughput16, fused only)
+# Exit status 1 if parity, train or resume failed, else 0. Files in $OUT (≤ 10): gpu_check.log, parity.json,
+# parity_reference.json, ops_per_layer.json, layer_big_<dtype>.json, layer_issue_float32.json,
 # throughput_gpu.json, throughput_gpu_micro16.json, train_metrics.jsonl, train_run_info.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -38,7 +44,7 @@ TEE_PID=$!
 TOKENIZER=.whl/smollm2_tokenizer
 WORK=/tmp/gpu_check_work
 rm -rf "$WORK" && mkdir -p "$WORK"
-BUDGET=${GPU_CHECK_BUDGET_S:-330}
+BUDGET=${GPU_CHECK_BUDGET_S:-390}
 START=$SECONDS
 SUMMARY=()
 
@@ -76,6 +82,8 @@ EOF
     TP=(--seq-len 64 --global-batch 4 --micro-batch 2 --warmup 1 --repeats 2 --threads 1 --data-limit 64)
     MICRO_ALL=4
     THREADS=1
+    OPS=(--n 64 --m 64 --tokens 32)
+    OPS_DTYPE=float32
 else
     DEV=cuda
     BIG=(--n 4096 --m 4096 --tokens 16384 --repeats 20 --warmup 5)
@@ -84,7 +92,13 @@ else
     TP=(--seq-len 1024 --global-batch 16 --micro-batch 4 --warmup 2 --repeats 5 --threads 8 --data-limit 2000)
     MICRO_ALL=16
     THREADS=8
+    OPS=(--n 4096 --m 4096 --tokens 4096)
+    OPS_DTYPE=bfloat16
 fi
+# the reference parts of the three paper methods next to their fused defaults, in the 1B steps
+REF_METHODS=(--method lora-r64-ref:method=lora,rank=64,kernel=reference
+             --method molora-r8-ref:method=molora,rank=8,num_experts=8,top_k=2,kernel=reference
+             --method malora-d32-r12-ref:method=malora,rank=8,num_experts=8,top_k=2,lam=0.5,kernel=reference)
 
 # ---- info ---------------------------------------------------------------------------------------
 echo "gpu_check: $(date -u), $(uname -m), $(nproc) cores, local=$LOCAL, out=$OUT, budget ${BUDGET} s"
@@ -109,6 +123,12 @@ EOF
 # ---- a. parity on the device --------------------------------------------------------------------
 step parity 50 "$PY" benchmarks/gpu_parity.py --device "$DEV" --threads "$THREADS" --output "$OUT/parity.json"
 PARITY_RC=$?
+step parity_ref 45 "$PY" benchmarks/gpu_parity.py --device "$DEV" --threads "$THREADS" --kernel reference --no-bf16 \
+    --output "$OUT/parity_reference.json"
+PARITY_REF_RC=$?
+
+# ---- launches per adapted linear: fused vs reference --------------------------------------------
+step layer_ops 30 "$PY" benchmarks/layer_ops.py --device "$DEV" --dtype "$OPS_DTYPE" "${OPS[@]}" --output "$OUT/ops_per_layer.json"
 
 # ---- d. a real training run under torchrun (NCCL + cuda) ----------------------------------------
 TRAIN_DIR=$WORK/train
@@ -129,14 +149,14 @@ if ! step layer_big 45 "$PY" benchmarks/layer_speed.py --device "$DEV" --dtype b
     rm -f "$OUT/layer_big_bfloat16.json"
     step layer_big32 40 "$PY" benchmarks/layer_speed.py --device "$DEV" --dtype float32 "${BIG[@]}" --output "$OUT/layer_big_float32.json"
 fi
-step layer_issue 30 "$PY" benchmarks/layer_speed.py --device "$DEV" --dtype float32 "${ISSUE[@]}" --output "$OUT/layer_issue_float32.json"
+step layer_issue 25 "$PY" benchmarks/layer_speed.py --device "$DEV" --dtype float32 "${ISSUE[@]}" --output "$OUT/layer_issue_float32.json"
 
 # ---- c. training throughput on a random 1.0B LLaMA, bfloat16 -----------------------------------
 # 16 × 1024 tokens per step (the paper's 16,384), in 4 micro-batches and in one.
-step throughput 110 "$PY" benchmarks/throughput.py --parts training --layouts single --model "$MODEL" --tokenizer "$TOKENIZER" \
-    --dtype bfloat16 "${TP[@]}" --memory none --output-dir "$WORK/throughput" --name throughput_gpu
+step throughput 150 "$PY" benchmarks/throughput.py --parts training --layouts single --model "$MODEL" --tokenizer "$TOKENIZER" \
+    --dtype bfloat16 "${TP[@]}" "${REF_METHODS[@]}" --memory none --output-dir "$WORK/throughput" --name throughput_gpu
 cp "$WORK/throughput/throughput_gpu.json" "$OUT/throughput_gpu.json" 2>/dev/null || echo "no throughput_gpu.json"
-step throughput16 90 "$PY" benchmarks/throughput.py --parts training --layouts single --model "$MODEL" --tokenizer "$TOKENIZER" \
+step throughput16 80 "$PY" benchmarks/throughput.py --parts training --layouts single --model "$MODEL" --tokenizer "$TOKENIZER" \
     --dtype bfloat16 "${TP[@]}" --micro-batch "$MICRO_ALL" --memory none --output-dir "$WORK/throughput" --name throughput_gpu_micro16
 cp "$WORK/throughput/throughput_gpu_micro16.json" "$OUT/throughput_gpu_micro16.json" 2>/dev/null || echo "no throughput_gpu_micro16.json"
 
@@ -152,13 +172,19 @@ def load(name):
         return json.load(open(os.path.join(out, name)))
     except (OSError, ValueError):
         return None
-p = load("parity.json")
-if p:
+for p in (load("parity.json"), load("parity_reference.json")):
+  if p:
     bad = [f"{r['case']}/{r['dtype']}" for r in p["rows"] if not r.get("reported_only") and not r["ok"]]
     bf = [r for r in p["rows"] if r["dtype"] == "bfloat16" and "worst_rel_vs_fp64" in r]
     mixed = sorted({r.get("error", "ok") for r in p["rows"] if r["dtype"] == "mixed"})
-    print(f"parity: {p['checked'] - p['failures']}/{p['checked']} ok{' FAILED: ' + ', '.join(bad[:8]) if bad else ''}; "
+    print(f"parity ({p.get('meta', {}).get('kernel', 'auto')}): {p['checked'] - p['failures']}/{p['checked']} ok{' FAILED: ' + ', '.join(bad[:8]) if bad else ''}; "
           f"bf16 worst rel vs fp64 {max((r['worst_rel_vs_fp64'] for r in bf), default=float('nan')):.2e}; mixed bf16 base/fp32 adapters: {mixed}")
+ops = load("ops_per_layer.json")
+if ops:
+    s = ops["shape"]
+    print(f"ops per layer fwd+bwd (n={s['n']} m={s['m']} tokens={s['tokens']} {s['dtype']}):")
+    for k, v in ops["results"].items():
+        print(f"  {k:26s} work ops {v['work_ops']:4d}  ÷ LoRA {v['ops_over_lora_fused']:.2f}  CUDA kernels {v.get('cuda_kernels')}")
 for name in sorted(glob.glob(os.path.join(out, "layer_*.json"))):
     r = json.load(open(name))
     s = r["shape"]
@@ -188,7 +214,7 @@ if os.path.exists(m):
         print(f"train: {len(rows)} rows (steps {[r.get('step') for r in rows]}), loss {rows[0].get('loss'):.4f} -> {last.get('loss'):.4f}; last row {keep}")
 EOF
 ls -la "$OUT"
-RC=$(( PARITY_RC != 0 || TRAIN_RC != 0 || RESUME_RC != 0 ))
+RC=$(( PARITY_RC != 0 || PARITY_REF_RC != 0 || TRAIN_RC != 0 || RESUME_RC != 0 ))
 echo "gpu_check: exit $RC (1 = parity, train or resume failed; the measurements' steps never fail the run)"
 exec >&- 2>&-  # let tee write the last lines of the log before the command returns
 wait "$TEE_PID" 2>/dev/null

@@ -1,7 +1,7 @@
 """AdapterLinear on a GPU against the same layer on the CPU: outputs, input gradients, every parameter
 gradient, the router's auxiliary loss and the expert load.
 
-    python benchmarks/gpu_parity.py [--device cuda] [--output parity.json]
+    python benchmarks/gpu_parity.py [--device cuda] [--kernel auto|reference] [--output parity.json]
 
 tests/test_adapter_layer.py checks the layer against an independent dense reference on the CPU only;
 this script carries that check to another device. Each case builds one layer on the CPU (random
@@ -42,7 +42,8 @@ SHAPES = {  # (n, m, rank, num_experts, tokens)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-def cases():
+def cases(adapter_kernel="auto"):
+    """``adapter_kernel``: the layers' ``adapter.kernel`` (``auto``: the fused Function wherever it runs)."""
     out = []
     for shape in SHAPES:
         for method in ("malora", "molora"):
@@ -58,12 +59,12 @@ def cases():
         dict(method="molora", shape="mid", top_k=2, expert_kernel="sparse", capacity_factor=1.0),
         dict(method="malora", shape="mid", top_k=2, expert_kernel="auto", leading=(4, 256)),
     ]
-    return out
+    return [dict(case, kernel=adapter_kernel) for case in out] if adapter_kernel != "auto" else out
 
 
 def case_name(case):
     keys = [f"{case['method']}", case["shape"], f"k{case['top_k']}"]
-    keys += [case[k] for k in ("expert_kernel",) if k in case]
+    keys += [case[k] for k in ("expert_kernel", "kernel") if k in case]
     labels = {"normalize_gates": "normalize", "router_z_loss_coef": "zloss", "capacity_factor": "capacity", "leading": "3d"}
     keys += [label for key, label in labels.items() if key in case]
     return "-".join(str(k) for k in keys)
@@ -149,6 +150,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU torch threads")
+    parser.add_argument("--kernel", default="auto", choices=("auto", "reference"),
+                        help="adapter.kernel of every case (auto: fused where the layer allows it)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the reported-only bfloat16 and mixed runs")
     parser.add_argument("--output", help="write the JSON result here")
     args = parser.parse_args(argv)
@@ -160,10 +163,10 @@ def main(argv=None):
     started = time.perf_counter()
     meta = {"device": str(device), "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "tf32": torch.backends.cuda.matmul.allow_tf32}
+            "tf32": torch.backends.cuda.matmul.allow_tf32, "kernel": args.kernel}
     print(f"parity: {meta['device_name']} ({device}) against the CPU, torch {torch.__version__}, TF32 off", flush=True)
     rows, failures = [], []
-    for case in cases():
+    for case in cases(args.kernel):
         name = case_name(case)
         layer64 = build_layer(case)
         x64, g64, redraws = draw_inputs(layer64, case)

@@ -31,12 +31,19 @@ from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.train.optim import build_optimizer
 
 PAPER_METHODS = {
-    "lora-r64": dict(method="lora", rank=64),
+    "lora-r64": dict(method="lora", rank=64, kernel="fused"),
+    "lora-r64-ref": dict(method="lora", rank=64, kernel="reference"),
     "molora-r8-sparse": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse"),
-    "molora-r8-dense": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="dense"),
+    "molora-r8-dense": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="dense", kernel="fused"),
+    "molora-r8-dense-ref": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
+                                kernel="reference"),
     "malora-d32-r12-sparse": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse"),
-    "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense"),
+    "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense", kernel="fused"),
+    "malora-d32-r12-dense-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
+                                     kernel="reference"),
 }
+# The fused kernel (adapter.kernel=fused, the default ``auto`` picks it for these) against the
+# reference parts (``-ref``) of the same configuration.
 
 
 def build(adapter, n, m, device="cpu", dtype=torch.float32):

@@ -41,6 +41,10 @@ class AdapterConfig:
         expert), ``dense`` (every expert for every token, masked by the gates: two matmuls and no
         gather, cheap because the ranks are tiny), or ``auto`` (dense when all experts are local,
         routing is dropless and N ≤ DENSE_KERNEL_MAX_EXPERTS, else sparse).
+    kernel: ``auto`` (default: the fused layer — base product, router, adapter and a hand-written
+        backward in one autograd Function — wherever it implements the layer, else the reference
+        parts), ``fused`` (an error where it cannot run: tensor-parallel bases, experts split over
+        ranks, the sparse experts kernel, normalize_gates) or ``reference`` (the parts, always).
     """
 
     method: str = "malora"
@@ -59,6 +63,7 @@ class AdapterConfig:
     normalize_gates: bool = False
     capacity_factor: Optional[float] = None
     expert_kernel: str = "auto"
+    kernel: str = "auto"
 
     def __post_init__(self):
         self.target_modules = list(self.target_modules)
@@ -155,6 +160,8 @@ class AdapterConfig:
             raise ValueError(f"adapter.capacity_factor must be positive or null, got {self.capacity_factor!r}")
         if self.expert_kernel not in ("auto", "dense", "sparse"):
             raise ValueError(f"adapter.expert_kernel must be auto, dense or sparse, got {self.expert_kernel!r}")
+        if self.kernel not in ("auto", "fused", "reference"):
+            raise ValueError(f"adapter.kernel must be auto, fused or reference, got {self.kernel!r}")
         if self.expert_kernel == "dense" and self.capacity_factor is not None:
             raise ValueError("adapter.expert_kernel=dense computes every slot, so it cannot drop slots: "
                              "use expert_kernel: sparse (or auto) with capacity_factor")

@@ -65,7 +65,9 @@ class WorkCounter(TorchDispatchMode):
         flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
         flat_out = torch.utils._pytree.tree_leaves(out)
         if name.rstrip("_") in _MATMULS:
-            a, b = [t for t in flat_in if isinstance(t, torch.Tensor)][-2:]
+            # the two factors: the last two tensors (addmm: the first is the added term), or grouped_mm's first two (its offsets follow)
+            operands = [t for t in flat_in if isinstance(t, torch.Tensor)]
+            a, b = operands[:2] if name == "_grouped_mm" else operands[-2:]
             self.terms.flops += 2 * a.numel() * b.shape[-1]
         else:
             self.terms.copy_bytes += _bytes(flat_in) + _bytes(flat_out)

@@ -58,10 +58,16 @@ class DenseBatch:
 
 @dataclass
 class RowBatch:
-    """Rows grouped by local expert, and the row count of each local expert."""
+    """Rows grouped by local expert, and the row count of each local expert, on the device
+    (``count_tensor``) and, where the host already has them, as a list (``host_counts``)."""
 
     rows: torch.Tensor
-    counts: list
+    count_tensor: torch.Tensor
+    host_counts: Optional[list] = None
+
+    @property
+    def counts(self) -> list:
+        return self.host_counts if self.host_counts is not None else self.count_tensor.tolist()
 
 
 class DenseDispatch:
@@ -107,7 +113,7 @@ class GroupedDispatch:
         return sent
 
     def receive(self, sent: SentRows) -> RowBatch:
-        return RowBatch(sent.rows, sent.plan.counts)
+        return RowBatch(sent.rows, sent.plan.count_tensor)
 
     def combine(self, result: torch.Tensor, sent: SentRows, out: torch.Tensor) -> torch.Tensor:
         rows = self._return(result, sent)
@@ -144,7 +150,7 @@ class AllToAllDispatch(GroupedDispatch):
         collective, waited for in ``receive``): that hides the wait for a slower rank, not only the
         transfer."""
         ep, local, rows = self.ep_size, self.num_local_experts, sent.rows
-        send_counts = torch.tensor(sent.plan.counts, dtype=torch.int64, device=rows.device)
+        send_counts = sent.plan.count_tensor
         recv_counts = torch.empty_like(send_counts)
         if self.group is None:
             recv_counts.copy_(send_counts)
@@ -170,7 +176,8 @@ class AllToAllDispatch(GroupedDispatch):
             torch.arange(self.num_local_experts, device=received.device).repeat(self.ep_size), recv_matrix.reshape(-1))
         perm = torch.argsort(expert_of_row, stable=True)
         sent.state = (*sent.state, perm)
-        return RowBatch(received[perm], recv_matrix.sum(0).tolist())
+        local_counts = recv_matrix.sum(0)
+        return RowBatch(received[perm], local_counts, local_counts.tolist())
 
     def _return(self, rows: torch.Tensor, sent: SentRows) -> torch.Tensor:
         """Send expert outputs back to the ranks their tokens came from, in their original order."""

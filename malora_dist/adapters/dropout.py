@@ -82,6 +82,19 @@ class LayoutFreeDropout(nn.Module):
         mask = keep_mask(self.context, self.layer_key, features, self.p, x.device)
         return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
 
+    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The keep mask (tokens, width) bool that ``forward`` would apply, or None when inactive —
+        for a fused kernel that applies the dropout itself."""
+        if not self.training or self.p == 0:
+            return None
+        if self.context is None:
+            # nn.Dropout's own draw (same RNG stream as the reference path's F.dropout of x)
+            return F.dropout(torch.ones_like(x), self.p, training=True) != 0
+        if self.context.token_place.numel() != x.shape[0]:
+            raise ValueError(f"the dropout context places {self.context.token_place.numel()} tokens, but the "
+                             f"adapter's input holds {x.shape[0]}: set it for each micro-batch")
+        return keep_mask(self.context, self.layer_key, range(x.shape[-1]), self.p, x.device)
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
 

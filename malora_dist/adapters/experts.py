@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.functional import grouped_mm
 
 from .accumulate import add_product
 from .dispatch import DenseBatch, RowBatch
@@ -65,10 +66,30 @@ class DenseExperts(_Experts):
         return add_product(out, h.to(out.dtype), up.view(-1, num * rank).t())
 
 
+def grouped_mm_fits(rows: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """``torch.nn.functional.grouped_mm`` takes fp32/bf16/fp16 (not fp64) operands whose strides are
+    multiples of 16 bytes (checked in torch 2.13: a bf16 r̄ = 12 is refused); its CUDA fast path is
+    bf16 on sm90+, elsewhere it loops over the groups itself."""
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    size = rows.element_size()
+    return all(dim * size % 16 == 0 for w in weights for dim in w.shape[1:]) and rows.shape[-1] * size % 16 == 0
+
+
 class GroupedExperts(_Experts):
     def forward(self, batch: RowBatch, out: torch.Tensor) -> torch.Tensor:
         """Each expert's rows through ``up_t(down_t(·))``, in the batch's order (``out`` is unused:
         the dispatcher brings the rows back and adds them)."""
+        if grouped_mm_fits(batch.rows, self.down, self.up):
+            # One grouped product per projection, its group offsets on the device: no host sync and
+            # no launch per expert (an expert with no rows is an empty group: zero gradient).
+            offsets = torch.cumsum(batch.count_tensor, 0).to(torch.int32)
+            down = self.down.transpose(1, 2).to(batch.rows.dtype)
+            h = grouped_mm(batch.rows, down, offs=offsets)
+            if self.contracts_n:
+                h = self.hooks.sum_partial(h)
+            h = self.hooks.into_sharded_up(h)
+            return grouped_mm(h, self.up.transpose(1, 2).to(h.dtype), offs=offsets)
         # Unbind once: indexing the stacked parameter per expert would make each expert's backward
         # zero-fill a full-size gradient (quadratic in E); unbind's backward stacks them once.
         downs, ups = self.down.unbind(0), self.up.unbind(0)

@@ -26,6 +26,7 @@ from .config import AdapterConfig
 from .dispatch import AllToAllDispatch, DenseDispatch, GroupedDispatch
 from .dropout import LayoutFreeDropout
 from .experts import DenseExperts, GroupedExperts
+from .fused import WeightCache, fused_layer_forward, use_fused
 from .init import lora_down_init, malora_coefficients_init, malora_shared_init, router_init
 from .layout import SINGLE_PROCESS, AdapterLayout
 from .projection import SharedProjection
@@ -91,12 +92,18 @@ class AdapterLinear(nn.Module):
                                if split else GroupedDispatch(self.num_experts, config.capacity_factor))
         for param, dim in ((self.experts.down, down_dim), (self.experts.up, m_dim)):
             tag(param, expert=config.is_moe, tp_dim=dim).malora_ep_sharded = split
+        # the fused Function where it implements this layer (adapter.kernel); the parts above stay
+        # its parameters' owners and the reference path
+        self.fused_weights = (WeightCache() if use_fused(config, layout, base_layer, hooks.mode is not None,
+                                                          self.kernel, name) else None)
         base_weight = getattr(base_layer, "weight", None)
         if base_weight is not None and base_weight.device.type != "meta":
             self.to(base_weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
+        if self.fused_weights is not None:
+            return fused_layer_forward(self, flat_x).view(*x.shape[:-1], self.out_features)
         logits, z = self.shared(flat_x, getattr(self.router, "weight", None))  # router logits; S_A·drop(x)
         routing = self.router(logits)                  # top-k experts and their scaled gates
         sent = self.dispatcher.send(z, routing)        # rows leave for their experts' ranks
@@ -147,7 +154,8 @@ class AdapterLinear(nn.Module):
         c = self.config
         shape = f"d={c.d}, r̄={c.r_bar}" if c.method == "malora" else f"r={c.rank}"
         return (f"method={c.method}, {shape}, experts={self.num_experts} (local {self.num_local_experts}), "
-                f"top_k={self.top_k}, kernel={self.kernel}, scaling={self.scaling:g}")
+                f"top_k={self.top_k}, kernel={self.kernel}{', fused' if self.fused_weights is not None else ''}, "
+                f"scaling={self.scaling:g}")
 
 
 def _initial_values(config: AdapterConfig, n: int, m: int, local: range, seed: int, name: str,

@@ -34,21 +34,27 @@ class SlotPlan:
     order: indices into the flattened (T·k) slots, expert-major (stable: token order within an
         expert), with dropped slots removed.
     token_of_slot: the token each kept slot belongs to.
-    counts: kept slots per global expert (a CPU list: the split sizes of the exchange).
+    count_tensor: kept slots per global expert, on the device (no host sync to make).
     dropped: slots dropped by the capacity limit.
     """
 
     order: torch.Tensor
     token_of_slot: torch.Tensor
-    counts: list
+    count_tensor: torch.Tensor
     dropped: int
+
+    @property
+    def counts(self) -> list:
+        """The counts as a CPU list (the split sizes of an exchange): a host sync on a GPU, so only
+        the paths that need sizes on the host read it."""
+        return self.count_tensor.tolist()
 
 
 def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optional[float]) -> SlotPlan:
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = slot_counts(experts, num_experts)
     dropped = 0
     if capacity_factor is not None:
         capacity = math.ceil(capacity_factor * flat.numel() / num_experts)
@@ -59,7 +65,7 @@ def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optiona
         dropped = int((~keep).sum())
         order = order[keep]
         counts = counts.clamp(max=capacity)
-    return SlotPlan(order=order, token_of_slot=order // top_k, counts=counts.tolist(), dropped=dropped)
+    return SlotPlan(order=order, token_of_slot=order // top_k, count_tensor=counts, dropped=dropped)
 
 
 def global_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
@@ -97,13 +103,16 @@ def router_statistics(
     probs: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, with_z_loss: bool,
     group: Optional[dist.ProcessGroup],
 ) -> RouterStatistics:
-    # scatter_add, not bincount: bincount on CUDA reads the maximum back to the host (a sync per
-    # layer, which stalls the launch queue); the size here is known.
-    flat = experts.reshape(-1)
-    slot_counts = torch.zeros(probs.shape[-1], dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
     z_sum = torch.logsumexp(router_precision(logits), dim=-1).pow(2).sum() if with_z_loss else None
-    return RouterStatistics(slot_counts, experts.shape[0], probs.sum(dim=0), z_sum, experts.shape[-1], group)
+    return RouterStatistics(slot_counts(experts, probs.shape[-1]), experts.shape[0], probs.sum(dim=0), z_sum,
+                            experts.shape[-1], group)
+
+
+def slot_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N,) int64: routed slots per expert. scatter_add, not bincount: bincount on CUDA reads the
+    maximum back to the host (a sync per layer, which stalls the launch queue); the size is known."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 @dataclass

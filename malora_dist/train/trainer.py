@@ -28,7 +28,7 @@ from .config import RunConfig
 from .heldout import record_best
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler
-from .telemetry import Telemetry, device_synchronize
+from .telemetry import PhaseTimer, Telemetry
 
 IGNORE_INDEX = -100
 # Set by the SIGTERM handler of launch/train.py (what SLURM sends before a time limit).
@@ -124,23 +124,21 @@ class Trainer:
         # per task: [loss sum, token count], then [lm loss sum, aux sum, input tokens]
         task_sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)
-        forward_s = backward_s = 0.0
+        timer = PhaseTimer(device)
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             set_dropout_context(model, self._dropout_context(index, batch["input_ids"].shape))
-            t0 = time.perf_counter()
+            t0 = timer.mark()
             logits = model(batch["input_ids"], batch["position_ids"])
             token_losses = model.token_losses(logits, batch["labels"])
             loss = token_losses.sum() / global_tokens
             if self.fault_injector is not None:
                 loss = self.fault_injector(self.step, loss)
             aux = auxiliary_loss(model).to(device) / len(batches)
-            device_synchronize(device)
-            t1 = time.perf_counter()
+            t1 = timer.mark()
             (loss + aux).backward()
-            device_synchronize(device)
-            forward_s += t1 - t0
-            backward_s += time.perf_counter() - t1
+            timer.add("forward_s", t0, t1)
+            timer.add("backward_s", t1, timer.mark())
             with torch.no_grad():
                 mask = loss_token_mask(batch["labels"])
                 task_ids = batch["task_ids"][mask]
@@ -149,7 +147,7 @@ class Trainer:
                 totals += torch.stack([loss.detach().double() * global_tokens, aux.detach().double(),
                                        torch.tensor(float(batch["input_ids"].numel()), dtype=torch.float64, device=device)])
 
-        t2 = time.perf_counter()
+        t2 = timer.mark()
         reduce_gradients(self.params, groups)
         grad_norm = clip_grad_norm_(self.params, self.config.train.grad_clip, groups)
         stats = torch.cat([task_sums.reshape(-1), totals,
@@ -167,8 +165,8 @@ class Trainer:
         # The loss and the norm are the same on every rank after the reductions above, so every
         # rank takes the same decision here without another collective.
         finite = math.isfinite(loss_value) and math.isfinite(aux_sum) and bool(torch.isfinite(grad_norm))
-        backward_s += time.perf_counter() - t2
-        t3 = time.perf_counter()
+        t3 = timer.mark()
+        timer.add("backward_s", t2, t3)  # the gradient reduction and clipping count as backward
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = False
         if not finite:
@@ -178,8 +176,8 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        device_synchronize(device)
-        optimizer_s = time.perf_counter() - t3
+        timer.add("optimizer_s", t3, timer.mark())
+        times = timer.totals()  # the step's one wait for the device's queue (CUDA)
         self.step += 1
         step_s = time.perf_counter() - step_start
         task_loss = {
@@ -189,7 +187,7 @@ class Trainer:
         return StepResult(
             loss=loss_value, aux_loss=aux_sum, grad_norm=float(grad_norm), skipped=skipped,
             tokens=int(input_tokens), lr=lr,
-            times={"forward_s": forward_s, "backward_s": backward_s, "optimizer_s": optimizer_s, "step_s": step_s},
+            times={**times, "step_s": step_s},
             task_loss=task_loss,
         )
 

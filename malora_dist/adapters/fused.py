@@ -1,0 +1,339 @@
+"""The fused adapted linear: base product, router, adapter and their backward in one autograd Function.
+
+The reference path (``layer.py``'s parts) runs ~50 ATen ops per MoE layer's forward and backward, each
+a kernel launch on a GPU, and autograd adds a gradient sum into x per branch that reads x. Here one
+``torch.autograd.Function`` per layer does the same math (DESIGN.md §1) with a hand-written backward:
+
+- the router and the first adapter product (MALoRA's ``S_A``, MoLoRA's stacked ``A_t``) are ONE
+  product of x with the stacked ``[W_g; S_A]`` (fp32 logits: bf16 inputs with an fp32 output on CUDA
+  via ``out_dtype``; fp32/fp64 on CPU stay as they are);
+- top-k, the dense gate matrix and the softmax's backward run on the small (T, N) tensors;
+- the up-projection is accumulated into the base's fresh output (``addmm_``), and the input
+  gradient is formed once (``addmm_`` of the base's product into the adapter's), no autograd sum;
+- the backward keeps x (the base's product needs it anyway), the frozen base weight, tensors of
+  width N, d or N·r and, with dropout, its bool mask — no T×m or extra T×n activation;
+- the stacked/transposed/cast weights are built once per optimizer step (``PreparedWeights``,
+  keyed on the parameters' ``_version``), not on every forward.
+
+It covers what ``fused_unsupported_reason`` accepts: the standard lora/molora/malora configurations on
+a plain ``nn.Linear`` base (or a tensor-parallel base at tp=1) with every expert on this rank (the dense experts kernel), dropout on or
+off, z-loss on or off. Tensor parallelism, expert parallelism (all-to-all), the grouped (sparse)
+kernel, capacity limits, renormalised gates and any config key it does not know keep the reference
+parts. A hand-written backward rather than ``torch.compile`` (not measured against it): it folds
+the input gradient into the base's product and keeps only small tensors, which a compiled region
+that stops at the frozen base would not, and it needs no compiler on the CPU; the reference forward
+also has graph breaks (``_is_view``, the sparse path's host-side counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .config import AdapterConfig
+from .layout import AdapterLayout
+from .routing import RouterStatistics
+
+KERNELS = ("auto", "fused", "reference")
+# The config keys the fused Function implements (each, at any value it accepts). A key added to
+# AdapterConfig later (a new method or ablation flag) sends the layer to the reference path as soon
+# as it is set away from its default, until the Function learns it.
+_FUSED_KEYS = {"method", "rank", "num_experts", "top_k", "lam", "shared_dim", "expert_rank", "alpha", "beta",
+               "dropout", "target_modules", "balance_loss_coef", "router_z_loss_coef", "normalize_gates",
+               "capacity_factor", "expert_kernel", "kernel"}
+
+
+def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_layer: nn.Module,
+                             tensor_parallel: bool, experts_kernel: str) -> Optional[str]:
+    """None when the fused Function computes exactly this layer; else why it cannot (the predicate
+    that picks fused vs reference when the layer is built)."""
+    if config.method not in ("lora", "molora", "malora"):
+        return f"method {config.method!r} has no fused kernel"
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for key in defaults:
+        if key not in _FUSED_KEYS and getattr(config, key) != defaults[key]:
+            return f"adapter.{key} is not implemented by the fused kernel"
+    if config.normalize_gates:
+        return "adapter.normalize_gates is not implemented by the fused kernel"
+    if layout.experts_split:
+        return "experts split over ranks (placement ep) travel by all-to-all: reference parts"
+    if experts_kernel != "dense":
+        return "the grouped (sparse) experts kernel is not fused (expert_kernel sparse, capacity_factor or N > 32)"
+    if tensor_parallel:
+        return "tensor-parallel bases use the reference parts (their mappings sit between the products)"
+    if not plain_product(base_layer):
+        return (f"the base is a {type(base_layer).__name__} (the fused kernel computes x Wᵀ + b itself: an "
+                f"nn.Linear or a tensor-parallel base at tp=1, without hooks)")
+    return None
+
+
+def plain_product(base_layer: nn.Module) -> bool:
+    """The base computes ``x Wᵀ + b`` and nothing else: an ``nn.Linear``, or a column/row-parallel
+    wrapper (``malora_dist.models.tp_linear``) at tp=1, where megatron's mappings are identities."""
+    if base_layer._forward_hooks or base_layer._forward_pre_hooks:
+        return False
+    if type(base_layer) is nn.Linear:
+        return True
+    return getattr(base_layer, "parallel_mode", None) in ("column", "row") and getattr(base_layer, "tp_size", 0) == 1
+
+
+def use_fused(config: AdapterConfig, layout: AdapterLayout, base_layer: nn.Module, tensor_parallel: bool,
+              experts_kernel: str, name: str = "") -> bool:
+    """``adapter.kernel``: ``reference`` never, ``fused`` always (an error where it cannot), ``auto``
+    wherever it can."""
+    if config.kernel == "reference":
+        return False
+    reason = fused_unsupported_reason(config, layout, base_layer, tensor_parallel, experts_kernel)
+    if reason is not None and config.kernel == "fused":
+        raise ValueError(f"adapter.kernel=fused cannot run {name or 'this layer'}: {reason}; "
+                         f"set adapter.kernel: auto (fused where it can) or reference")
+    return reason is None
+
+
+# ---- products with router precision ---------------------------------------------------------------
+_mm_out_dtype_works = True
+
+
+def wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result at least (fp64 stays fp64): bf16/fp16 inputs go to the tensor
+    cores with an fp32 output on CUDA; elsewhere they are upcast."""
+    if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    global _mm_out_dtype_works
+    if a.is_cuda and a.dim() == 2 and b.dim() == 2 and _mm_out_dtype_works:
+        low = a.dtype if a.dtype not in (torch.float32, torch.float64) else b.dtype
+        try:
+            return torch.mm(a.to(low), b.to(low), out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # a build without that kernel: upcast from now on
+            _mm_out_dtype_works = False
+    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    return a.to(wide) @ b.to(wide)
+
+
+# ---- the weights as the Function reads them --------------------------------------------------------
+@dataclass
+class PreparedWeights:
+    """The adapter's weights in the activations' dtype and the layouts the products read.
+
+    first: (N + w, n), ``[W_g; S_A]`` (MALoRA) or ``[W_g; A_1; …; A_N]`` (MoLoRA), or the down
+        projection alone (LoRA: (r, n));
+    router_rows: N (0 for LoRA): ``first[:N]`` is the router, ``first[N:]`` what reads drop(x);
+    down: (N·r̄, d), MALoRA's stacked P_t (None otherwise);
+    up: (N·r, m), the stacked B_t / B̄_t, transposed so that ``out += h @ up``.
+    """
+
+    first: torch.Tensor
+    router_rows: int
+    down: Optional[torch.Tensor]
+    up: torch.Tensor
+
+
+def prepare_weights(router: Optional[torch.Tensor], shared: Optional[torch.Tensor], down: torch.Tensor,
+                    up: torch.Tensor, dtype: torch.dtype) -> PreparedWeights:
+    with torch.no_grad():
+        num, rank, width = down.shape
+        flat_down = down.reshape(num * rank, width)
+        second = shared if shared is not None else flat_down
+        first = second if router is None else torch.cat([router, second])
+        up_rows = torch.empty((num, rank, up.shape[1]), dtype=dtype, device=up.device).copy_(up.transpose(1, 2))
+        return PreparedWeights(first=first.to(dtype).contiguous(), router_rows=0 if router is None else router.shape[0],
+                               down=None if shared is None else flat_down.to(dtype),
+                               up=up_rows.view(num * rank, -1))
+
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# The fused AdamW kernel (train/optim.py) updates parameters in place without moving their
+# ``_version`` (checked: torch 2.13, CPU), so every torch optimizer's step also invalidates the cache.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class WeightCache:
+    """``PreparedWeights`` rebuilt only when a parameter may have changed: after any torch optimizer's
+    step, or when its ``_version`` moved (``load_state_dict``, a ``no_grad`` fill, a plain in-place
+    update), or when the dtype did."""
+
+    def __init__(self):
+        self._key = None
+        self._weights: Optional[PreparedWeights] = None
+
+    def get(self, params: tuple, dtype: torch.dtype) -> PreparedWeights:
+        # inference mode makes inference tensors, which a later training forward must not reuse
+        key = (dtype, _optimizer_steps, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        if key != self._key:
+            self._weights = prepare_weights(*params, dtype)
+            self._key = key
+        return self._weights
+
+
+# ---- the Function -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FusedSpec:
+    """What the Function computes, besides its tensors.
+
+    keep: the dropout's keep mask (T, n) bool, scaled by ``keep_scale``, or None (no dropout). The
+        Function keeps it for the backward (1 byte per element, where the reference parts keep
+        drop(x) itself). Recomputing the layout-free hash in the backward instead made the fused
+        MALoRA layer 3 % slower than the reference parts (one CPU layer, 1024², 512 tokens).
+    """
+
+    num_experts: int
+    top_k: int
+    scaling: float
+    z_loss: bool
+    keep: Optional[torch.Tensor] = None
+    keep_scale: float = 1.0
+
+
+class FusedAdapterFunction(torch.autograd.Function):
+    """Outputs: the layer's output (T, m), the router's probability sums (N,), Σ logsumexp² (a scalar)
+    and the routed slots per expert (N,) int64 (not differentiable); LoRA's and a disabled z-loss's
+    outputs are empty."""
+
+    @staticmethod
+    def forward(ctx, spec: FusedSpec, weights: PreparedWeights, x, base_weight, base_bias, router, shared, down, up):
+        routed = weights.router_rows > 0
+        keep = spec.keep
+        dropped = x if keep is None else x * keep.to(x.dtype) * spec.keep_scale
+        num_router = weights.router_rows
+        if routed and keep is None:  # one product for router and adapter: they read the same x
+            both = wide_product(x, weights.first.t())
+            logits, rest = both[:, :num_router], both[:, num_router:].to(x.dtype)
+        else:
+            logits = wide_product(x, weights.first[:num_router].t()) if routed else None
+            rest = dropped @ weights.first[num_router:].t()
+        z = rest if weights.down is not None else None
+        h = rest if z is None else z @ weights.down.t()
+        tokens = x.shape[0]
+        if routed:
+            probs = torch.softmax(logits, dim=-1)
+            experts = torch.topk(probs, spec.top_k, dim=-1).indices
+            # scaling on the chosen experts, zero elsewhere: gates = probs · chosen, and the gates'
+            # gradient reaches probs through the same (T, N) matrix
+            chosen = torch.zeros_like(probs).scatter_(1, experts, spec.scaling)
+            gates = probs * chosen
+            gated = (h.view(tokens, spec.num_experts, -1) * gates.unsqueeze(-1).to(h.dtype)).view(tokens, -1)
+            prob_sums = probs.sum(0)
+            lse = torch.logsumexp(logits, dim=-1) if spec.z_loss else None
+            z_sum = lse.pow(2).sum() if spec.z_loss else probs.new_empty((0,))
+        else:  # LoRA: no router; empty placeholders keep the outputs' arity
+            probs = gates = chosen = lse = None
+            gated = h * spec.scaling
+            prob_sums, z_sum = x.new_empty((0,)), x.new_empty((0,))
+            experts = x.new_empty((0,), dtype=torch.int64)
+        out = x @ base_weight.t() if base_bias is None else torch.addmm(base_bias, x, base_weight.t())
+        out.addmm_(gated, weights.up)
+        ctx.save_for_backward(x, base_weight, h, gated, z, probs, gates, chosen, lse, keep)
+        ctx.spec, ctx.weights, ctx.routed = spec, weights, routed
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (router, shared, down, up))
+        ctx.set_materialize_grads(False)  # unused outputs (the statistics at eval) cost no zero fills
+        # slots per expert, for the balance loss: one op on the (T, N) matrix the gates use anyway
+        counts = torch.count_nonzero(chosen, dim=0) if routed else experts
+        ctx.mark_non_differentiable(counts)
+        return out, prob_sums, z_sum, counts
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_prob_sums, grad_z_sum, _grad_counts):
+        x, base_weight, h, gated, z, probs, gates, chosen, lse, keep = ctx.saved_tensors
+        spec, weights = ctx.spec, ctx.weights
+        needs = ctx.needs_input_grad  # spec, weights, x, base_weight, base_bias, router, shared, down, up
+        grad_out = torch.zeros_like(x[:, :1]).expand(-1, base_weight.shape[0]) if grad_out is None else grad_out
+        grad_out = grad_out.contiguous()
+        tokens = x.shape[0]
+        grad_up = wide_product(gated.t(), grad_out) if needs[8] else None  # (N·r, m)
+        grad_gated = grad_out @ weights.up.t()  # (T, N·r)
+        if ctx.routed:
+            num, rank = spec.num_experts, grad_gated.shape[1] // spec.num_experts
+            # per (token, expert): the dot product of its rank-space gradient and h (one batched product)
+            grad_gates = torch.matmul(grad_gated.view(tokens, num, 1, rank).to(probs.dtype),
+                                      h.unflatten(1, (num, rank)).unsqueeze(-1).to(probs.dtype)).view(tokens, num)
+            grad_h = (grad_gated.view(tokens, num, rank) * gates.unsqueeze(-1).to(grad_gated.dtype)).view(tokens, -1)
+            if grad_prob_sums is not None and grad_prob_sums.numel():  # the balance loss reads every prob
+                grad_probs = torch.addcmul(grad_prob_sums.to(probs.dtype), grad_gates, chosen)
+            else:
+                grad_probs = grad_gates * chosen
+            grad_logits = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            if spec.z_loss and grad_z_sum is not None and grad_z_sum.numel():
+                grad_logits = grad_logits + (2 * grad_z_sum) * lse.unsqueeze(-1) * probs
+        else:
+            grad_h = grad_gated * spec.scaling
+            grad_logits = None
+        grad_down_flat = None
+        if z is not None:  # MALoRA: h = z P, z = S_A drop(x)
+            grad_down_flat = wide_product(grad_h.t(), z) if needs[7] else None
+            grad_rest = grad_h @ weights.down
+        else:
+            grad_rest = grad_h
+        num_router = weights.router_rows
+        grad_router = grad_second = grad_x = None
+        if keep is None:
+            grad_first_rows = grad_rest if grad_logits is None else torch.cat([grad_logits.to(grad_rest.dtype), grad_rest], 1)
+            grad_first = wide_product(grad_first_rows.t(), x)  # (N + w, n): router and second at once
+            if num_router:
+                grad_router, grad_second = grad_first[:num_router], grad_first[num_router:]
+            else:
+                grad_second = grad_first
+            if needs[2]:
+                grad_x = grad_first_rows @ weights.first
+        else:
+            scaled_keep = keep.to(x.dtype) * spec.keep_scale
+            grad_second = wide_product(grad_rest.t(), x * scaled_keep)
+            if needs[2]:
+                grad_x = (grad_rest @ weights.first[num_router:]).mul_(scaled_keep)
+                if num_router:
+                    grad_x.addmm_(grad_logits.to(x.dtype), weights.first[:num_router])
+            if num_router:
+                grad_router = wide_product(grad_logits.t(), x)
+        if grad_x is not None:
+            grad_x.addmm_(grad_out, base_weight)  # the base's input gradient, accumulated once
+        num, rank = spec.num_experts, grad_gated.shape[1] // spec.num_experts
+        if z is None:
+            grad_down = grad_second.view(num, rank, -1)
+            grad_shared = None
+        else:
+            grad_down = grad_down_flat.view(num, rank, -1) if grad_down_flat is not None else None
+            grad_shared = grad_second
+        grad_up = grad_up.view(num, rank, -1).transpose(1, 2) if grad_up is not None else None
+        grads = [g if g is None or g.dtype == dtype else g.to(dtype)
+                 for g, dtype in zip((grad_router, grad_shared, grad_down, grad_up), ctx.param_dtypes)]
+        return (None, None, grad_x, None, None, *grads)
+
+
+def fused_adapter(x: torch.Tensor, base_weight: torch.Tensor, base_bias: Optional[torch.Tensor],
+                  router: Optional[torch.Tensor], shared: Optional[torch.Tensor], down: torch.Tensor,
+                  up: torch.Tensor, spec: FusedSpec, weights: Optional[PreparedWeights] = None):
+    """(out, prob_sums, z_sum, slot counts) of one adapted linear; ``weights`` from a ``WeightCache``
+    (made here when None: what ``gradcheck`` needs, as it perturbs the parameters in place)."""
+    if weights is None:
+        weights = prepare_weights(router, shared, down, up, x.dtype)
+    return FusedAdapterFunction.apply(spec, weights, x, base_weight, base_bias, router, shared, down, up)
+
+
+def fused_layer_forward(layer, flat_x: torch.Tensor) -> torch.Tensor:
+    """``AdapterLinear.forward`` on the fused path: (T, n) → (T, m), router statistics set."""
+    router = getattr(layer.router, "weight", None)
+    shared, down, up = layer.shared.weight, layer.experts.down, layer.experts.up
+    weights = layer.fused_weights.get((router, shared, down, up), flat_x.dtype)
+    dropout = layer.shared.dropout
+    keep = dropout.mask_for(flat_x)
+    spec = FusedSpec(num_experts=layer.num_local_experts, top_k=layer.top_k, scaling=layer.scaling,
+                     z_loss=router is not None and layer.router.z_loss, keep=keep,
+                     keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0)
+    base = layer.base_layer
+    out, prob_sums, z_sum, counts = fused_adapter(flat_x, base.weight, base.bias, router, shared, down, up,
+                                                  spec, weights)
+    if router is not None:
+        layer.router.stats = RouterStatistics(counts, flat_x.shape[0], prob_sums, z_sum if spec.z_loss else None,
+                                              layer.top_k, layer.router.dp_group)
+    return out
