@@ -65,17 +65,19 @@ class MultiTaskData:
 
 def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: Optional[str] = None) -> MultiTaskData:
     """Read, prompt, tokenise and pack every task of ``cfg``; ``seed`` (the trainer's) drives the
-    mixing stream; ``base_dir`` resolves relative data paths (default: the working directory)."""
+    mixing stream (and the tasks' ``sample`` unless ``cfg.sample_seed`` is set); ``base_dir`` resolves relative data paths (default: the working directory)."""
     chat_tokenizer = tokenizer if cfg.use_chat_template else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
     train: list = []
     eval_examples, stats = {}, {}
+    sample_seed = cfg.sample_seed if cfg.sample_seed is not None else seed
     for task_id, task in enumerate(cfg.tasks):
         bad = BadRecords(cfg.bad_records)
-        records = read_task_records(task, held_out=False, bad=bad, base_dir=base_dir)
+        records = read_task_records(task, held_out=False, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir,
+                                    sample_seed=sample_seed)
         examples = _to_examples(records, task, task_id, chat_tokenizer, bad)
         if task.eval_paths or task.eval_split:
-            held_records = read_task_records(task, held_out=True, bad=bad, base_dir=base_dir)
+            held_records = read_task_records(task, held_out=True, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir)
             held = _to_examples(held_records, task, task_id, chat_tokenizer, bad)
         else:
             examples, held = _split_off(examples, cfg.eval_fraction, task.name)
