@@ -130,6 +130,11 @@ class TaskConfig:
         with ``data.sample_seed`` (default ``train.seed``) by a hash of each record's content, so
         the sample does not depend on the order of the files. A task with fewer records keeps them
         all (with a warning). Not together with ``limit``.
+    eval_only: the task is evaluated, never trained on: a test-only task of a suite (the paper's
+        inter-domain GSM8K, HumanEval, PhraseBank, ARC). It has a held-out set only (``eval_paths``,
+        or ``hub`` with ``eval_split``) and no training keys (``paths``, ``split``, ``limit``,
+        ``sample``, ``weight``); it gets no share of the training mixture. ``launch/evaluate.py`` and
+        the held-out loss score it like any other task.
     """
 
     name: str = ""
@@ -149,13 +154,17 @@ class TaskConfig:
     context_field: Optional[str] = None
     limit: Optional[int] = None
     sample: Optional[int] = None
+    eval_only: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
             raise _Invalid("name", "is required: give the task a short unique name, e.g. name: arc_easy")
         self.paths = _str_list(self.paths, "paths") if self.paths else []
         self.eval_paths = _str_list(self.eval_paths, "eval_paths") if self.eval_paths else []
-        if bool(self.paths) == bool(self.hub):
+        _flag(self.eval_only, "eval_only")
+        if self.eval_only:
+            self._check_eval_only()
+        elif bool(self.paths) == bool(self.hub):
             raise _Invalid(
                 "paths", f"or hub: give exactly one for task {self.name!r} (local files in paths, or a hub dataset name in hub)"
             )
@@ -164,7 +173,7 @@ class TaskConfig:
                 raise _Invalid(key, "applies to hub datasets only: remove it, or set hub")
         if self.hub and self.eval_paths:
             raise _Invalid("eval_paths", "cannot be combined with hub: use eval_split for a hub dataset")
-        if self.hub and self.split is None:
+        if self.hub and self.split is None and not self.eval_only:
             self.split = "train"
         self._resolve_format()
         if not _is_number(self.weight) or not self.weight > 0:
@@ -188,6 +197,22 @@ class TaskConfig:
                 raise _Invalid(key, f"must be a positive integer or null, got {value!r}")
         if self.limit is not None and self.sample is not None:
             raise _Invalid("sample", "cannot be combined with limit (the first N records): keep one of them")
+
+    def _check_eval_only(self) -> None:
+        """A held-out set and no training keys (each would be silently ignored)."""
+        if self.paths:
+            raise _Invalid("paths", "has no effect with eval_only: true (the task is not trained on): "
+                                    "give its held-out files in eval_paths instead")
+        if not self.hub and not self.eval_paths:
+            raise _Invalid("eval_only", "needs a held-out set: eval_paths (local files), or hub with eval_split")
+        if self.hub and self.eval_split is None:
+            raise _Invalid("eval_split", "is required with hub and eval_only: true: name the split to evaluate on")
+        for key in ("split", "limit", "sample"):
+            if getattr(self, key) is not None:
+                raise _Invalid(key, "has no effect with eval_only: true (the task is not trained on): remove it")
+        if self.weight != 1.0:
+            raise _Invalid("weight", "has no effect with eval_only: true (the task gets no share of the "
+                                     "training mixture): remove it")
 
     def _resolve_format(self) -> None:
         """Check ``format`` and fill in the style and metric it implies; check the ones given."""

@@ -73,8 +73,8 @@ def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: O
     sample_seed = cfg.sample_seed if cfg.sample_seed is not None else seed
     for task_id, task in enumerate(cfg.tasks):
         bad = BadRecords(cfg.bad_records)
-        records = read_task_records(task, held_out=False, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir,
-                                    sample_seed=sample_seed)
+        records = [] if task.eval_only else read_task_records(
+            task, held_out=False, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir, sample_seed=sample_seed)
         examples = _to_examples(records, task, task_id, chat_tokenizer, bad)
         if task.eval_paths or task.eval_split:
             held_records = read_task_records(task, held_out=True, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir)
@@ -88,7 +88,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: O
             records=len(records), skipped=bad.count, examples=len(tokenized), truncated=counts.truncated,
             dropped=counts.dropped, eval_examples=len(held), skip_reasons=bad.reasons,
         )
-        if not tokenized:
+        if not tokenized and not task.eval_only:
             raise DataError(_empty_task_message(task, stat, cfg.seq_len))
         train.extend(tokenized)
         eval_examples[task.name] = held
@@ -98,7 +98,8 @@ def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: O
     for task, n in zip(cfg.tasks, sequences):
         stats[task.name].sequences = n
     sizes = [stats[t.name].examples for t in cfg.tasks]
-    mixing = mixing_probabilities(sizes, [t.weight for t in cfg.tasks], cfg.mixing, cfg.temperature)
+    weights = [0.0 if t.eval_only else t.weight for t in cfg.tasks]  # no share of the training stream
+    mixing = mixing_probabilities(sizes, weights, cfg.mixing, cfg.temperature)
     for task, p in zip(cfg.tasks, mixing):
         s = stats[task.name]
         log.info(

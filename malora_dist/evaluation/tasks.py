@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..data import DataConfig, Example, TaskConfig, build_multitask_data
 from ..data.config import STYLES
+from ..logging_utils import get_logger
 
 
 @dataclass
@@ -71,10 +72,23 @@ def load_eval_tasks(data: DataConfig, tokenizer: Any, seed: int, task_configs: O
     tasks = []
     for task in data.tasks:
         examples = built.eval_examples[task.name]
+        if not examples and _training_only(task, data) and not from_specs:
+            # a suite's training-only dataset (the paper's MetaMathQA): its skills are scored on
+            # other, eval_only tasks
+            get_logger().info("task %s has no held-out set (no eval_paths, eval_split or "
+                              "data.eval_fraction): not scored", task.name)
+            continue
         if not examples:
             raise ValueError(
                 f"task {task.name!r} has no held-out examples: give it eval_paths (or eval_split), set "
                 f"data.eval_fraction, or pass --task {task.name}=PATH"
             )
         tasks.append(EvalTask(task.name, task.style, examples[:limit] if limit is not None else examples))
+    if not tasks:
+        raise ValueError("no task has a held-out set: give tasks eval_paths (or eval_split), set "
+                         "data.eval_fraction, or pass --task NAME=PATH")
     return tasks
+
+
+def _training_only(task: TaskConfig, data: DataConfig) -> bool:
+    return not (task.eval_paths or task.eval_split or data.eval_fraction > 0)
