@@ -49,6 +49,11 @@ def lora_down_init(expert: int, rank: int, in_features: int, seed: int, layer: s
     return kaiming_uniform(rank, in_features, generator_for(seed, layer, "down", expert))
 
 
+def identity_coefficients(num_experts: int, rank: int) -> torch.Tensor:
+    """HydraLoRA's P_t: the identity, fixed, so that expert t's update is B_t A with one shared A."""
+    return torch.eye(rank).expand(num_experts, rank, rank).clone()
+
+
 def router_init(num_experts: int, in_features: int, seed: int, layer: str) -> torch.Tensor:
     """The router's ``W_g``: ``nn.Linear(n, N, bias=False)``'s default init."""
     return kaiming_uniform(num_experts, in_features, generator_for(seed, layer, "router"))
