@@ -11,10 +11,10 @@ has an effect; a key that would be ignored in a given combination (``temperature
       temperature: 2.0
       eval_fraction: 0.1          # for tasks without eval_paths
       tasks:
-        - {name: arc_easy, paths: [../shared/data/commonsense/ARC-Easy/train.json],
-           eval_paths: [../shared/data/commonsense/ARC-Easy/test.json]}
-        - {name: boolq, paths: [../shared/data/commonsense/boolq/train.json], weight: 0.5}
-        - {name: piqa, paths: [../shared/data/commonsense/piqa/test.json], style: label}
+        - {name: arc_easy, paths: [data/commonsense/ARC-Easy/train.json],
+           eval_paths: [data/commonsense/ARC-Easy/test.json]}
+        - {name: boolq, paths: [data/commonsense/boolq/train.json], weight: 0.5}
+        - {name: piqa, paths: [data/commonsense/piqa/test.json], style: label}
         - {name: medmcqa, hub: openlifescienceai/medmcqa, format: medmcqa, sample: 30000}
 
 With ``local_dir: DIR``, hub tasks read ``DIR/<task name>/train.jsonl`` (and ``test.jsonl`` for

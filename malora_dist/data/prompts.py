@@ -5,10 +5,11 @@ another measures the mismatch, not the adapter. ``build_prompt(mc, style)`` is t
 ``option_continuations(mc, style)`` the continuation of every option; the training target of an
 item is its gold option's continuation, so the scorer compares exactly what training taught.
 
-The commonsense format (``../shared/data/commonsense/README.md``): ``instruction`` holds the
-question, the numbered options (``Answer1: … Answer2: …`` on one line, or ``Solution1: …`` blocks
-separated by blank lines) or a true/false question, and ends with ``Answer format: answer1/…``;
-``answer`` is the gold label; ``output`` is ``the correct answer is <label>``.
+The commonsense format (the instruction format common to commonsense fine-tuning sets):
+``instruction`` holds the question, the numbered options (``Answer1: … Answer2: …`` on one line, or
+``Solution1: …`` blocks separated by blank lines) or a true/false question, and ends with
+``Answer format: answer1/…``; ``answer`` is the gold label; ``output`` is ``the correct answer is
+<label>``.
 
 Styles (prompt → continuations, with a leading space because the continuation follows the prompt
 on the same line, as in lm-evaluation-harness):
