@@ -13,8 +13,8 @@ from its newest checkpoint) and is evaluated on its run's held-out sets into
 ``points/<name>/eval.json``; a point with an ``eval.json`` is done and never re-run. Training and
 evaluation of a point are launched as separate commands (``--launcher`` prefixes them, e.g.
 torchrun or srun, for multi-process layouts). ``table`` groups the points by every grid key except
-``train.seed``: per task, the mean ± standard deviation of accuracy over seeds, and the paper's
-number beside it where the paper reports that method on that task (its LLaMA-2-7B results, for
+``train.seed``: per task, the mean ± standard deviation of the score (accuracy; ROUGE-L for rouge_l
+tasks) over seeds, and the paper's number beside it where the paper reports that method on that task (its LLaMA-2-7B results, for
 orientation only). Writes ``results.json``, ``results.md`` and, with matplotlib, ``results.png``.
 """
 

@@ -281,3 +281,19 @@ def test_smollm2_on_real_gsm8k_and_humaneval(tmp_path):
     problems = list(read_problems().values())[:2]
     for e, problem in zip(report["humaneval"]["examples"], problems):
         assert e["correct"] == run_completion(problem, e["prediction"]).passed
+
+
+def test_stop_when_reads_the_new_tokens_text():
+    """The stopping criterion decodes only the tokens after the prompt (real SmolLM2 tokenizer)."""
+    import torch
+
+    from malora_dist.generation import StopWhen
+    from malora_dist.models import load_tokenizer, smollm2_gguf_path
+
+    tok = load_tokenizer(*os.path.split(smollm2_gguf_path()))
+    prompt = tok("def f():\n")["input_ids"]
+    body = tok("    return 1\n\ndef g", add_special_tokens=False)["input_ids"]
+    stop = StopWhen(tok, len(prompt), code_complete)
+    # The prompt's own "def" is not part of the answer; the answer's new top-level def ends it.
+    assert not stop(torch.tensor([prompt + body[:3]]), None).item()
+    assert stop(torch.tensor([prompt + body + tok("(x):\n", add_special_tokens=False)["input_ids"]]), None).item()

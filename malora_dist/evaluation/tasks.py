@@ -1,7 +1,7 @@
 """Which examples an evaluation scores: the run config's held-out sets, or ``--task`` files.
 
-Both go through ``build_multitask_data``, so the evaluated examples are exactly the held-out
-examples training sees (``eval_paths`` / ``eval_split`` / the ``eval_fraction`` split), with the
+Both go through ``data.pipeline.build_eval_examples``, so the evaluated examples are exactly the
+held-out examples training sees (``eval_paths`` / ``eval_split`` / the ``eval_fraction`` split), with the
 same prompts, styles, chat template and bad-record policy. A ``--task NAME=PATH[:style|:format]``
 becomes a task whose held-out set is PATH (``synthetic:<task>`` reads the synthetic task's test split).
 """
@@ -12,7 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..data import DataConfig, Example, TaskConfig, build_multitask_data
+from ..data import DataConfig, Example, TaskConfig
+from ..data.pipeline import build_eval_examples
 from ..data.config import STYLES
 from ..data.formats import FORMATS
 
@@ -69,15 +70,16 @@ def load_eval_tasks(data: DataConfig, tokenizer: Any, seed: int, task_configs: O
     """
     from_specs = task_configs is not None
     if from_specs:
-        # Their eval_paths make eval_fraction meaningless (and DataConfig rejects it then).
-        data = dataclasses.replace(data, tasks=task_configs, eval_fraction=0.0)
+        # Their eval_paths make eval_fraction meaningless, and as files they neither read local_dir
+        # nor sample (DataConfig rejects keys without effect).
+        data = dataclasses.replace(data, tasks=task_configs, eval_fraction=0.0, local_dir=None, sample_seed=None)
     try:
-        built = build_multitask_data(data, tokenizer, seed, base_dir)
+        held_out = build_eval_examples(data, tokenizer, seed, base_dir)
     except ValueError as err:
         raise ValueError(f"--task: {err}" if from_specs else str(err)) from None
     tasks = []
     for task in data.tasks:
-        examples = built.eval_examples[task.name]
+        examples = held_out[task.name]
         if not examples:
             raise ValueError(
                 f"task {task.name!r} has no held-out examples: give it eval_paths (or eval_split), set "
