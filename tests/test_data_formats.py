@@ -284,3 +284,31 @@ def test_metric_defaults_follow_format_and_style():
         assert DataConfig.from_dict({"tasks": [hub_task(fmt)]}).tasks[0].metric == metric
     explicit = DataConfig.from_dict({"tasks": [hub_task("arc", style="generation", metric="multiple_choice")]})
     assert explicit.tasks[0].metric == "multiple_choice"
+
+
+def test_evaluation_reads_only_the_held_out_copy(tok, tmp_path):
+    """An evaluation of a hub task needs only its test.jsonl; training needs train.jsonl too."""
+    from malora_dist.data.pipeline import build_eval_examples
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text((FIXTURES / "gsm8k" / "test.jsonl").read_text())
+    cfg = DataConfig.from_dict({"tasks": [hub_task("gsm8k")], "local_dir": str(tmp_path)})
+    held = build_eval_examples(cfg, tok, seed=0)
+    assert [e.reference["answer"] for e in held["gsm8k"]] == ["12", "-3"]
+    with pytest.raises(DataError, match=r"gsm8k/train\.jsonl', which does not exist"):
+        build_multitask_data(cfg, tok, seed=0)
+
+
+def test_evaluation_holds_out_what_training_holds_out(tok, tmp_path):
+    from malora_dist.data.pipeline import build_eval_examples
+
+    _write(tmp_path / "gsm8k" / "train.jsonl", _numbered_records(30))
+    for fmt in ("arc", "e2e_nlg"):  # gsm8k from the numbered copy, the others from the fixtures
+        (tmp_path / fmt).symlink_to(FIXTURES / fmt)
+    tasks = [hub_task("gsm8k", eval_split=None, sample=20), hub_task("arc"), hub_task("e2e_nlg")]
+    cfg = DataConfig.from_dict({"tasks": tasks, "local_dir": str(tmp_path), "eval_fraction": 0.25})
+    trained = build_multitask_data(cfg, tok, seed=3).eval_examples
+    held = build_eval_examples(cfg, tok, seed=3)
+    assert {name: [e.prompt for e in examples] for name, examples in held.items()} == \
+        {name: [e.prompt for e in examples] for name, examples in trained.items()}
+    assert len(held["gsm8k"]) == 5 and len(held["arc"]) == 2

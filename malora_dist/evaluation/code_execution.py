@@ -1,0 +1,67 @@
+"""pass@1 for HumanEval-style problems: a generated completion → a program → the sandbox.
+
+The program is the problem's prompt (signature and docstring), the completion, the problem's tests
+(which define ``check``) and ``check(entry_point)``, as OpenAI's ``human-eval`` harness builds it.
+A completion that answers with a fenced code block (a chat model's habit) is reduced to the code in
+its first block; that code may repeat the whole function, which then replaces the prompt's stub.
+pass@1 over one greedy sample per problem is the mean of the passes (the unbiased pass@k
+estimator of the HumanEval paper reduces to it for n = k = 1).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from .sandbox import TIMEOUT_S, SandboxResult, run_program
+
+_FENCED = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(?P<code>.*?)(?:\n[ \t]*```|$)", re.DOTALL | re.IGNORECASE)
+_OPENING_FENCE = re.compile(r"```[ \t]*(?:python|py)\b", re.IGNORECASE)
+_CLOSING_FENCE = re.compile(r"\n[ \t]*```")
+# Where a plain completion of the prompt's function ends: a new top-level statement, as OpenAI's
+# HumanEval paper (Codex) stops sampling.
+COMPLETION_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+
+
+def is_fenced(text: str) -> bool:
+    """The answer's code is a fenced block (```python), as chat models write it, at its start or
+    after some prose."""
+    return text.lstrip().startswith("```") or _OPENING_FENCE.search(text) is not None
+
+
+def completion_end(text: str) -> Optional[int]:
+    """Where the code answer in ``text`` ends, or ``None`` while it may go on: after the closing
+    fence of a fenced answer, else at the first Codex stop (a new top-level statement). A stop
+    string inside a fenced block (its ``def``) does not end it."""
+    if is_fenced(text):
+        opening = 0 if text.lstrip().startswith("```") else _OPENING_FENCE.search(text).start()
+        closing = _CLOSING_FENCE.search(text, text.index("```", opening) + 3)
+        return closing.end() if closing else None
+    cuts = [text.find(s) for s in COMPLETION_STOPS if s in text]
+    return min(cuts) if cuts else None
+
+
+def code_complete(text: str) -> bool:
+    """Decoding may stop: the answer's code has ended, judged on its complete lines only (a line
+    that begins with ``` may go on as ```python, a fenced block after prose)."""
+    return completion_end(text[: text.rfind("\n") + 1]) is not None
+
+
+def completion_code(completion: str) -> str:
+    """The code of a completion: its first fenced block (a chat answer may put prose before it),
+    else the text up to the first stop."""
+    fenced = _FENCED.search(completion) if is_fenced(completion) else None
+    if fenced is not None:
+        return "\n" + fenced.group("code") + "\n"
+    end = completion_end(completion)
+    return completion if end is None else completion[:end]
+
+
+def check_program(problem: dict, completion: str) -> str:
+    return (f"{problem['prompt']}{completion_code(completion)}\n\n{problem['test']}\n\n"
+            f"check({problem['entry_point']})\n")
+
+
+def run_completion(problem: dict, completion: str, timeout_s: float = TIMEOUT_S) -> SandboxResult:
+    return run_program(check_program(problem, completion), timeout_s)
+
