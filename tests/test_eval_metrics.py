@@ -164,10 +164,19 @@ def test_sandbox_runs_in_a_fresh_scratch_dir_with_an_empty_environment(monkeypat
     ("```python\ndef add_two(x):\n", "\ndef add_two(x):\n", False),  # the def inside the block is no stop
     ("Here is the code:\n```", "Here is the code:", False),  # may go on as ```python
     ("Here is the code:\n```python\ndef add_two(x):\n    return x + 2\n```\n", "\ndef add_two(x):\n    return x + 2\n", True),
+    # A whole function without a fence (a chat answer): the stops count after the entry point's def.
+    ("import math\n\ndef add_two(x: int) -> int:\n", "import math\n\ndef add_two(x: int) -> int:\n", False),
+    ("import math\n\ndef ", "import math\n", False),  # the def line is not complete yet
+    ("def add_two(x):\n    return x + 2\n\n# Example usage:\n", "def add_two(x):\n    return x + 2\n", True),
 ])
 def test_completion_code_and_when_decoding_stops(text, code, complete):
-    assert completion_code(text) == code
-    assert code_complete(text) == complete
+    assert completion_code(text, "add_two") == code
+    assert code_complete(text, "add_two") == complete
+
+
+def test_a_whole_function_with_imports_before_it_passes():
+    chat_answer = "import math\n\ndef add_two(x: int) -> int:\n    return int(math.fsum([x, 2]))\n\n# Example usage:\nadd_two(1)"
+    assert run_completion(ADD_TWO, chat_answer, timeout_s=SANDBOX_TIMEOUT_S).passed
 
 
 def test_a_fenced_full_function_replaces_the_stub():
@@ -293,7 +302,7 @@ def test_stop_when_reads_the_new_tokens_text():
     tok = load_tokenizer(*os.path.split(smollm2_gguf_path()))
     prompt = tok("def f():\n")["input_ids"]
     body = tok("    return 1\n\ndef g", add_special_tokens=False)["input_ids"]
-    stop = StopWhen(tok, len(prompt), code_complete)
+    stop = StopWhen(tok, len(prompt), lambda text: code_complete(text, "f"))
     # The prompt's own "def" is not part of the answer; the answer's new top-level def ends it.
     assert not stop(torch.tensor([prompt + body[:3]]), None).item()
     assert stop(torch.tensor([prompt + body + tok("(x):\n", add_special_tokens=False)["input_ids"]]), None).item()

@@ -29,37 +29,44 @@ def is_fenced(text: str) -> bool:
     return text.lstrip().startswith("```") or _OPENING_FENCE.search(text) is not None
 
 
-def completion_end(text: str) -> Optional[int]:
+def completion_end(text: str, entry_point: str = "") -> Optional[int]:
     """Where the code answer in ``text`` ends, or ``None`` while it may go on: after the closing
     fence of a fenced answer, else at the first Codex stop (a new top-level statement). A stop
-    string inside a fenced block (its ``def``) does not end it."""
+    string inside a fenced block does not end it, nor one before the line that defines
+    ``entry_point`` in an answer that writes the whole function (imports, then its ``def``), as
+    chat models answer without a fence."""
     if is_fenced(text):
         opening = 0 if text.lstrip().startswith("```") else _OPENING_FENCE.search(text).start()
         closing = _CLOSING_FENCE.search(text, text.index("```", opening) + 3)
         return closing.end() if closing else None
-    cuts = [text.find(s) for s in COMPLETION_STOPS if s in text]
+    start = 0
+    if entry_point:
+        own_def = re.search(rf"^def {re.escape(entry_point)}\(.*$", text, re.MULTILINE)
+        if own_def is not None:
+            start = own_def.end()
+    cuts = [text.find(s, start) for s in COMPLETION_STOPS if text.find(s, start) >= 0]
     return min(cuts) if cuts else None
 
 
-def code_complete(text: str) -> bool:
+def code_complete(text: str, entry_point: str = "") -> bool:
     """Decoding may stop: the answer's code has ended, judged on its complete lines only (a line
-    that begins with ``` may go on as ```python, a fenced block after prose)."""
-    return completion_end(text[: text.rfind("\n") + 1]) is not None
+    that begins with ``` may go on as ```python, one that begins with ``def`` as the entry point's)."""
+    return completion_end(text[: text.rfind("\n") + 1], entry_point) is not None
 
 
-def completion_code(completion: str) -> str:
+def completion_code(completion: str, entry_point: str = "") -> str:
     """The code of a completion: its first fenced block (a chat answer may put prose before it),
-    else the text up to the first stop."""
+    else the text up to its end (``completion_end``)."""
     fenced = _FENCED.search(completion) if is_fenced(completion) else None
     if fenced is not None:
         return "\n" + fenced.group("code") + "\n"
-    end = completion_end(completion)
+    end = completion_end(completion, entry_point)
     return completion if end is None else completion[:end]
 
 
 def check_program(problem: dict, completion: str) -> str:
-    return (f"{problem['prompt']}{completion_code(completion)}\n\n{problem['test']}\n\n"
-            f"check({problem['entry_point']})\n")
+    code = completion_code(completion, problem["entry_point"])
+    return f"{problem['prompt']}{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def run_completion(problem: dict, completion: str, timeout_s: float = TIMEOUT_S) -> SandboxResult:

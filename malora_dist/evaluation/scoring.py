@@ -15,6 +15,7 @@ one-token dummy forward while the others finish (``lockstep_rounds``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,8 +66,10 @@ def make_item(key: tuple, example, style: str, metric: str, chat_tokenizer: Any)
     """The scored strings of an example, from the data package's prompt builders: its options in
     ``style`` for ``multiple_choice``, else a prompt to answer, with the metric's decoding budget."""
     if metric != "multiple_choice":
+        done = partial(code_complete, entry_point=example.reference["problem"]["entry_point"]) \
+            if metric == "pass_at_1" else None
         return Item(key, example.prompt, [], -1, example.target, example.where, metric, example.reference,
-                    MAX_NEW_TOKENS.get(metric), code_complete if metric == "pass_at_1" else None)
+                    MAX_NEW_TOKENS.get(metric), done)
     mc = example.mc
     options = option_continuations(mc, style, chat_tokenizer)
     return Item(key, build_prompt(mc, style, chat_tokenizer), options, mc.gold_index, options[mc.gold_index],
