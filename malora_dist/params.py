@@ -43,6 +43,7 @@ PAPER_ROWS = (
     ("MALoRA, fixed S_A, r̄=16", "ablations/malora_fixed_shared_A.yaml", None, "Table 3"),
     ("MALoRA, frozen P_t", "ablations/malora_frozen_P.yaml", None, "Table 3"),
     ("MALoRA, no asymmetry (r̄=8, d=64)", "ablations/malora_no_asymmetry.yaml", None, "Table 3"),
+    ("MALoRA, no shared S_A (per-expert S_t)", "ablations/malora_no_shared_S_A.yaml", None, "Table 3"),
     ("HydraLoRA-style (shared A)", "ablations/hydralora.yaml", None, "–"),
 )
 
@@ -82,8 +83,8 @@ def parameter_report(model_config, adapter: AdapterConfig) -> dict:
     }
     if adapter.is_moe:
         report.update(num_experts=adapter.num_experts, top_k=adapter.top_k)
-    if adapter.has_shared_projection:
-        report.update(shared_dim=adapter.d, expert_rank=adapter.r_bar)
+    if adapter.has_subspace:
+        report.update(shared_dim=adapter.d, expert_rank=adapter.r_bar, subspace=adapter.subspace)
     else:
         report.update(rank=adapter.rank)
     if adapter.frozen_parts:

@@ -20,6 +20,9 @@ def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scali
     gates = torch.zeros_like(probs).scatter(1, top_index, top_values)
     if method == "hydralora":  # one shared A, no per-expert down-projection: B_t (A x)
         h = (a @ params["shared_A"].t()).unsqueeze(1).expand(-1, params["expert_up"].shape[0], -1)
+    elif "expert_subspace" in params:  # MALoRA with per-expert subspaces S_t
+        z = torch.einsum("tn,edn->ted", a, params["expert_subspace"])
+        h = torch.einsum("ted,erd->ter", z, params["expert_down"])
     elif method == "malora":
         h = torch.einsum("td,erd->ter", a @ params["shared_A"].t(), params["expert_down"])
     else:

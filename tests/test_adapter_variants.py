@@ -23,6 +23,9 @@ VARIANTS = [
     ("frozen_P", dict(method="malora", rank=4, freeze=["expert_down"]), "malora", {"expert_down"}),
     ("no_asymmetry", dict(method="malora", rank=4, shared_dim=16, expert_rank=4), "malora", set()),
     ("molora_identical_init", dict(method="molora", rank=6, identical_init=True), "molora", set()),
+    ("no_shared_S_A", dict(method="malora", rank=4, subspace="per_expert"), "malora", set()),
+    ("no_shared_S_A_frozen_P", dict(method="malora", rank=4, subspace="per_expert", freeze=["expert_down"]),
+     "malora", {"expert_down"}),
 ]
 
 
@@ -218,7 +221,40 @@ def test_dora_adapter_file_loads_in_peft(tmp_path):
     (dict(method="lora", identical_init=True), "identical_init"),
     (dict(method="hydralora", identical_init=True), "identical_init"),
     (dict(method="lora", dora="yes"), "must be true or false"),
+    (dict(method="molora", subspace="per_expert"), "has no subspace to split"),
+    (dict(method="malora", subspace="private"), "must be shared or per_expert"),
+    (dict(method="malora", subspace="per_expert", freeze=["shared_A"]), "has no shared_A"),
 ])
 def test_bad_variant_keys_are_refused_with_the_fix(keys, message):
     with pytest.raises(ValueError, match=message):
         AdapterConfig(**keys)
+
+
+def test_per_expert_subspaces_are_each_experts_own_svd():
+    """subspace: per_expert gives expert t the S_t = β V_t of its own draw (expert 0's is the shared S_A)."""
+    keys = dict(method="malora", rank=4, beta=1.5)
+    own = make_layer(dict(keys, subspace="per_expert"))
+    shared = make_layer(keys)
+    assert own.shared_A is None and own.experts.subspace.shape == (4, 8, N_IN)  # d = λ·r·N = 8
+    assert torch.equal(own.experts.subspace[0], shared.shared_A)
+    assert torch.equal(own.expert_down, shared.expert_down)
+    assert not torch.allclose(own.experts.subspace[1], own.experts.subspace[0])
+
+
+def test_analysis_reads_each_methods_down_projections(tmp_path):
+    """The analysis composes an expert's down-projection in the input space: P_t S_A, B_t's shared A
+    (HydraLoRA), P_t S_t (per-expert subspaces)."""
+    from malora_dist.adapters.io import adapter_state
+    from malora_dist.analysis import layer_experts
+
+    for keys in (dict(method="hydralora", rank=4), dict(method="malora", rank=4, subspace="per_expert")):
+        config = AdapterConfig(num_experts=4, top_k=2, target_modules=["proj"], **keys)
+        model = inject_adapters(nn.ModuleDict({"proj": nn.Linear(N_IN, M_OUT, bias=False)}), config)
+        layer = model["proj"]
+        down, up = layer_experts(adapter_state(model), "proj", config.method, 4)
+        for t in range(4):
+            if config.method == "hydralora":
+                expected = layer.shared_A
+            else:
+                expected = layer.expert_down[t] @ layer.experts.subspace[t]
+            assert torch.allclose(down[t], expected.double().detach())

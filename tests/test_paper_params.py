@@ -35,6 +35,7 @@ CLOSED_FORM = {
     "ablations/malora_frozen_P.yaml": (per_model(lambda n, m: 32 * n + N * 12 * m + N * n),
                                        per_model(lambda n, m: N * 12 * 32)),
     "ablations/malora_no_asymmetry.yaml": (per_model(lambda n, m: 64 * n + N * 8 * (64 + m) + N * n), 0),
+    "ablations/malora_no_shared_S_A.yaml": (per_model(lambda n, m: N * 32 * n + N * 12 * (32 + m) + N * n), 0),
     "ablations/hydralora.yaml": (per_model(lambda n, m: 8 * n + N * 8 * m + N * n), per_model(lambda n, m: N * 8 * 8)),
 }
 

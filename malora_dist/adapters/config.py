@@ -55,6 +55,8 @@ class AdapterConfig:
         trained, not counted as trainable, and still saved.
     identical_init: every expert's down-projection (A_t for molora, P_t for malora) starts from
         expert 0's draw (Table 3's identical A_t initialisation).
+    subspace: ``shared`` (MALoRA's one S_A per adapted linear) or ``per_expert`` (malora: each
+        expert its own S_t of dimension d, Table 3's "no shared S_A"; x travels to the experts).
     """
 
     method: str = "malora"
@@ -76,6 +78,7 @@ class AdapterConfig:
     dora: bool = False
     freeze: list = field(default_factory=list)
     identical_init: bool = False
+    subspace: str = "shared"
 
     def __post_init__(self):
         self.target_modules = list(self.target_modules)
@@ -89,8 +92,14 @@ class AdapterConfig:
         return self.method != "lora"
 
     @property
-    def has_shared_projection(self) -> bool:
+    def has_subspace(self) -> bool:
+        """Experts factored through a subspace of dimension d: ``B̄_t P_t S x``."""
         return self.method in SHARED_METHODS
+
+    @property
+    def has_shared_projection(self) -> bool:
+        """One S_A shared by the experts, applied before routing."""
+        return self.has_subspace and self.subspace == "shared"
 
     @property
     def frozen_parts(self) -> set:
@@ -118,7 +127,7 @@ class AdapterConfig:
     @property
     def adapter_rank(self) -> int:
         """The rank of one expert's update: r̄ for MALoRA, r otherwise."""
-        return self.r_bar if self.has_shared_projection else self.rank
+        return self.r_bar if self.has_subspace else self.rank
 
     @property
     def scaling(self) -> float:
@@ -148,7 +157,7 @@ class AdapterConfig:
 
     def check_fits(self, in_features: int, name: str = "") -> None:
         """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n (HydraLoRA's shared A: r ≤ n)."""
-        if self.has_shared_projection and self.d > in_features:
+        if self.has_subspace and self.d > in_features:
             raise ValueError(
                 f"adapter.shared_dim d={self.d} exceeds the input size n={in_features} of "
                 f"{name or 'the adapted layer'}; the SVD initialisation needs d ≤ n: lower "
@@ -218,9 +227,14 @@ class AdapterConfig:
                 raise ValueError(f"adapter.freeze: unknown part {part!r}; the parts are {FREEZABLE_PARTS}")
         if len(set(self.freeze)) != len(self.freeze):
             raise ValueError(f"adapter.freeze lists a part twice: {self.freeze}")
-        if "shared_A" in self.freeze and self.method != "malora":
-            raise ValueError(f"adapter.freeze: method {self.method} has no shared_A to freeze "
-                             f"(only malora has a trainable S_A that can be fixed)")
+        if self.subspace not in ("shared", "per_expert"):
+            raise ValueError(f"adapter.subspace must be shared or per_expert, got {self.subspace!r}")
+        if self.subspace == "per_expert" and self.method != "malora":
+            raise ValueError(f"adapter.subspace=per_expert gives each MALoRA expert its own S_t: method "
+                             f"{self.method} has no subspace to split (use malora, or subspace: shared)")
+        if "shared_A" in self.freeze and not self.has_shared_projection:
+            raise ValueError(f"adapter.freeze: method {self.method} (subspace {self.subspace}) has no shared_A "
+                             f"to freeze (only malora with subspace: shared has a trainable S_A that can be fixed)")
         if self.method == "hydralora" and "expert_down" in self.freeze:
             raise ValueError("adapter.freeze: hydralora's expert_down is always the fixed identity; "
                              "remove expert_down from adapter.freeze")

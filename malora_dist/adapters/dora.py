@@ -32,7 +32,16 @@ class DoraMagnitude(nn.Module):
         if weight.device.type == "meta":  # a skeleton (parameter counts): shape only
             self.weight = nn.Parameter(torch.empty(weight.shape[0], device="meta"))
         else:
-            self.weight = nn.Parameter(self._row_norms(weight.detach().float()))
+            self.weight = nn.Parameter(self._initial_norms(weight.detach().float()))
+
+    def _initial_norms(self, w: torch.Tensor) -> torch.Tensor:
+        """``‖W0‖`` per output feature, bit for bit what one process computes: a row-parallel base's
+        slices are gathered once into whole rows (a sum of per-rank partial sums rounds differently)."""
+        if self.hooks.mode == "row":
+            parts = [torch.empty_like(w) for _ in range(self.hooks.size)]
+            dist.all_gather(parts, w.contiguous(), group=self.hooks.group)
+            w = torch.cat(parts, dim=1)
+        return (w * w).sum(dim=1).sqrt()
 
     def _row_norms(self, w: torch.Tensor) -> torch.Tensor:
         squares = (w * w).sum(dim=1)

@@ -30,7 +30,7 @@ def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[
     """File keys of one full tensor: one per expert for MoE experts (in global order), PEFT's names for LoRA."""
     if suffix == "magnitude":  # DoRA: PEFT's key (lora only)
         return [f"base_model.model.{prefix}.lora_magnitude_vector"]
-    if suffix not in ("expert_down", "expert_up"):
+    if not _is_stacked(suffix):
         return [f"{prefix}.{suffix}"]
     if method == "lora":
         return [f"base_model.model.{prefix}.{'lora_A' if suffix == 'expert_down' else 'lora_B'}.weight"]
@@ -38,7 +38,7 @@ def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[
 
 
 def _is_stacked(suffix: str) -> bool:
-    return suffix in ("expert_down", "expert_up")
+    return suffix in ("expert_down", "expert_up", "expert_subspace")
 
 
 def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None) -> dict:

@@ -27,11 +27,12 @@ from .dispatch import AllToAllDispatch, DenseBatch, DenseDispatch, GroupedDispat
 from .dora import DoraMagnitude
 from .dropout import LayoutFreeDropout
 from .experts import DenseExperts, GroupedExperts
-from .init import (identity_coefficients, lora_down_init, malora_coefficients_init, malora_shared_init,
-                   router_init)
+from .init import (identity_coefficients, lora_down_init, malora_coefficients_init, malora_expert_subspace_init,
+                   malora_shared_init, router_init)
 from .layout import SINGLE_PROCESS, AdapterLayout
 from .projection import SharedProjection
 from .router import SingleExpert, TopKRouter
+from .subspace_experts import DenseSubspaceExperts, GroupedSubspaceExperts
 from .tags import tag
 from .tensor_parallel import TensorParallelHooks
 
@@ -81,18 +82,23 @@ class AdapterLinear(nn.Module):
             tag(self.router.weight, expert=False, tp_dim=n_dim)
         else:
             self.router = SingleExpert()
-        down_dim = None if malora else n_dim
+        down_dim = None if config.has_subspace else n_dim  # P_t (r̄, d) or A_t (r, n)
         experts_args = (hooks.shard(values["down"], down_dim), hooks.shard(values["up"], m_dim), not malora, hooks)
+        per_expert = values.get("subspace") is not None  # adapter.subspace: per_expert
+        if per_expert:
+            experts_args = experts_args[:2] + (hooks.shard(values["subspace"], n_dim), hooks)
         if self.kernel == "dense":
-            self.experts = DenseExperts(*experts_args, scaling=config.scaling)
+            self.experts = (DenseSubspaceExperts if per_expert else DenseExperts)(*experts_args, scaling=config.scaling)
             self.dispatcher = DenseDispatch(self.num_experts)
         else:
-            self.experts = GroupedExperts(*experts_args)
+            self.experts = (GroupedSubspaceExperts if per_expert else GroupedExperts)(*experts_args)
             self.dispatcher = (AllToAllDispatch(self.num_experts, config.capacity_factor, layout.ep_group,
                                                 layout.ep_size, layout.ep_rank)
                                if split else GroupedDispatch(self.num_experts, config.capacity_factor))
-        for param, dim in ((self.experts.down, down_dim), (self.experts.up, m_dim)):
-            tag(param, expert=config.is_moe, tp_dim=dim).malora_ep_sharded = split
+        for param, dim in ((self.experts.down, down_dim), (self.experts.up, m_dim),
+                           (getattr(self.experts, "subspace", None), n_dim)):
+            if param is not None:
+                tag(param, expert=config.is_moe, tp_dim=dim).malora_ep_sharded = split
         self.dora = self._build_dora(base_layer, hooks) if config.dora else None
         for part, param in self.adapter_tensors():
             if part in config.frozen_parts:
@@ -137,6 +143,8 @@ class AdapterLinear(nn.Module):
     def adapter_tensors(self) -> list[tuple[str, nn.Parameter]]:
         """(file-key suffix, parameter) pairs; experts are stacked by local index."""
         names = [("expert_down", self.experts.down), ("expert_up", self.experts.up)]
+        if hasattr(self.experts, "subspace"):
+            names.append(("expert_subspace", self.experts.subspace))
         if self.shared.weight is not None:
             names.append(("shared_A", self.shared.weight))
         if isinstance(self.router, TopKRouter):
@@ -175,7 +183,7 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        shape = f"d={c.d}, r̄={c.r_bar}" if c.has_shared_projection else f"r={c.rank}"
+        shape = f"d={c.d}, r̄={c.r_bar}, subspace={c.subspace}" if c.has_subspace else f"r={c.rank}"
         shape += ", dora" if c.dora else ""
         shape += f", frozen={sorted(c.frozen_parts)}" if c.frozen_parts else ""
         return (f"method={c.method}, {shape}, experts={self.num_experts} (local {self.num_local_experts}), "
@@ -186,23 +194,27 @@ def _initial_values(config: AdapterConfig, n: int, m: int, local: range, seed: i
                     on_meta: bool) -> dict:
     """Full-width (before tensor-parallel slicing) initial tensors of this rank's experts."""
     rank = config.adapter_rank
-    shared = config.has_shared_projection
-    width = config.d if shared else n
+    per_expert = config.has_subspace and not config.has_shared_projection
+    width = config.d if config.has_subspace else n
     shapes = {"down": (len(local), rank, width), "up": (len(local), m, rank), "router": (config.num_experts, n),
-              "shared": (config.d, n) if shared else None}
+              "shared": (config.d, n) if config.has_shared_projection else None,
+              "subspace": (len(local), config.d, n) if per_expert else None}
     if on_meta:  # a skeleton (export, parameter counts): shapes only
         return {k: torch.empty(s, device="meta") if s else None for k, s in shapes.items()}
     # identical_init: every expert draws as expert 0 does
     draws = [0] * len(local) if config.identical_init else list(local)
+    shared, subspace = None, None
     if config.method == "malora":
         args = (config.d, config.r_bar, n, config.beta, seed, name)
         down = torch.stack([malora_coefficients_init(t, *args) for t in draws])
-        shared = malora_shared_init(config.d, n, config.beta, seed, name)
+        if config.has_shared_projection:
+            shared = malora_shared_init(config.d, n, config.beta, seed, name)
+        else:  # per-expert subspaces: S_t = β V_t, each P_t paired with its own V_t
+            subspace = torch.stack([malora_expert_subspace_init(t, config.d, n, config.beta, seed, name) for t in draws])
     elif config.method == "hydralora":
         down = identity_coefficients(len(local), config.rank)
         shared = lora_down_init(0, config.rank, n, seed, name)  # the one shared A, as LoRA's A
     else:
         down = torch.stack([lora_down_init(t, config.rank, n, seed, name) for t in draws])
-        shared = None
     router = router_init(config.num_experts, n, seed, name) if config.is_moe else None
-    return {"down": down, "up": torch.zeros(shapes["up"]), "router": router, "shared": shared}
+    return {"down": down, "up": torch.zeros(shapes["up"]), "router": router, "shared": shared, "subspace": subspace}
