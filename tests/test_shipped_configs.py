@@ -14,6 +14,12 @@ of that size.
 Dry run: ``launch/train.py --dry-run --world-size N`` at the world size the config's header names
 (``# World size: N``), on the config as shipped; and every ``--dry-run`` command of the READMEs.
 
+The intra-domain MALoRA recipe is then evaluated as its header says (``launch/evaluate.py``'s
+``evaluate_run`` on the trained adapter, the first example of every held-out task). The
+inter-domain suite's free-form metrics generate up to 320–384 tokens per example (minutes on these
+CPUs); its eval_only tasks are checked at the data level (tests/test_eval_only.py) and its metrics
+by tests/test_eval_metrics.py.
+
 Adapter-section files (``configs/adapters/*.yaml``) train in miniature inside configs/tiny.yaml;
 lm-evaluation-harness task files (``configs/lm_eval/*.yaml``) are run by tests/test_lm_eval.py.
 """
@@ -47,6 +53,7 @@ TINY_MODEL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num
 MAX_SEQ_LEN = 128
 STEPS = 2
 MAX_PER_AXIS = 2  # the largest tp, ep or dp of a miniature world
+EVALUATED = [os.path.join(REPO, "configs", "paper_intra_malora.yaml")]
 
 
 def _rel(path):
@@ -196,12 +203,18 @@ def world_main(jobs):
     that one config's error does not hide the others (every rank fails alike before a collective)."""
     import traceback
 
+    from malora_dist.evaluation.run import evaluate_run
+
     out = {}
     for name, raw in jobs:
         hooks = Record()
         try:
-            run_training(build_run_config(raw), hooks)
+            config = build_run_config(raw)
+            run_training(config, hooks)
             out[name] = {"error": None, "mlp_runs": hooks.mlp_runs_in_training}
+            if name in EVALUATED:
+                adapter = os.path.join(config.train.output_dir, "adapter")
+                out[name]["report"] = evaluate_run(config, None, adapter, limit=1)
         except Exception:  # noqa: BLE001 - reported by the config's own test
             out[name] = {"error": traceback.format_exc()}
     return out
@@ -248,6 +261,21 @@ def test_trains_in_miniature(miniatures, path):
         per_pass = STEPS * micro * TINY_MODEL["num_hidden_layers"]
         recompute = 2 if config.train.activation_checkpointing else 1
         assert results[path][0]["mlp_runs"] == recompute * per_pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EVALUATED, ids=_rel)
+def test_recipe_evaluates_in_miniature(miniatures, path):
+    """Every task with a held-out set is scored by its metric."""
+    configs, results = miniatures
+    assert results[path][0]["error"] is None, results[path][0]["error"]
+    report = results[path][0]["report"]
+    config = build_run_config(copy.deepcopy(configs[path][1]))
+    held_out = {t.name: t.metric for t in config.data.tasks if t.eval_split or t.eval_paths}
+    assert {name: entry["metric"] for name, entry in report["tasks"].items()} == held_out
+    assert len(held_out) == 5
+    for name, entry in report["tasks"].items():
+        assert entry["n"] == 1 and 0.0 <= entry["score"] <= 1.0, (name, entry)
 
 
 def test_miniature_keeps_the_layout_kind(tmp_path):
