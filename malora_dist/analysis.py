@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from .adapters.config import SHARED_METHODS
 from .adapters.io import WEIGHTS_NAME, read_adapter_config
 from .export import export_checkpoint
 from .routing_analysis import routing_by_task
@@ -83,7 +84,9 @@ def layer_experts(state: dict, prefix: str, method: str, num_experts: int) -> tu
     if method == "lora":
         return ([state[f"base_model.model.{prefix}.lora_A.weight"]], [state[f"base_model.model.{prefix}.lora_B.weight"]])
     down = [state[f"{prefix}.experts.{t}.down"] for t in range(num_experts)]
-    if method == "malora":
+    if f"{prefix}.experts.0.subspace" in state:  # adapter.subspace: per_expert
+        down = [p @ state[f"{prefix}.experts.{t}.subspace"] for t, p in enumerate(down)]
+    elif method in SHARED_METHODS:  # an expert's down-projection is P_t S_A (HydraLoRA: P_t = I)
         down = [p @ state[f"{prefix}.shared_A"] for p in down]
     return down, [state[f"{prefix}.experts.{t}.up"] for t in range(num_experts)]
 

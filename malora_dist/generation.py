@@ -9,7 +9,7 @@ Face's own model with ``generate``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,20 @@ class Sampling:
             raise ValueError(f"--temperature must be ≥ 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+class StopWhen:
+    """A Hugging Face stopping criterion (``generate(stopping_criteria=[StopWhen(...)])``): stop
+    once ``done(text of the new tokens)`` holds (one row: the evaluation decodes one prompt at a
+    time). For answers whose end is a property of the text (a closed code block) rather than a
+    token; ``transformers.StoppingCriteriaList`` accepts any such callable."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, done: Callable[[str], bool]):
+        self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length:].tolist(), skip_special_tokens=True)
+        return torch.full((input_ids.shape[0],), self.done(text), dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()

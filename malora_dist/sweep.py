@@ -13,8 +13,8 @@ from its newest checkpoint) and is evaluated on its run's held-out sets into
 ``points/<name>/eval.json``; a point with an ``eval.json`` is done and never re-run. Training and
 evaluation of a point are launched as separate commands (``--launcher`` prefixes them, e.g.
 torchrun or srun, for multi-process layouts). ``table`` groups the points by every grid key except
-``train.seed``: per task, the mean ± standard deviation of accuracy over seeds, and the paper's
-number beside it where the paper reports that method on that task (its LLaMA-2-7B results, for
+``train.seed``: per task, the mean ± standard deviation of the score (accuracy; ROUGE-L for rouge_l
+tasks) over seeds, and the paper's number beside it where the paper reports that method on that task (its LLaMA-2-7B results, for
 orientation only). Writes ``results.json``, ``results.md`` and, with matplotlib, ``results.png``.
 """
 
@@ -147,7 +147,7 @@ def aggregate(spec: dict, out: str) -> dict:
         key = tuple((k, v) for k, v in point["values"].items() if k != SEED_KEY)
         group = groups.setdefault(key, {"values": dict(key), "seeds": [], "tasks": {}})
         group["seeds"].append(point["values"].get(SEED_KEY))
-        accuracies = {name: entry["accuracy"] for name, entry in tasks.items()}
+        accuracies = {name: entry["score"] for name, entry in tasks.items()}  # ROUGE-L for rouge_l tasks
         accuracies["mean"] = sum(accuracies.values()) / len(accuracies)
         for name, accuracy in accuracies.items():
             group["tasks"].setdefault(name, []).append(accuracy)

@@ -18,7 +18,12 @@ def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scali
     if normalize:
         top_values = top_values / top_values.sum(-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(1, top_index, top_values)
-    if method == "malora":
+    if method == "hydralora":  # one shared A, no per-expert down-projection: B_t (A x)
+        h = (a @ params["shared_A"].t()).unsqueeze(1).expand(-1, params["expert_up"].shape[0], -1)
+    elif "expert_subspace" in params:  # MALoRA with per-expert subspaces S_t
+        z = torch.einsum("tn,edn->ted", a, params["expert_subspace"])
+        h = torch.einsum("ted,erd->ter", z, params["expert_down"])
+    elif method == "malora":
         h = torch.einsum("td,erd->ter", a @ params["shared_A"].t(), params["expert_down"])
     else:
         h = torch.einsum("tn,ern->ter", a, params["expert_down"])
@@ -27,10 +32,15 @@ def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scali
 
 
 def randomize_adapter_(layer, generator):
-    """Give every adapter parameter random values (B̄ = 0 at init would hide most gradients)."""
+    """Give every trainable adapter parameter random values (B̄ = 0 at init would hide most
+    gradients); frozen parts keep their initial values (HydraLoRA's identity P_t must stay one), and
+    DoRA's magnitude stays near ‖W0‖ so that the rescaling stays moderate."""
     with torch.no_grad():
-        for _, param in layer.adapter_tensors():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        for name, param in layer.adapter_tensors():
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator).to(param.dtype)
+            param.copy_(param * (1 + 0.1 * noise) if name == "magnitude" else 0.5 * noise)
 
 
 def adapter_params(layer):

@@ -40,6 +40,9 @@ def with_model(**config):
     return {"model": {"config": config}}
 
 
+TRAINED = {"name": "a", "paths": "synthetic:parity"}
+EVAL_ONLY = {"name": "b", "eval_paths": "synthetic:capitals", "eval_only": True}
+
 # id -> (changes to configs/tiny.yaml, world size, strings the message must contain)
 CASES = {
     # structure
@@ -111,6 +114,23 @@ CASES = {
                                                      "eval_paths": "/nonexistent/test.json"}]}}, 1,
                                 ["data.tasks[0].eval_paths"]),
     "bad overlong policy": ({"data": {"overlong": "wrap"}}, 1, ["data.overlong"]),
+    # eval_only: a held-out set and no training keys
+    "eval_only not a flag": ({"data": {"tasks": [TRAINED, {**EVAL_ONLY, "eval_only": "yes"}]}}, 1,
+                             ["data.tasks[1].eval_only"]),
+    "eval_only with paths": ({"data": {"tasks": [TRAINED, {**EVAL_ONLY, "paths": "synthetic:larger"}]}}, 1,
+                             ["data.tasks[1].paths", "eval_paths"]),
+    "eval_only without a held-out set": ({"data": {"tasks": [TRAINED, {"name": "b", "eval_only": True}]}}, 1,
+                                         ["data.tasks[1].eval_only", "eval_paths", "eval_split"]),
+    "eval_only hub without eval_split": ({"data": {"tasks": [TRAINED, {"name": "b", "hub": "openai/gsm8k",
+                                                                       "format": "gsm8k", "eval_only": True}]}}, 1,
+                                         ["data.tasks[1].eval_split"]),
+    "eval_only with split": ({"data": {"tasks": [TRAINED, {"name": "b", "hub": "openai/gsm8k", "format": "gsm8k",
+                                                           "eval_only": True, "eval_split": "test", "split": "train"}]}},
+                             1, ["data.tasks[1].split", "eval_only"]),
+    "eval_only with limit": ({"data": {"tasks": [TRAINED, {**EVAL_ONLY, "limit": 5}]}}, 1, ["data.tasks[1].limit"]),
+    "eval_only with weight": ({"data": {"tasks": [TRAINED, {**EVAL_ONLY, "weight": 2.0}]}}, 1,
+                              ["data.tasks[1].weight"]),
+    "every task eval_only": ({"data": {"tasks": [EVAL_ONLY]}}, 1, ["data.tasks", "eval_only"]),
 }
 
 

@@ -195,7 +195,7 @@ def test_task_errors_name_the_argument(tokenizer, tmp_path):
     missing = str(tmp_path / "missing.json")
     with pytest.raises(ValueError, match=r"^--task: .*missing\.json"):
         load_eval_tasks(tiny().data, tokenizer, 0, task_configs_from_specs([f"x={missing}"]))
-    with pytest.raises(ValueError, match="no held-out examples.*--task capitals=PATH"):
+    with pytest.raises(ValueError, match="no task has a held-out set.*--task NAME=PATH"):
         load_eval_tasks(tiny().data, tokenizer, 0)  # tiny.yaml has neither eval_paths nor eval_fraction
 
 
@@ -303,7 +303,7 @@ def test_lora_export_loads_in_peft(evaluated, tmp_path):
 
 
 # ---- the real SmolLM2-135M-Instruct --------------------------------------------------------------
-SMOLLM2_CONFIG = os.path.join(REPO, "configs", "eval_smollm2_commonsense.yaml")
+SMOLLM2_CONFIG = os.path.join(REPO, "benchmarks", "configs", "eval_smollm2_commonsense.yaml")
 SMOLLM2_SPECS = ["capitals=synthetic:capitals", "parity=synthetic:parity:label"]
 SMOLLM2_LIMIT = 15
 

@@ -46,6 +46,7 @@ class Case:
     capacity_factor: Optional[float] = None
     normalize: bool = False
     placement: str = "ep"
+    extra: dict = field(default_factory=dict)  # the baseline and ablation keys (freeze, identical_init, ...)
 
     @property
     def world(self):
@@ -69,6 +70,17 @@ def _cases():
             Case(f"{method}-replicate-dp4ep2", method, 1, 2, [4, 2, 3, 6], placement="replicate"),
             Case(f"{method}-auto-dp4ep2", method, 2, 2, [4, 2, 3, 6], placement="auto"),
         ]
+    # Baselines and ablations (configurations of the same layer) in the ep=2 and dp=4×ep=2 worlds.
+    cases += [
+        Case("moasylora-k2-ep2", "molora", 2, 2, [5, 7], extra=dict(freeze=["expert_down"])),
+        Case("molora-identical-init-k2-ep2", "molora", 2, 2, [5, 7], extra=dict(identical_init=True)),
+        Case("malora-fixed-shared-A-k2-ep2", "malora", 2, 2, [5, 7], extra=dict(freeze=["shared_A"])),
+        Case("malora-frozen-P-k2-dp4ep2", "malora", 2, 2, [4, 2, 3, 6], extra=dict(freeze=["expert_down"])),
+        Case("hydralora-k2-ep2", "hydralora", 2, 2, [5, 7]),
+        Case("hydralora-k1-dp4ep2", "hydralora", 1, 2, [4, 2, 3, 6]),
+        Case("malora-per-expert-subspace-k2-ep2", "malora", 2, 2, [5, 7], extra=dict(subspace="per_expert")),
+        Case("malora-per-expert-subspace-k1-dp4ep2", "malora", 1, 2, [4, 2, 3, 6], extra=dict(subspace="per_expert")),
+    ]
     return cases
 
 
@@ -78,7 +90,7 @@ CASES = _cases()
 def case_config(case):
     return AdapterConfig(method=case.method, rank=RANK, num_experts=EXPERTS, top_k=case.top_k,
                          normalize_gates=case.normalize, capacity_factor=case.capacity_factor,
-                         balance_loss_coef=BALANCE_COEF, target_modules=["proj"])
+                         balance_loss_coef=BALANCE_COEF, target_modules=["proj"], **case.extra)
 
 
 def base_linear():
@@ -139,7 +151,7 @@ def reference_run(case):
         dropped = int(sum(case.tokens) * case.top_k - keep.sum())
         del probs
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in adapter_params(layer).items()}
+    grads = {n: p.grad.clone() for n, p in adapter_params(layer).items() if p.requires_grad}
     return layer, out.detach(), x.grad.clone(), grads, dropped
 
 
@@ -180,7 +192,9 @@ def distributed_run(case, groups):
     if case.capacity_factor is None:
         loss = loss + BALANCE_COEF * balance_of(layer)
     loss.backward()
-    params = list(adapter_params(layer).items())
+    params = [(n, p) for n, p in adapter_params(layer).items() if p.requires_grad]
+    frozen = [(n, p) for n, p in adapter_params(layer).items() if not p.requires_grad]
+    assert {n for n, _ in frozen} == set(case_config(case).frozen_parts)
     reduce_gradients([p for _, p in params], groups)
 
     result = {
@@ -201,7 +215,8 @@ def distributed_run(case, groups):
     torch.optim.AdamW([p for _, p in params], lr=0.01).step()
     torch.optim.AdamW(list(adapter_params(ref_layer).values()), lr=0.01).step()
     ref_after = adapter_params(ref_layer)
-    result["after_step"] = {n: rel_err(full_tensor(p, groups), ref_after[n].detach()) for n, p in params}
+    result["after_step"] = {n: rel_err(full_tensor(p, groups), ref_after[n].detach()) for n, p in params + frozen}
+    result["frozen_grads"] = [n for n, p in frozen if p.grad is not None]
     replica_gap = {}
     for n, p in params:
         group = groups.edp_group if is_ep_sharded(p) else groups.dp_group
@@ -248,6 +263,7 @@ def test_matches_single_process_layer(world_results, case):
         assert norm == pytest.approx(ref_norm, rel=1e-5)
         for name, err in result["after_step"].items():
             assert err <= 1e-5, (rank, "after AdamW", name, err)
+        assert result["frozen_grads"] == [], (rank, "frozen parts got gradients", result["frozen_grads"])
         for name, gap in result["replica_gap"].items():
             assert gap == 0.0, (rank, "replicas differ", name, gap)
         for name, gap in result["init_gap"].items():
@@ -283,7 +299,9 @@ def test_capacity_drops_are_counted(world_results, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.capacity_factor is None and c.placement == "ep"],
                          ids=lambda c: c.name)
 def test_traffic_matches_closed_form(world_results, case):
-    width = {"malora": int(0.5 * RANK * EXPERTS), "molora": N_IN}[case.method]
+    width = {"malora": int(0.5 * RANK * EXPERTS), "molora": N_IN, "hydralora": RANK}[case.method]
+    if case.extra.get("subspace") == "per_expert":
+        width = N_IN  # each expert applies its own S_t: x travels
     results = world_results[case.name]
     for r in results:
         assert r["traffic"]["dispatch_bytes"] == r["local_slots"] * width * 4

@@ -1,11 +1,13 @@
 """lm-evaluation-harness with the registered ``malora`` model type, offline, on tasks defined on
 local files that the test writes: a multiple-choice task made of the items ``launch/evaluate.py``
 scored (same accuracy, per-option log-likelihoods within 1e-4) and a generation task; the same
-under torchrun (lm-eval splits the requests over 2 ranks)."""
+under torchrun (lm-eval splits the requests over 2 ranks). The shipped task configs/lm_eval/demo_capitals
+runs as shipped and starts with the same items, with the same scores."""
 
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,20 +72,24 @@ def setup(tmp_path_factory):
                                                 {"prompt": "The capital of France is", "target": " Paris"}]))
     (tasks / "mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.json"))
     (tasks / "gen.yaml").write_text(GEN_TASK.format(data=tasks / "gen.json"))
+    shutil.copy(os.path.join(REPO, "configs", "lm_eval", SHIPPED_TASK + ".yaml"), tasks)  # its data path is relative to the repo
     return root, adapter, report
 
 
-def run_lm_eval(setup, name, launcher):
+SHIPPED_TASK = "demo_capitals"
+
+
+def run_lm_eval(setup, name, launcher, tasks=("malora_mc", "malora_gen")):
     root, adapter, _ = setup
     out = root / name
     done = subprocess.run(
         launcher + ["-m", "malora_dist.lm_eval_harness", "--model", "malora", "--model_args",
-                    f"config={TINY},adapter={adapter}", "--tasks", "malora_mc,malora_gen", "--include_path",
+                    f"config={TINY},adapter={adapter}", "--tasks", ",".join(tasks), "--include_path",
                     str(root / "tasks"), "--batch_size", "4", "--log_samples", "--output_path", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, **OFFLINE})
     assert done.returncode == 0, done.stderr[-3000:]
     samples = {}
-    for task in ("malora_mc", "malora_gen"):
+    for task in tasks:
         (path,) = glob.glob(str(out / "*" / f"samples_{task}_*.jsonl"))
         with open(path) as f:
             samples[task] = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
@@ -113,6 +119,19 @@ def test_one_process_matches_evaluate(setup):
 def test_torchrun_splits_requests_and_matches(setup):
     check_against_evaluate(setup[2], *run_lm_eval(
         setup, "torchrun", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]))
+
+
+@pytest.mark.slow
+def test_shipped_demo_capitals_task_runs_and_matches(setup):
+    """All 60 held-out capitals items; the first LIMIT are the items and scores of evaluate.py."""
+    report = setup[2]
+    samples, results = run_lm_eval(setup, "shipped", [sys.executable], tasks=(SHIPPED_TASK,))
+    shipped = samples[SHIPPED_TASK]
+    assert len(shipped) == 60
+    for example, sample in zip(report["examples"], shipped[:LIMIT]):
+        assert sample["doc"]["prompt"] == example["prompt"] and sample["doc"]["options"] == example["options"]
+        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(example["scores"], abs=TOL)
+    assert 0 <= results[SHIPPED_TASK]["acc,none"] <= 1
 
 
 def test_bad_model_args_name_the_key(tmp_path):

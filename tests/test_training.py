@@ -1,8 +1,11 @@
-"""Training runs: layout parity, resume parity, resharding, incomplete checkpoints, export.
+"""Training runs: layout parity, resume parity, resharding, incomplete checkpoints, export,
+activation checkpointing.
 
 Runs share one process world per world size (``run_world``); each world runs several trainings of
 configs/tiny.yaml on the project's synthetic data. Layout parity compares the per-step loss and
-grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2.
+grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2. Activation
+checkpointing (every decoder layer recomputed in backward) must not change a run: the single and
+tp=2 runs are repeated with it, with dropout on.
 """
 
 import json
@@ -40,6 +43,8 @@ RUNS = {
     "dp4": (4, dict(PARITY)),
     "tp2ep2": (4, dict(PARITY, parallel=dict(tp=2, ep=2))),
 }
+# name -> the run it repeats with train.activation_checkpointing: true
+RECOMPUTED = {"single_recompute": "single", "tp2_recompute": "tp2"}
 
 
 def world_main(root, jobs):
@@ -60,6 +65,7 @@ def world_main(root, jobs):
             "start_state": getattr(hooks, "start_state", None),
             "logits": getattr(hooks, "logits", None),
             "replica_gaps": getattr(hooks, "replica_gaps", None),
+            "mlp_runs": getattr(hooks, "mlp_runs_in_training", None),
             "warnings": [str(w.message) for w in caught],
         }
     return out
@@ -77,6 +83,10 @@ def trained(tmp_path_factory):
     by_world = {}
     for name, (world, overrides) in RUNS.items():
         by_world.setdefault(world, []).append((name, overrides, Record(PROBE), None))
+    for name, plain in RECOMPUTED.items():
+        world, overrides = RUNS[plain]
+        recompute = dict(overrides, train=dict(activation_checkpointing=True))
+        by_world[world].append((name, recompute, Record(PROBE), None))
     # Resume parity at ep=2: 4 steps, stop (SIGTERM path), then resume to 8.
     ep2 = RUNS["ep2"][1]
     by_world[2] += [("ep2_stopped", ep2, StopAfter(4), None), ("ep2_stopped", ep2, Record(), None)]
@@ -152,6 +162,26 @@ def test_resume_parity(trained):
     assert final_a.keys() == final_b.keys()
     for key in final_a:
         torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,plain", RECOMPUTED.items())
+def test_activation_checkpointing_changes_nothing(trained, name, plain):
+    """Same losses and gradient norms at every step, and the same trained adapter (which every
+    step's gradients shaped through AdamW); the end-of-run logits agree as well."""
+    root, results = trained
+    recomputed, reference = rows(root, name), rows(root, plain)
+    assert [r["step"] for r in recomputed] == list(range(1, 9))
+    for a, b in zip(recomputed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
+    final, final_ref = load_adapter_file(root, name), load_adapter_file(root, plain)
+    assert final.keys() == final_ref.keys() and final
+    for key in final:
+        torch.testing.assert_close(final[key], final_ref[key], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[name][0]["logits"], results[plain][0]["logits"], rtol=1e-5, atol=1e-6)
+    # It did recompute: each layer's MLP ran twice per micro-batch (forward, recompute), not once.
+    runs, plain_runs = results[name][0]["mlp_runs"], results[plain][0]["mlp_runs"]
+    assert plain_runs > 0 and runs == 2 * plain_runs, (runs, plain_runs)
 
 
 def load_adapter_file(root, name):

@@ -52,7 +52,9 @@ class StopAfter:
 
 
 class Record:
-    """Keep what the trainer resumed from, its adapter tensors at start, and end-of-run logits."""
+    """Keep what the trainer resumed from, its adapter tensors at start, end-of-run logits, and
+    how many times the decoder layers' MLPs ran (a recomputed layer runs twice per micro-batch;
+    module hooks do not fire in a recompute, so the forward itself is wrapped)."""
 
     def __init__(self, probe_ids=None):
         self.probe_ids = probe_ids
@@ -60,12 +62,22 @@ class Record:
         self.start_state = None
         self.logits = None
         self.replica_gaps = None
+        self.mlp_runs = 0
 
     def on_start(self, trainer):
         self.start_step = trainer.step
         self.start_state = adapter_state(trainer.model, trainer.groups)
+        for layer in trainer.model.model.layers:
+            layer.mlp.forward = self._counted(layer.mlp.forward)
+
+    def _counted(self, forward):
+        def run(*args, **kwargs):
+            self.mlp_runs += 1
+            return forward(*args, **kwargs)
+        return run
 
     def on_end(self, trainer):
+        self.mlp_runs_in_training = self.mlp_runs
         self.replica_gaps = replica_gaps(trainer.model, trainer.groups)
         if self.probe_ids is not None:
             trainer.model.eval()

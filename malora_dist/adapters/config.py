@@ -7,7 +7,13 @@ from typing import Optional
 
 from ..config_utils import from_dict, load_yaml
 
-METHODS = ("lora", "molora", "malora")
+METHODS = ("lora", "molora", "malora", "hydralora")
+# Methods with a shared down-projection S_A before routing. HydraLoRA (one shared A, N B's) is the
+# same layer with d = r̄ = r and every P_t fixed at the identity.
+SHARED_METHODS = ("malora", "hydralora")
+# Parts that ``adapter.freeze`` can hold at their initial values (AsyLoRA, MoAsyLoRA, Table 3's
+# fixed S_A and frozen P_t): still saved and loaded, never trained.
+FREEZABLE_PARTS = ("shared_A", "expert_down")
 # ``expert_kernel: auto`` computes local experts densely up to this many experts: the dense kernel's
 # cost grows with N·T, the sparse one's with T·k plus a small per-expert cost. Measured (one process,
 # MALoRA, 576×576, fwd+bwd; benchmarks/README.md): dense faster at N ≤ 32, sparse from N = 64
@@ -20,7 +26,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_p
 class AdapterConfig:
     """Adapter hyper-parameters. Every key has an effect; unknown keys are rejected.
 
-    method: ``lora`` | ``molora`` | ``malora``.
+    method: ``lora`` | ``molora`` | ``malora`` | ``hydralora`` (one shared A of rank r, N
+        up-projections B_t and a router over all of them).
     rank: r, the LoRA rank (lora) or the per-expert rank of MoLoRA; for MALoRA the MoLoRA rank
         from which d and r̄ are derived.
     num_experts: N (molora/malora).
@@ -45,6 +52,15 @@ class AdapterConfig:
         backward in one autograd Function — wherever it implements the layer, else the reference
         parts), ``fused`` (an error where it cannot run: tensor-parallel bases, experts split over
         ranks, the sparse experts kernel, normalize_gates) or ``reference`` (the parts, always).
+    dora: DoRA (lora only): a trained magnitude per output feature times the direction
+        ``W0 + scaling·B A`` normalised per output feature, the norm detached as PEFT does.
+    freeze: parts kept at their initial values: ``expert_down`` (A, A_t or P_t: AsyLoRA,
+        MoAsyLoRA, frozen P_t) and ``shared_A`` (malora: a fixed S_A). Frozen parts are not
+        trained, not counted as trainable, and still saved.
+    identical_init: every expert's down-projection (A_t for molora, P_t for malora) starts from
+        expert 0's draw (Table 3's identical A_t initialisation).
+    subspace: ``shared`` (MALoRA's one S_A per adapted linear) or ``per_expert`` (malora: each
+        expert its own S_t of dimension d, Table 3's "no shared S_A"; x travels to the experts).
     """
 
     method: str = "malora"
@@ -64,9 +80,15 @@ class AdapterConfig:
     capacity_factor: Optional[float] = None
     expert_kernel: str = "auto"
     kernel: str = "auto"
+    dora: bool = False
+    freeze: list = field(default_factory=list)
+    identical_init: bool = False
+    subspace: str = "shared"
 
     def __post_init__(self):
         self.target_modules = list(self.target_modules)
+        if isinstance(self.freeze, (list, tuple)):
+            self.freeze = list(self.freeze)
         self._validate()
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -75,15 +97,34 @@ class AdapterConfig:
         return self.method != "lora"
 
     @property
+    def has_subspace(self) -> bool:
+        """Experts factored through a subspace of dimension d: ``B̄_t P_t S x``."""
+        return self.method in SHARED_METHODS
+
+    @property
+    def has_shared_projection(self) -> bool:
+        """One S_A shared by the experts, applied before routing."""
+        return self.has_subspace and self.subspace == "shared"
+
+    @property
+    def frozen_parts(self) -> set:
+        """Parts not trained: ``freeze``, plus HydraLoRA's identity P_t."""
+        return set(self.freeze) | ({"expert_down"} if self.method == "hydralora" else set())
+
+    @property
     def d(self) -> int:
-        """MALoRA's shared subspace dimension."""
+        """The shared subspace dimension (MALoRA's d; HydraLoRA's rank)."""
+        if self.method == "hydralora":
+            return self.rank
         if self.shared_dim is not None:
             return self.shared_dim
         return _integral(self.lam * self.rank * self.num_experts, "d = lam·rank·num_experts", "shared_dim")
 
     @property
     def r_bar(self) -> int:
-        """MALoRA's per-expert up-projection rank."""
+        """The per-expert up-projection rank (MALoRA's r̄; HydraLoRA's rank)."""
+        if self.method == "hydralora":
+            return self.rank
         if self.expert_rank is not None:
             return self.expert_rank
         return _integral((2 - self.lam) * self.rank, "r̄ = (2−lam)·rank", "expert_rank")
@@ -91,7 +132,7 @@ class AdapterConfig:
     @property
     def adapter_rank(self) -> int:
         """The rank of one expert's update: r̄ for MALoRA, r otherwise."""
-        return self.r_bar if self.method == "malora" else self.rank
+        return self.r_bar if self.has_subspace else self.rank
 
     @property
     def scaling(self) -> float:
@@ -120,8 +161,8 @@ class AdapterConfig:
         return notes
 
     def check_fits(self, in_features: int, name: str = "") -> None:
-        """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n."""
-        if self.method == "malora" and self.d > in_features:
+        """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n (HydraLoRA's shared A: r ≤ n)."""
+        if self.has_subspace and self.d > in_features:
             raise ValueError(
                 f"adapter.shared_dim d={self.d} exceeds the input size n={in_features} of "
                 f"{name or 'the adapted layer'}; the SVD initialisation needs d ≤ n: lower "
@@ -167,6 +208,7 @@ class AdapterConfig:
                              "use expert_kernel: sparse (or auto) with capacity_factor")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError("adapter.target_modules must be a non-empty list of module names")
+        self._validate_variants()
         if self.method == "malora":
             d, r_bar = self.d, self.r_bar  # raise if not integral
             if r_bar > d:
@@ -175,6 +217,41 @@ class AdapterConfig:
                     f"(rank={self.rank}, num_experts={self.num_experts}, lam={self.lam}): raise "
                     f"adapter.lam or adapter.num_experts, or set adapter.shared_dim/expert_rank"
                 )
+
+    def _validate_variants(self):
+        """The baseline and ablation keys: each must change something for this method."""
+        for key in ("dora", "identical_init"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"adapter.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.dora and self.method != "lora":
+            raise ValueError(f"adapter.dora applies to method lora (DoRA's magnitude rescales one weight "
+                             f"update), not {self.method}: set adapter.method=lora or adapter.dora=false")
+        if not isinstance(self.freeze, list) or not all(isinstance(p, str) for p in self.freeze):
+            raise ValueError(f"adapter.freeze must be a list of part names from {FREEZABLE_PARTS}, "
+                             f"got {self.freeze!r}")
+        for part in self.freeze:
+            if part not in FREEZABLE_PARTS:
+                raise ValueError(f"adapter.freeze: unknown part {part!r}; the parts are {FREEZABLE_PARTS}")
+        if len(set(self.freeze)) != len(self.freeze):
+            raise ValueError(f"adapter.freeze lists a part twice: {self.freeze}")
+        if self.subspace not in ("shared", "per_expert"):
+            raise ValueError(f"adapter.subspace must be shared or per_expert, got {self.subspace!r}")
+        if self.subspace == "per_expert" and self.method != "malora":
+            raise ValueError(f"adapter.subspace=per_expert gives each MALoRA expert its own S_t: method "
+                             f"{self.method} has no subspace to split (use malora, or subspace: shared)")
+        if "shared_A" in self.freeze and not self.has_shared_projection:
+            raise ValueError(f"adapter.freeze: method {self.method} (subspace {self.subspace}) has no shared_A "
+                             f"to freeze (only malora with subspace: shared has a trainable S_A that can be fixed)")
+        if self.method == "hydralora" and "expert_down" in self.freeze:
+            raise ValueError("adapter.freeze: hydralora's expert_down is always the fixed identity; "
+                             "remove expert_down from adapter.freeze")
+        if self.method == "hydralora" and (self.shared_dim is not None or self.expert_rank is not None):
+            raise ValueError("hydralora's shared A and its up-projections have rank adapter.rank: "
+                             "remove adapter.shared_dim / adapter.expert_rank")
+        if self.identical_init and self.method not in ("molora", "malora"):
+            raise ValueError(f"adapter.identical_init starts every expert's down-projection from one draw: "
+                             f"method {self.method} has no per-expert down-projections drawn at random "
+                             f"(use molora or malora, or set identical_init: false)")
 
     # ---- io ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -45,7 +45,7 @@ KERNELS = ("auto", "fused", "reference")
 # as it is set away from its default, until the Function learns it.
 _FUSED_KEYS = {"method", "rank", "num_experts", "top_k", "lam", "shared_dim", "expert_rank", "alpha", "beta",
                "dropout", "target_modules", "balance_loss_coef", "router_z_loss_coef", "normalize_gates",
-               "capacity_factor", "expert_kernel", "kernel"}
+               "capacity_factor", "expert_kernel", "kernel", "identical_init"}  # identical_init: initial values only
 
 
 def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_layer: nn.Module,
@@ -54,7 +54,8 @@ def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_
     that picks fused vs reference when the layer is built)."""
     if config.method not in ("lora", "molora", "malora"):
         return f"method {config.method!r} has no fused kernel"
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(config)}
     for key in defaults:
         if key not in _FUSED_KEYS and getattr(config, key) != defaults[key]:
             return f"adapter.{key} is not implemented by the fused kernel"

@@ -35,7 +35,14 @@ def malora_expert_svd(shared_dim: int, in_features: int, generator: torch.Genera
 def malora_shared_init(shared_dim: int, in_features: int, beta: float, seed: int, layer: str) -> torch.Tensor:
     """``S_A = β V_0`` (Eqs 8–10 of the paper, as written: every P_t is paired with expert 0's V_0,
     so P_t S_A is a Kaiming-like matrix inside span(S_A) whatever β is)."""
-    return beta * malora_expert_svd(shared_dim, in_features, generator_for(seed, layer, "down", 0))[1]
+    return malora_expert_subspace_init(0, shared_dim, in_features, beta, seed, layer)
+
+
+def malora_expert_subspace_init(expert: int, shared_dim: int, in_features: int, beta: float, seed: int,
+                                layer: str) -> torch.Tensor:
+    """``S_t = β V_t``: expert t's own subspace (the "no shared S_A" ablation); with the shared S_A,
+    ``S_A = S_0``."""
+    return beta * malora_expert_svd(shared_dim, in_features, generator_for(seed, layer, "down", expert))[1]
 
 
 def malora_coefficients_init(expert: int, shared_dim: int, expert_rank: int, in_features: int, beta: float,
@@ -47,6 +54,11 @@ def malora_coefficients_init(expert: int, shared_dim: int, expert_rank: int, in_
 def lora_down_init(expert: int, rank: int, in_features: int, seed: int, layer: str) -> torch.Tensor:
     """LoRA's / MoLoRA's ``A_t``: Kaiming-uniform, as ``nn.Linear`` (B is zero)."""
     return kaiming_uniform(rank, in_features, generator_for(seed, layer, "down", expert))
+
+
+def identity_coefficients(num_experts: int, rank: int) -> torch.Tensor:
+    """HydraLoRA's P_t: the identity, fixed, so that expert t's update is B_t A with one shared A."""
+    return torch.eye(rank).expand(num_experts, rank, rank).clone()
 
 
 def router_init(num_experts: int, in_features: int, seed: int, layer: str) -> torch.Tensor:

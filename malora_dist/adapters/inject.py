@@ -56,7 +56,8 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, layer in adapter_layers(model) for _, p in layer.adapter_tensors()]
+    """The trainable adapter parameters (frozen parts, ``adapter.freeze``, are saved but not trained)."""
+    return [p for _, layer in adapter_layers(model) for _, p in layer.adapter_tensors() if p.requires_grad]
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:

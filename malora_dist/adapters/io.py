@@ -28,7 +28,9 @@ FORMAT = "malora_dist"
 
 def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[str]:
     """File keys of one full tensor: one per expert for MoE experts (in global order), PEFT's names for LoRA."""
-    if suffix not in ("expert_down", "expert_up"):
+    if suffix == "magnitude":  # DoRA: PEFT's key (lora only)
+        return [f"base_model.model.{prefix}.lora_magnitude_vector"]
+    if not _is_stacked(suffix):
         return [f"{prefix}.{suffix}"]
     if method == "lora":
         return [f"base_model.model.{prefix}.{'lora_A' if suffix == 'expert_down' else 'lora_B'}.weight"]
@@ -36,7 +38,7 @@ def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[
 
 
 def _is_stacked(suffix: str) -> bool:
-    return suffix in ("expert_down", "expert_up")
+    return suffix in ("expert_down", "expert_up", "expert_subspace")
 
 
 def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None) -> dict:
@@ -77,6 +79,7 @@ def _config_json(config: AdapterConfig, base_model_name_or_path: str) -> dict:
             "lora_dropout": config.dropout,
             "target_modules": config.target_modules,
             "bias": "none",
+            "use_dora": config.dora,
             "base_model_name_or_path": base_model_name_or_path,
         }
     return {"format": FORMAT, "base_model_name_or_path": base_model_name_or_path, "malora_dist": config.to_dict()}
@@ -89,7 +92,7 @@ def read_adapter_config(directory: str) -> AdapterConfig:
     with open(path) as f:
         data = json.load(f)
     if data.get("peft_type") == "LORA":  # PEFT's own keys, so that PEFT reads the file without warnings
-        return AdapterConfig(method="lora", rank=data["r"], alpha=data["lora_alpha"],
+        return AdapterConfig(method="lora", rank=data["r"], alpha=data["lora_alpha"], dora=data.get("use_dora", False),
                              dropout=data.get("lora_dropout", 0.0), target_modules=data["target_modules"])
     if data.get("format") != FORMAT:
         raise ValueError(f"{path} is neither a malora_dist adapter nor a PEFT LoRA adapter")

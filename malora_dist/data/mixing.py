@@ -39,15 +39,15 @@ def mixing_probabilities(
     else:
         raise ValueError(f"unknown mixing {mixing!r}: use proportional, uniform or temperature")
     total = sum(raw)
-    return [r / total for r in raw]
+    return [r / total if total else 0.0 for r in raw]  # all zero: no task is trained on (eval_only)
 
 
 def sequence_shares(example_probs: Sequence[float], num_examples: Sequence[int], num_sequences: Sequence[int]) -> list[float]:
     """The share of *sequences* per task that gives each task ``example_probs`` of the examples:
     a packed sequence of task t holds num_examples/num_sequences examples on average."""
-    raw = [p * s / e for p, e, s in zip(example_probs, num_examples, num_sequences)]
+    raw = [p * s / e if e else 0.0 for p, e, s in zip(example_probs, num_examples, num_sequences)]
     total = sum(raw)
-    return [r / total for r in raw]
+    return [r / total if total else 0.0 for r in raw]
 
 
 def allocate(total: int, shares: Sequence[float]) -> list[int]:

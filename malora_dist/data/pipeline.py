@@ -65,20 +65,15 @@ class MultiTaskData:
 
 def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: Optional[str] = None) -> MultiTaskData:
     """Read, prompt, tokenise and pack every task of ``cfg``; ``seed`` (the trainer's) drives the
-    mixing stream; ``base_dir`` resolves relative data paths (default: the working directory)."""
+    mixing stream (and the tasks' ``sample`` unless ``cfg.sample_seed`` is set); ``base_dir``
+    resolves relative data paths (default: the working directory)."""
     chat_tokenizer = tokenizer if cfg.use_chat_template else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
     train: list = []
     eval_examples, stats = {}, {}
     for task_id, task in enumerate(cfg.tasks):
         bad = BadRecords(cfg.bad_records)
-        records = read_task_records(task, held_out=False, bad=bad, base_dir=base_dir)
-        examples = _to_examples(records, task, task_id, chat_tokenizer, bad)
-        if task.eval_paths or task.eval_split:
-            held_records = read_task_records(task, held_out=True, bad=bad, base_dir=base_dir)
-            held = _to_examples(held_records, task, task_id, chat_tokenizer, bad)
-        else:
-            examples, held = _split_off(examples, cfg.eval_fraction, task.name)
+        records, examples, held = _task_examples(cfg, task, task_id, chat_tokenizer, bad, seed, base_dir)
         tokenized, counts = tokenize_examples(
             tokenizer, examples, cfg.seq_len, cfg.overlong, cfg.use_chat_template, bad
         )
@@ -86,7 +81,7 @@ def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: O
             records=len(records), skipped=bad.count, examples=len(tokenized), truncated=counts.truncated,
             dropped=counts.dropped, eval_examples=len(held), skip_reasons=bad.reasons,
         )
-        if not tokenized:
+        if not tokenized and not task.eval_only:
             raise DataError(_empty_task_message(task, stat, cfg.seq_len))
         train.extend(tokenized)
         eval_examples[task.name] = held
@@ -96,7 +91,8 @@ def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: O
     for task, n in zip(cfg.tasks, sequences):
         stats[task.name].sequences = n
     sizes = [stats[t.name].examples for t in cfg.tasks]
-    mixing = mixing_probabilities(sizes, [t.weight for t in cfg.tasks], cfg.mixing, cfg.temperature)
+    weights = [0.0 if t.eval_only else t.weight for t in cfg.tasks]  # no share of the training stream
+    mixing = mixing_probabilities(sizes, weights, cfg.mixing, cfg.temperature)
     for task, p in zip(cfg.tasks, mixing):
         s = stats[task.name]
         log.info(
@@ -107,6 +103,40 @@ def build_multitask_data(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: O
         for reason in s.skip_reasons:
             log.warning("task %s: skipped %s", task.name, reason)
     return MultiTaskData(cfg, [t.name for t in cfg.tasks], packed, eval_examples, mixing, stats, seed)
+
+
+def build_eval_examples(cfg: DataConfig, tokenizer: Any, seed: int, base_dir: Optional[str] = None) -> dict:
+    """{task name: its held-out examples}, exactly as ``build_multitask_data`` holds them out, but
+    without reading the training records of tasks that have their own held-out files or split
+    (an evaluation of GSM8K's test set need not read MetaMathQA's 395k training records)."""
+    chat_tokenizer = tokenizer if cfg.use_chat_template else None
+    held_out = {}
+    for task_id, task in enumerate(cfg.tasks):
+        bad = BadRecords(cfg.bad_records)
+        held_out[task.name] = _task_examples(cfg, task, task_id, chat_tokenizer, bad, seed, base_dir, train=False)[2]
+        for reason in bad.reasons:
+            log.warning("task %s: skipped %s", task.name, reason)
+    return held_out
+
+
+def _task_examples(cfg: DataConfig, task: TaskConfig, task_id: int, chat_tokenizer: Any, bad: BadRecords, seed: int,
+                   base_dir: Optional[str], train: bool = True) -> tuple[list[Record], list[Example], list[Example]]:
+    """(training records, training examples, held-out examples) of one task. ``train=False``
+    skips the training records where the held-out set does not come from them; an ``eval_only``
+    task has none."""
+    own_held_out = bool(task.eval_paths or task.eval_split)
+    split_off = not own_held_out and cfg.eval_fraction > 0  # the held-out set comes from the training records
+    records, examples = [], []
+    if not task.eval_only and (train or split_off):
+        sample_seed = cfg.sample_seed if cfg.sample_seed is not None else seed
+        records = read_task_records(task, held_out=False, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir,
+                                    sample_seed=sample_seed)
+        examples = _to_examples(records, task, task_id, chat_tokenizer, bad)
+    if own_held_out:
+        held_records = read_task_records(task, held_out=True, bad=bad, base_dir=base_dir, local_dir=cfg.local_dir)
+        return records, examples, _to_examples(held_records, task, task_id, chat_tokenizer, bad)
+    examples, held = _split_off(examples, cfg.eval_fraction, task.name)
+    return records, examples, held
 
 
 def _to_examples(records: list[Record], task: TaskConfig, task_id: int, chat_tokenizer: Any, bad: BadRecords) -> list[Example]:

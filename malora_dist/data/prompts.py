@@ -5,10 +5,11 @@ another measures the mismatch, not the adapter. ``build_prompt(mc, style)`` is t
 ``option_continuations(mc, style)`` the continuation of every option; the training target of an
 item is its gold option's continuation, so the scorer compares exactly what training taught.
 
-The commonsense format (``../shared/data/commonsense/README.md``): ``instruction`` holds the
-question, the numbered options (``Answer1: … Answer2: …`` on one line, or ``Solution1: …`` blocks
-separated by blank lines) or a true/false question, and ends with ``Answer format: answer1/…``;
-``answer`` is the gold label; ``output`` is ``the correct answer is <label>``.
+The commonsense format (the instruction format common to commonsense fine-tuning sets):
+``instruction`` holds the question, the numbered options (``Answer1: … Answer2: …`` on one line, or
+``Solution1: …`` blocks separated by blank lines) or a true/false question, and ends with
+``Answer format: answer1/…``; ``answer`` is the gold label; ``output`` is ``the correct answer is
+<label>``.
 
 Styles (prompt → continuations, with a leading space because the continuation follows the prompt
 on the same line, as in lm-evaluation-harness):
@@ -216,7 +217,8 @@ class Example:
     """One training or evaluation example: ``prompt`` then ``target`` (both final strings).
 
     mc: the multiple-choice item, for scoring options at evaluation; ``None`` for free-form
-    ``generation`` records.
+    ``generation`` records. reference: what a free-form metric compares the model's answer with
+    (``formats.Generation.reference``); empty otherwise.
     """
 
     task_id: int
@@ -224,14 +226,22 @@ class Example:
     target: str
     where: str
     mc: Optional[MultipleChoice] = None
+    reference: dict = field(default_factory=dict)
 
 
 def record_to_example(record: dict, task: TaskConfig, task_id: int, where: str, chat_tokenizer: Any = None) -> Example:
-    """The example of a record in its task's style. Raises ``DataError`` (without ``where``)."""
+    """The example of a record in its task's format and style. Raises ``DataError`` (without ``where``)."""
+    if task.format != "commonsense":
+        from .formats import Generation, map_record  # formats builds on this module's MultipleChoice
+
+        item = map_record(record, task.format)
+        if isinstance(item, Generation):
+            space = "" if chat_tokenizer is not None or item.continues_prompt else " "
+            prompt = wrap_chat(_with_passage(item.instruction, item.input), chat_tokenizer)
+            return Example(task_id, prompt, space + item.output, where, reference=item.reference)
+        return _multiple_choice_example(item, task.style, task_id, where, chat_tokenizer)
     if task.style != "generation":
-        mc = parse_multiple_choice(record, task)
-        target = option_continuations(mc, task.style, chat_tokenizer)[mc.gold_index]
-        return Example(task_id, build_prompt(mc, task.style, chat_tokenizer), target, where, mc)
+        return _multiple_choice_example(parse_multiple_choice(record, task), task.style, task_id, where, chat_tokenizer)
     instruction = _with_passage(required_text(record, "instruction"), optional_text(record, "input"))
     output = required_text(record, "output").strip()
     try:
@@ -240,6 +250,11 @@ def record_to_example(record: dict, task: TaskConfig, task_id: int, where: str, 
         mc = None
     space = "" if chat_tokenizer is not None else " "
     return Example(task_id, wrap_chat(instruction, chat_tokenizer), space + output, where, mc)
+
+
+def _multiple_choice_example(mc: MultipleChoice, style: str, task_id: int, where: str, chat_tokenizer: Any) -> Example:
+    target = option_continuations(mc, style, chat_tokenizer)[mc.gold_index]
+    return Example(task_id, build_prompt(mc, style, chat_tokenizer), target, where, mc)
 
 
 def required_field(record: dict, name: str) -> Any:

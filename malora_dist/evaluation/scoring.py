@@ -3,7 +3,8 @@
 Multiple choice: an option's score is the summed log-probability of its continuation tokens after
 the prompt (no length normalisation); the continuation is tokenised on its own and appended to
 the prompt's tokens (``encode_prompts`` / ``encode_continuations``, as training does). Generation:
-greedy decoding, exact match of the text up to EOS with the target.
+greedy decoding with the KV cache, the text up to EOS (or a stop string); ``metrics`` scores it by
+the task's metric.
 
 Every forward of a model with mixture-of-experts adapters is a collective over the dp group (the
 routing counts' all-reduce, the all-to-all of expert parallelism), so the dp ranks, which score
@@ -13,8 +14,9 @@ one-token dummy forward while the others finish (``lockstep_rounds``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,9 @@ from ..data import build_prompt, encode_continuations, encode_prompts, option_co
 from ..data.records import DataError
 from ..data.tokenize import eos_id
 from ..parallel.groups import ParallelGroups
+from ..generation import StopWhen
+from .code_execution import code_complete
+from .metrics import MAX_NEW_TOKENS
 from .packing import OptionTree, TreeBatch, tree_batches
 
 # Tokens a greedy answer may run past its target's length before it is cut off (it is wrong then).
@@ -40,6 +45,10 @@ class Item:
     gold: int  # index into ``options``; -1 for generation
     target: str  # the gold continuation, or the generation target
     where: str
+    metric: str = "multiple_choice"
+    reference: dict = field(default_factory=dict)  # what the metric compares a generated answer with
+    max_new_tokens: Optional[int] = None  # None: the target's length + GENERATION_SLACK
+    done: Optional[Callable[[str], bool]] = None  # decoding also stops once done(answer so far)
 
 
 @dataclass
@@ -53,10 +62,14 @@ class ItemResult:
     truncated: bool
 
 
-def make_item(key: tuple, example, style: str, chat_tokenizer: Any) -> Item:
-    """The scored strings of an example, from the data package's prompt builders."""
-    if style == "generation":
-        return Item(key, example.prompt, [], -1, example.target, example.where)
+def make_item(key: tuple, example, style: str, metric: str, chat_tokenizer: Any) -> Item:
+    """The scored strings of an example, from the data package's prompt builders: its options in
+    ``style`` for ``multiple_choice``, else a prompt to answer, with the metric's decoding budget."""
+    if metric != "multiple_choice":
+        done = partial(code_complete, entry_point=example.reference["problem"]["entry_point"]) \
+            if metric == "pass_at_1" else None
+        return Item(key, example.prompt, [], -1, example.target, example.where, metric, example.reference,
+                    MAX_NEW_TOKENS.get(metric), done)
     mc = example.mc
     options = option_continuations(mc, style, chat_tokenizer)
     return Item(key, build_prompt(mc, style, chat_tokenizer), options, mc.gold_index, options[mc.gold_index],
@@ -160,32 +173,41 @@ def score_multiple_choice(model, items: list[Item], tokenizer: Any, chat: bool, 
 @torch.no_grad()
 def generate_answers(model, items: list[Item], tokenizer: Any, chat: bool, max_len: int, groups: ParallelGroups,
                      device, progress=None) -> dict:
-    """{key: ItemResult} with the greedy answer (text up to EOS, stripped) of each generation item.
+    """{key: ItemResult} with the greedy answer (text up to EOS or a stop string, stripped) of
+    each generation item.
 
     One example at a time, by the model's ``generate`` (HF's, with its KV cache). Decoding stops
-    at EOS or ``len(target) + GENERATION_SLACK`` tokens; with several ranks, ``generate`` keeps
-    every rank's forwards in step until all have stopped (one tiny all-reduce per token), and a
-    rank without an example left decodes a one-token dummy prompt meanwhile.
+    at EOS, once the item's ``done`` holds (a code answer has ended), or after the item's budget
+    (its metric's ``MAX_NEW_TOKENS``, or the target's length + ``GENERATION_SLACK`` for exact
+    match); with several ranks, ``generate`` keeps every rank's forwards in step until all have
+    stopped (one tiny all-reduce per token), and a rank without an example left decodes a
+    one-token dummy prompt meanwhile. A code completion keeps its leading whitespace (indentation);
+    ``code_execution`` cuts it where its code ends.
     """
     eos = eos_id(tokenizer)
     prompts = encode_prompts(tokenizer, [i.prompt for i in items], chat)
-    budgets = [len(t) + GENERATION_SLACK for t in encode_continuations(tokenizer, [i.target for i in items])]
+    target_lengths = [len(t) for t in encode_continuations(tokenizer, [i.target for i in items])]
     synced = dist.get_world_size() > 1
     results = {}
     for r in range(lockstep_rounds(len(items), groups, device)):
         if r >= len(items):
             model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), 1, eos, synced=synced)
             continue
+        item = items[r]
+        budget = item.max_new_tokens or target_lengths[r] + GENERATION_SLACK
         ids, truncated = list(prompts[r]), False
-        room = max(1, max_len - budgets[r])
+        room = max(1, max_len - budget)
         if len(ids) > room:
             ids, truncated = ids[-room:], True
-        out = model.generate(torch.tensor([ids], device=device), budgets[r], eos, synced=synced)
+        stop = [StopWhen(tokenizer, len(ids), item.done)] if item.done is not None else None
+        out = model.generate(torch.tensor([ids], device=device), budget, eos, synced=synced, stopping_criteria=stop)
         new = out[0, len(ids):].tolist()
         if eos in new:
             new = new[:new.index(eos)]
-        text = tokenizer.decode(new, skip_special_tokens=True).strip()
-        results[items[r].key] = ItemResult([], -1, text, truncated)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        text = text.rstrip() if item.metric == "pass_at_1" else text.strip()
+        results[item.key] = ItemResult([], -1, text, truncated)
         if progress is not None:
             progress.update(1)
     return results
+

@@ -103,12 +103,14 @@ class TPCausalLM(nn.Module):
         *,
         use_cache: bool = True,
         synced: bool = False,
+        stopping_criteria=None,
     ) -> torch.Tensor:
         """Greedy decoding by HF's ``generate`` with its KV cache; every tp rank gets the same
         tokens (the head gathers the full vocabulary). Rows that produced an EOS are padded with
         the first EOS id; decoding stops when every row has one. ``synced``: keep running forwards
         until every rank of the world has finished (ranks that decode different prompts, whose
-        forwards are collectives, e.g. expert parallelism)."""
+        forwards are collectives, e.g. expert parallelism). ``stopping_criteria``: HF stopping criteria
+        that end decoding early (``generation.StopWhen``: the answer is complete)."""
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         with self.lm_head.gathered():
             return self.hf.generate(
@@ -120,6 +122,7 @@ class TPCausalLM(nn.Module):
                 pad_token_id=eos[0] if eos else None,
                 use_cache=use_cache,
                 synced_gpus=synced,
+                stopping_criteria=stopping_criteria,
             )
 
 

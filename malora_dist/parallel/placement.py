@@ -181,7 +181,7 @@ def placement_costs(config: AdapterConfig, n: int, m: int, tokens_per_rank: int,
                     micro_batches: int = 1, dtype: torch.dtype = torch.float32) -> PlacementCosts:
     """Predicted seconds per step of each placement for one layer (``n``, ``m``: full sizes);
     ``tokens_per_rank``: per step, over its ``micro_batches``."""
-    width = config.d if config.method == "malora" else n
+    width = config.d if config.has_shared_projection else n  # what travels per slot
     tokens = max(tokens_per_rank // micro_batches, 1)
     bytes_per_number = torch.empty((), dtype=dtype).element_size()
     exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, m, ep, bytes_per_number)

@@ -57,6 +57,23 @@ class StepResult:
     task_loss: dict = field(default_factory=dict)
 
 
+def enter_training_mode(model: nn.Module) -> None:
+    """Training mode as a run means it. The frozen base stays in eval mode: dropout of its own (if
+    its config has any) would draw rank-dependent masks, where every mask must be layout-free
+    (DESIGN.md §3). The adapters train (their dropout is layout-free). Decoder layers that recompute
+    in backward (``train.activation_checkpointing``) are marked training, themselves only: Hugging
+    Face checkpoints a layer only in training mode, so with the base in eval mode the flag would
+    silently do nothing."""
+    model.eval()
+    for _, layer in adapter_layers(model):
+        layer.train()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+
+
 class Trainer:
     def __init__(self, config: RunConfig, groups: ParallelGroups, device: torch.device, model: nn.Module,
                  data, total_steps: int, output_dir: str):
@@ -87,6 +104,7 @@ class Trainer:
         self.stop_requested = False
         self.fault_injector = None  # tests: a callable(step, loss) -> loss
         self.heldout = None  # a HeldOutSet when train.eval_interval > 0
+        enter_training_mode(model)
 
     # ---- one optimizer step --------------------------------------------------------------
     def _micro_batches(self, step: int) -> list:
@@ -98,7 +116,7 @@ class Trainer:
             return
         self.model.eval()
         loss = self.heldout.loss(self.model, self.groups, self.device, loss_token_mask)
-        self.model.train()
+        enter_training_mode(self.model)
         best = record_best(self.output_dir, self.step, loss) if self.is_logger else False
         self.metrics.write({"step": self.step, "eval_loss": loss, "best": best})
 

@@ -50,6 +50,9 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size × dp "
             f"= {train.micro_batch_size} × {dp}: choose a global batch of {train.micro_batch_size * dp}·k sequences"
         )
+    if all(task.eval_only for task in config.data.tasks):
+        raise ValueError("data.tasks: every task is eval_only, so there is nothing to train on: "
+                         "set eval_only: false (or remove it) on at least one task")
     _check_inputs_exist(config)
     hf = model_hf_config(config)
     projections = _projections(hf)
