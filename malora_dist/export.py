@@ -26,7 +26,7 @@ import torch.nn as nn
 from .adapters.inject import adapter_layers, inject_adapters
 from .adapters.io import adapter_state, load_adapter_state, save_adapter
 from .parallel.groups import ParallelGroups
-from .train.checkpoint import MARKER, META, config_fingerprint
+from .train.checkpoint import MARKER, META, fingerprint_changes
 from .train.config import RunConfig, load_run_config
 
 # Sections whose change makes the checkpoint's tensors not fit (data may differ freely).
@@ -62,9 +62,7 @@ def check_checkpoint(config: RunConfig, checkpoint: str) -> None:
                          f"pass a step directory such as RUN/checkpoints/step_N")
     with open(meta_path) as f:
         saved = json.load(f)["fingerprint"]
-    current = config_fingerprint(config)
-    changed = sorted(k for k in set(saved) | set(current)
-                     if k.startswith(SHAPE_SECTIONS) and saved.get(k) != current.get(k))
+    changed = [k for k in fingerprint_changes(saved, config) if k.startswith(SHAPE_SECTIONS)]
     if changed:
         raise ValueError(f"--checkpoint {checkpoint!r} was written with other values of {changed} than --config "
                          f"has: pass the run's own config (RUN/config.yaml)")

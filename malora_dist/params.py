@@ -113,13 +113,13 @@ def paper_table(configs_dir: Path = CONFIGS) -> list[dict]:
 
 
 def format_paper_table(rows: list[dict]) -> str:
-    lines = [f"{'method':36s} {'config':42s} {'trainable':>12s} {'frozen':>12s} {'% base':>7s} "
+    lines = [f"{'method':40s} {'config':42s} {'trainable':>12s} {'frozen':>12s} {'% base':>7s} "
              f"{'% all':>7s} {'paper':>6s}  matches"]
     for row in rows:
         paper = "" if row["paper_percent"] is None else f"{row['paper_percent']:.1f}"
         matches = ", ".join(m.replace("trainable_percent_of_all", "% all").replace("trainable_percent", "% base")
                             for m in row.get("matches", [])) or ("–" if row["paper_percent"] is None else "none")
-        lines.append(f"{row['row']:36s} {row['config']:42s} {row['trainable_params']:12,d} "
+        lines.append(f"{row['row']:40s} {row['config']:42s} {row['trainable_params']:12,d} "
                      f"{row['frozen_adapter_params']:12,d} {row['trainable_percent']:7.3f} "
                      f"{row['trainable_percent_of_all']:7.3f} {paper:>6s}  {matches}")
     return "\n".join(lines)

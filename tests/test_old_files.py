@@ -32,3 +32,20 @@ def test_old_checkpoint_exports_to_the_old_adapter(tmp_path):
     assert exported.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(exported[key], value), key
+
+
+def test_old_checkpoint_resumes_only_while_new_keys_keep_their_defaults():
+    """A key added after a checkpoint was written (adapter.freeze, say) does not block resuming it
+    at its default; set away from it, the change is named."""
+    import json
+
+    from malora_dist.train.checkpoint import META, fingerprint_changes
+
+    with open(os.path.join(FIXTURE, "checkpoints", "step_2", META)) as f:
+        saved = json.load(f)["fingerprint"]
+    assert "adapter.freeze" not in saved
+    config = load_run_config(os.path.join(FIXTURE, "config.yaml"))
+    adapter_changes = lambda c: [k for k in fingerprint_changes(saved, c) if k.startswith("adapter.")]  # noqa: E731
+    assert adapter_changes(config) == []
+    frozen = load_run_config(os.path.join(FIXTURE, "config.yaml"), ["adapter.freeze=[expert_down]"])
+    assert adapter_changes(frozen) == ["adapter.freeze"]

@@ -14,6 +14,7 @@ RNG state is needed for an exact continuation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,14 +41,37 @@ FINGERPRINT_KEYS = ("model", "adapter", "data")
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def _value_hash(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def config_fingerprint(config) -> dict:
     """Per key of the model/adapter/data sections: a hash of its value, to name what changed."""
     full = config.to_dict()
     out = {}
     for section in FINGERPRINT_KEYS:
         for key, value in full[section].items():
-            out[f"{section}.{key}"] = hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            out[f"{section}.{key}"] = _value_hash(value)
     return out
+
+
+def _default_fingerprint(config) -> dict:
+    """The hash of each key's default value, where the key has one."""
+    out = {}
+    for section in FINGERPRINT_KEYS:
+        for f in dataclasses.fields(getattr(config, section)):
+            if f.default is not dataclasses.MISSING:
+                out[f"{section}.{f.name}"] = _value_hash(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f"{section}.{f.name}"] = _value_hash(f.default_factory())
+    return out
+
+
+def fingerprint_changes(saved: dict, config) -> list[str]:
+    """Keys whose value differs from the checkpoint's fingerprint. A key the checkpoint lacks (added
+    to the config after it was written) counts only when it is set away from its default."""
+    current, defaults = config_fingerprint(config), _default_fingerprint(config)
+    return sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
 
 
 def _entries(model, groups):
@@ -195,8 +219,7 @@ class CheckpointManager:
             raise ValueError(f"checkpoint.resume={path!r} is not a complete checkpoint (no {MARKER} marker or {META})")
         with open(meta_path) as f:
             meta = json.load(f)
-        saved, current = meta["fingerprint"], config_fingerprint(self.config)
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        changed = fingerprint_changes(meta["fingerprint"], self.config)
         if changed:
             raise ValueError(f"cannot resume from {path}: the config changed {changed} since it was saved; "
                              f"restore them, or start a fresh run in another train.output_dir")
