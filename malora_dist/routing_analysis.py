@@ -86,7 +86,7 @@ def count_routing(model, tasks, tokenizer, chat: bool, device: torch.device) -> 
         for t, task in enumerate(tasks):
             totals = {name: torch.zeros(m.config.num_experts, dtype=torch.float64) for name, m in routed.items()}
             for i, example in enumerate(task.examples):
-                item = make_item((t, i), example, task.style, chat_tokenizer)
+                item = make_item((t, i), example, task.style, task.metric, chat_tokenizer)
                 ids = tokenizer(item.prompt + item.target, add_special_tokens=False)["input_ids"]
                 model(torch.tensor([ids], device=device))
                 for name, layer in routed.items():

@@ -103,15 +103,16 @@ def test_routing_summary_of_known_loads():
 
 
 def test_routing_by_task_counts_the_routers_choices(tmp_path):
-    """The held-out pass through the run's model, against top-k of the router's own logits taken by
-    a hook on the first adapted layer (softmax and top-k computed here, not by the layer)."""
+    """The held-out pass through the run's model, against top-k of softmax(W_g x) computed here from
+    the input of the first adapted layer (taken by a hook; fused or reference path alike)."""
     from malora_dist.adapters.layer import AdapterLinear
     from malora_dist.routing_analysis import routing_by_task
 
     seen = {}
 
-    def record(module, inputs, output):
-        chosen = torch.softmax(inputs[0].double(), dim=-1).topk(2, dim=-1).indices.reshape(-1)
+    def record(layer, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        chosen = torch.softmax(x @ layer.router.weight.double().t(), dim=-1).topk(2, dim=-1).indices.reshape(-1)
         seen.setdefault("counts", torch.zeros(4, dtype=torch.float64))
         seen["counts"] += torch.bincount(chosen, minlength=4).double()
 
@@ -121,7 +122,7 @@ def test_routing_by_task_counts_the_routers_choices(tmp_path):
         original(self, *args, **kwargs)
         if not seen.get("hooked"):
             seen["hooked"] = True
-            self.router.register_forward_hook(record)
+            self.register_forward_pre_hook(record)
 
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
