@@ -309,3 +309,15 @@ def test_shared_B_needs_d_within_the_output_size():
     config = AdapterConfig(method="malora", rank=4, num_experts=4, top_k=2, shared_side="up")  # d = 8
     with pytest.raises(ValueError, match="exceeds the output size m=6 of narrow"):
         AdapterLinear(nn.Linear(N_IN, 6, bias=False), config, name="narrow")
+
+
+def test_placement_prices_shared_B_as_x_out_and_d_back():
+    """The exchange moves x (n numbers) out and the experts' d-vectors back; an expert holds
+    Ā_t (r̄×n) and P_t (d×r̄), which replicate's extra all-reduce carries."""
+    from malora_dist.parallel.placement import LinkModel, placement_costs
+
+    config = AdapterConfig(method="malora", rank=4, num_experts=4, top_k=2, shared_side="up")  # d = 8, r̄ = 6
+    tokens, dp, ep = 10, 2, 2
+    costs = placement_costs(config, N_IN, M_OUT, tokens, dp, ep, LinkModel(1e-4, 1e9))
+    assert costs.exchange_terms.link_bytes == pytest.approx(2 * tokens * 2 * (N_IN + 8) * 4 * (ep - 1) / ep)
+    assert costs.replicate_terms.reduce_bytes == pytest.approx(2 * (dp - 1) / dp * 4 * 6 * (N_IN + 8) * 4)

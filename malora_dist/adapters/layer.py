@@ -79,18 +79,19 @@ class AdapterLinear(nn.Module):
                                        LayoutFreeDropout(config.dropout, name), hooks)
         if self.shared.weight is not None:
             tag(self.shared.weight, expert=False, tp_dim=n_dim)
+        shared_up = config.has_shared_up  # S_B after the experts: they hold Ā_t (r̄, n) and P_t (d, r̄)
+        # With S_B after them, the gates and the experts enter no sharded matrix: the one tp copy is S_B's
+        routed_hooks = hooks.for_replicated_up() if shared_up else hooks
         if config.is_moe:
             self.router = TopKRouter(hooks.shard(values["router"], n_dim), config.top_k, config.normalize_gates,
-                                     config.router_z_loss_coef > 0, config.scaling, hooks, layout.dp_group)
+                                     config.router_z_loss_coef > 0, config.scaling, routed_hooks, layout.dp_group)
             tag(self.router.weight, expert=False, tp_dim=n_dim)
         else:
             self.router = SingleExpert()
-        shared_up = config.has_shared_up  # S_B after the experts: they hold Ā_t (r̄, n) and P_t (d, r̄)
         down_dim = None if config.has_subspace and not shared_up else n_dim  # P_t (r̄, d) or A_t, Ā_t (r, n)
         up_dim = None if shared_up else m_dim  # B_t, B̄_t (m, r), or shared_up's P_t (d, r̄): replicated
-        experts_hooks = hooks.for_replicated_up() if shared_up else hooks
         experts_args = (hooks.shard(values["down"], down_dim), hooks.shard(values["up"], up_dim), not malora,
-                        experts_hooks)
+                        routed_hooks)
         per_expert = values.get("subspace") is not None  # adapter.subspace: per_expert
         if per_expert:
             experts_args = experts_args[:2] + (hooks.shard(values["subspace"], n_dim), hooks)
