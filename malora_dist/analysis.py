@@ -7,8 +7,9 @@ For every adapted linear (adapter files and checkpoints are layout-free, so any 
 reads the same):
 
 - **CCA similarity between its experts**, on the down side (MoLoRA's ``A_t``, MALoRA's
-  ``P_t S_A``: subspaces of the input space spanned by their rows) and on the up side (``B_t``,
-  ``B̄_t``: subspaces of the output space spanned by their columns). The similarity of two experts
+  ``P_t S_A``, mirrored MALoRA's ``Ā_t``: subspaces of the input space spanned by their rows) and on
+  the up side (``B_t``, ``B̄_t``, mirrored MALoRA's ``S_B P_t``: subspaces of the output space
+  spanned by their columns). The similarity of two experts
   is the mean of the canonical correlations of their subspaces (the cosines of the principal
   angles); a layer's is the mean over its pairs of experts. The paper's Fig. 2 finds MoLoRA's A
   side similar across experts and its B side not (below 0.05): the redundancy MALoRA's shared
@@ -40,7 +41,6 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from .adapters.config import SHARED_METHODS
 from .adapters.io import WEIGHTS_NAME, read_adapter_config
 from .export import export_checkpoint
 from .routing_analysis import routing_by_task
@@ -86,9 +86,12 @@ def layer_experts(state: dict, prefix: str, method: str, num_experts: int) -> tu
     down = [state[f"{prefix}.experts.{t}.down"] for t in range(num_experts)]
     if f"{prefix}.experts.0.subspace" in state:  # adapter.subspace: per_expert
         down = [p @ state[f"{prefix}.experts.{t}.subspace"] for t, p in enumerate(down)]
-    elif method in SHARED_METHODS:  # an expert's down-projection is P_t S_A (HydraLoRA: P_t = I)
+    elif f"{prefix}.shared_A" in state:  # an expert's down-projection is P_t S_A (HydraLoRA: P_t = I)
         down = [p @ state[f"{prefix}.shared_A"] for p in down]
-    return down, [state[f"{prefix}.experts.{t}.up"] for t in range(num_experts)]
+    up = [state[f"{prefix}.experts.{t}.up"] for t in range(num_experts)]
+    if f"{prefix}.shared_B" in state:  # adapter.shared_side: up: an expert's up-projection is S_B P_t
+        up = [state[f"{prefix}.shared_B"] @ p for p in up]
+    return down, up
 
 
 def layer_prefixes(state: dict, method: str) -> list[str]:

@@ -44,6 +44,7 @@ PAPER_ROWS = (
     ("MALoRA, frozen P_t", "ablations/malora_frozen_P.yaml", None, "Table 3"),
     ("MALoRA, no asymmetry (r̄=8, d=64)", "ablations/malora_no_asymmetry.yaml", None, "Table 3"),
     ("MALoRA, no shared S_A (per-expert S_t)", "ablations/malora_no_shared_S_A.yaml", None, "Table 3"),
+    ("MALoRA, shared subspace on B (S_B)", "ablations/malora_shared_B.yaml", None, "Table 3"),
     ("HydraLoRA-style (shared A)", "ablations/hydralora.yaml", None, "–"),
 )
 
@@ -84,7 +85,8 @@ def parameter_report(model_config, adapter: AdapterConfig) -> dict:
     if adapter.is_moe:
         report.update(num_experts=adapter.num_experts, top_k=adapter.top_k)
     if adapter.has_subspace:
-        report.update(shared_dim=adapter.d, expert_rank=adapter.r_bar, subspace=adapter.subspace)
+        report.update(shared_dim=adapter.d, expert_rank=adapter.r_bar, subspace=adapter.subspace,
+                      shared_side=adapter.shared_side)
     else:
         report.update(rank=adapter.rank)
     if adapter.frozen_parts:

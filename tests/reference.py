@@ -20,6 +20,8 @@ def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scali
     gates = torch.zeros_like(probs).scatter(1, top_index, top_values)
     if method == "hydralora":  # one shared A, no per-expert down-projection: B_t (A x)
         h = (a @ params["shared_A"].t()).unsqueeze(1).expand(-1, params["expert_up"].shape[0], -1)
+    elif "shared_B" in params:  # MALoRA mirrored: Ā_t x, the experts' own down-projection
+        h = torch.einsum("tn,ern->ter", a, params["expert_down"])
     elif "expert_subspace" in params:  # MALoRA with per-expert subspaces S_t
         z = torch.einsum("tn,edn->ted", a, params["expert_subspace"])
         h = torch.einsum("ted,erd->ter", z, params["expert_down"])
@@ -27,7 +29,10 @@ def dense_adapter_output(x, base_weight, params, method, top_k, normalize, scali
         h = torch.einsum("td,erd->ter", a @ params["shared_A"].t(), params["expert_down"])
     else:
         h = torch.einsum("tn,ern->ter", a, params["expert_down"])
-    per_expert = torch.einsum("ter,emr->tem", h, params["expert_up"])
+    if "shared_B" in params:  # MALoRA mirrored: expert t's update is S_B P_t Ā_t
+        per_expert = torch.einsum("ter,edr,md->tem", h, params["expert_up"], params["shared_B"])
+    else:
+        per_expert = torch.einsum("ter,emr->tem", h, params["expert_up"])
     return y + scaling * torch.einsum("te,tem->tm", gates, per_expert)
 
 
@@ -44,7 +49,8 @@ def randomize_adapter_(layer, generator):
 
 
 def adapter_params(layer):
-    """The layer's parameters by their layout-free names (shared_A, expert_down, expert_up, router.weight)."""
+    """The layer's parameters by their layout-free names (shared_A, shared_B, expert_down, expert_up,
+    router.weight)."""
     return dict(layer.adapter_tensors())
 
 

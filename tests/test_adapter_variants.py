@@ -26,6 +26,8 @@ VARIANTS = [
     ("no_shared_S_A", dict(method="malora", rank=4, subspace="per_expert"), "malora", set()),
     ("no_shared_S_A_frozen_P", dict(method="malora", rank=4, subspace="per_expert", freeze=["expert_down"]),
      "malora", {"expert_down"}),
+    ("shared_B", dict(method="malora", rank=4, shared_side="up"), "malora", set()),
+    ("shared_B_beta", dict(method="malora", rank=4, shared_side="up", beta=1.25), "malora", set()),
 ]
 
 
@@ -88,8 +90,9 @@ def _tiny_model():
 
 @pytest.mark.parametrize("keys", [dict(method="malora", rank=4, freeze=["shared_A", "expert_down"]),
                                   dict(method="lora", rank=4, freeze=["expert_down"]),
-                                  dict(method="lora", rank=4, dora=True)],
-                         ids=["malora_frozen_S_A_and_P", "asylora", "dora"])
+                                  dict(method="lora", rank=4, dora=True),
+                                  dict(method="malora", rank=4, shared_side="up")],
+                         ids=["malora_frozen_S_A_and_P", "asylora", "dora", "malora_shared_B"])
 def test_frozen_parts_stay_put_through_training_and_are_saved(tmp_path, keys):
     """An optimizer built on adapter_parameters never holds a frozen part, the parts keep their
     initial values through a step, and the adapter file round-trips every tensor (frozen ones too)."""
@@ -224,6 +227,12 @@ def test_dora_adapter_file_loads_in_peft(tmp_path):
     (dict(method="molora", subspace="per_expert"), "has no subspace to split"),
     (dict(method="malora", subspace="private"), "must be shared or per_expert"),
     (dict(method="malora", subspace="per_expert", freeze=["shared_A"]), "has no shared_A"),
+    (dict(method="molora", shared_side="up"), "method molora has none"),
+    (dict(method="malora", shared_side="left"), "must be down or up"),
+    (dict(method="malora", shared_side="up", subspace="per_expert"), "use one of the two"),
+    (dict(method="malora", shared_side="up", freeze=["expert_down"]), "remove adapter.freeze"),
+    (dict(method="malora", shared_side="up", freeze=["shared_A"]), "remove adapter.freeze"),
+    (dict(method="malora", shared_side="up", identical_init=True), "set identical_init: false"),
 ])
 def test_bad_variant_keys_are_refused_with_the_fix(keys, message):
     with pytest.raises(ValueError, match=message):
@@ -247,14 +256,68 @@ def test_analysis_reads_each_methods_down_projections(tmp_path):
     from malora_dist.adapters.io import adapter_state
     from malora_dist.analysis import layer_experts
 
-    for keys in (dict(method="hydralora", rank=4), dict(method="malora", rank=4, subspace="per_expert")):
+    for keys in (dict(method="hydralora", rank=4), dict(method="malora", rank=4, subspace="per_expert"),
+                 dict(method="malora", rank=4, shared_side="up")):
         config = AdapterConfig(num_experts=4, top_k=2, target_modules=["proj"], **keys)
         model = inject_adapters(nn.ModuleDict({"proj": nn.Linear(N_IN, M_OUT, bias=False)}), config)
         layer = model["proj"]
+        with torch.no_grad():  # Ā_t starts at zero under shared_side: up; give every part values
+            randomize_adapter_(layer, torch.Generator().manual_seed(0))
         down, up = layer_experts(adapter_state(model), "proj", config.method, 4)
         for t in range(4):
             if config.method == "hydralora":
                 expected = layer.shared_A
-            else:
+            elif config.subspace == "per_expert":
                 expected = layer.expert_down[t] @ layer.experts.subspace[t]
+            else:
+                expected = layer.expert_down[t]
+            expected_up = layer.shared_up.weight @ layer.expert_up[t] if config.has_shared_up else layer.expert_up[t]
             assert torch.allclose(down[t], expected.double().detach())
+            assert torch.allclose(up[t], expected_up.double().detach(), atol=1e-6)  # S_B P_t formed in fp32
+
+
+def test_shared_B_starts_as_malora_transposed_and_every_part_learns():
+    """shared_side: up starts at the base (Ā_t = 0) with S_B = β V_0ᵀ (orthonormal columns times β) and
+    S_B P_0 the first r̄ rows of expert 0's Kaiming draw, transposed (entries within U(±1/√m), whatever
+    β is); the first gradient reaches Ā_t only, and after one step every part gets one."""
+    layers = {beta: make_layer(dict(method="malora", rank=4, shared_side="up", beta=beta)) for beta in (1.0, 1.5)}
+    layer = layers[1.5]
+    s_b, p_t = layer.shared_up.weight.detach(), layer.expert_up.detach()
+    assert s_b.shape == (M_OUT, 8) and p_t.shape == (4, 8, 6) and layer.expert_down.shape == (4, 6, N_IN)
+    assert torch.count_nonzero(layer.expert_down) == 0
+    assert torch.allclose(s_b.t() @ s_b, 1.5 ** 2 * torch.eye(8, dtype=s_b.dtype), atol=1e-5)  # an fp32 SVD
+    kaiming = s_b @ p_t[0]
+    assert kaiming.abs().max() <= 1 / M_OUT ** 0.5
+    assert torch.allclose(kaiming, layers[1.0].shared_up.weight @ layers[1.0].expert_up[0], atol=1e-6)
+    assert not torch.allclose(s_b @ p_t[1], kaiming)
+
+    x = torch.randn(TOKENS, N_IN, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    optimizer = torch.optim.SGD([p for _, p in layer.adapter_tensors()], lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        (layer(x) ** 2).sum().backward()
+        grads = {name: p.grad.norm().item() for name, p in layer.adapter_tensors()}
+        if step == 0:
+            assert grads["expert_down"] > 0 and grads["expert_up"] == grads["shared_B"] == grads["router.weight"] == 0
+        else:
+            assert all(g > 0 for g in grads.values()), grads
+        optimizer.step()
+
+
+def test_shared_B_needs_d_within_the_output_size():
+    config = AdapterConfig(method="malora", rank=4, num_experts=4, top_k=2, shared_side="up")  # d = 8
+    with pytest.raises(ValueError, match="exceeds the output size m=6 of narrow"):
+        AdapterLinear(nn.Linear(N_IN, 6, bias=False), config, name="narrow")
+
+
+def test_placement_prices_shared_B_as_x_out_and_d_back():
+    """The exchange moves x (n numbers) out and the experts' d-vectors back; an expert holds
+    Ā_t (r̄×n) and P_t (d×r̄), which replicate's extra all-reduce carries."""
+    from malora_dist.parallel.placement import LinkModel, placement_costs
+
+    config = AdapterConfig(method="malora", rank=4, num_experts=4, top_k=2, shared_side="up")  # d = 8, r̄ = 6
+    tokens, dp, ep = 10, 2, 2
+    costs = placement_costs(config, N_IN, M_OUT, tokens, dp, ep, LinkModel(1e-4, 1e9))
+    assert costs.exchange_terms.link_bytes == pytest.approx(2 * tokens * 2 * (N_IN + 8) * 4 * (ep - 1) / ep)
+    assert costs.replicate_terms.reduce_bytes == pytest.approx(2 * (dp - 1) / dp * 4 * 6 * (N_IN + 8) * 4)

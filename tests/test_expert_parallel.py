@@ -80,6 +80,9 @@ def _cases():
         Case("hydralora-k1-dp4ep2", "hydralora", 1, 2, [4, 2, 3, 6]),
         Case("malora-per-expert-subspace-k2-ep2", "malora", 2, 2, [5, 7], extra=dict(subspace="per_expert")),
         Case("malora-per-expert-subspace-k1-dp4ep2", "malora", 1, 2, [4, 2, 3, 6], extra=dict(subspace="per_expert")),
+        Case("malora-shared-B-k2-ep2", "malora", 2, 2, [5, 7], extra=dict(shared_side="up")),
+        Case("malora-shared-B-k1-dp4ep2", "malora", 1, 2, [4, 2, 3, 6], extra=dict(shared_side="up")),
+        Case("malora-shared-B-empty-rank-ep2", "malora", 2, 2, [0, 6], extra=dict(shared_side="up")),
     ]
     return cases
 
@@ -300,8 +303,11 @@ def test_capacity_drops_are_counted(world_results, case):
                          ids=lambda c: c.name)
 def test_traffic_matches_closed_form(world_results, case):
     width = {"malora": int(0.5 * RANK * EXPERTS), "molora": N_IN, "hydralora": RANK}[case.method]
+    back = N_OUT
     if case.extra.get("subspace") == "per_expert":
         width = N_IN  # each expert applies its own S_t: x travels
+    if case.extra.get("shared_side") == "up":
+        width, back = N_IN, int(0.5 * RANK * EXPERTS)  # x travels, d comes back (S_B applies after)
     results = world_results[case.name]
     for r in results:
         assert r["traffic"]["dispatch_bytes"] == r["local_slots"] * width * 4
@@ -309,4 +315,4 @@ def test_traffic_matches_closed_form(world_results, case):
     groups_of_ep = [results[i:i + case.ep] for i in range(0, len(results), case.ep)]
     for ep_group in groups_of_ep:
         slots = sum(r["local_slots"] for r in ep_group)
-        assert sum(r["traffic"]["combine_bytes"] for r in ep_group) == slots * N_OUT * 4
+        assert sum(r["traffic"]["combine_bytes"] for r in ep_group) == slots * back * 4

@@ -46,11 +46,14 @@ def test_token_places_of_a_micro_batch():
     assert token_places(2, 2, 3).tolist() == [[6, 7, 8], [9, 10, 11]]
 
 
-@pytest.mark.parametrize("method,kernel", [("malora", "dense"), ("malora", "sparse"), ("molora", "sparse"), ("lora", "dense")])
-def test_layer_applies_the_context_mask_to_the_adapter_input_only(method, kernel):
+@pytest.mark.parametrize("method,kernel,extra", [("malora", "dense", {}), ("malora", "sparse", {}),
+                                                 ("molora", "sparse", {}), ("lora", "dense", {}),
+                                                 ("malora", "dense", dict(shared_side="up")),
+                                                 ("malora", "sparse", dict(shared_side="up"))])
+def test_layer_applies_the_context_mask_to_the_adapter_input_only(method, kernel, extra):
     n, m, tokens = 16, 24, 12
     config = AdapterConfig(method=method, rank=4, num_experts=4, top_k=2 if method != "lora" else 1,
-                           dropout=P, expert_kernel=kernel)
+                           dropout=P, expert_kernel=kernel, **extra)
     layer = AdapterLinear(nn.Linear(n, m, bias=False), config, name="layers.0.q_proj")
     randomize_adapter_(layer, torch.Generator().manual_seed(1))
     x = torch.randn(2, tokens // 2, n, generator=torch.Generator().manual_seed(2))

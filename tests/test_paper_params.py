@@ -36,6 +36,8 @@ CLOSED_FORM = {
                                        per_model(lambda n, m: N * 12 * 32)),
     "ablations/malora_no_asymmetry.yaml": (per_model(lambda n, m: 64 * n + N * 8 * (64 + m) + N * n), 0),
     "ablations/malora_no_shared_S_A.yaml": (per_model(lambda n, m: N * 32 * n + N * 12 * (32 + m) + N * n), 0),
+    # S_B (m×d), per expert P_t (d×r̄) and Ā_t (r̄×n), the router
+    "ablations/malora_shared_B.yaml": (per_model(lambda n, m: 32 * m + N * 12 * (32 + n) + N * n), 0),
     "ablations/hydralora.yaml": (per_model(lambda n, m: 8 * n + N * 8 * m + N * n), per_model(lambda n, m: N * 8 * 8)),
 }
 

@@ -65,8 +65,10 @@ ADAPTERS = {
     "hydralora": dict(method="hydralora", rank=2, num_experts=4, top_k=2, balance_loss_coef=0.1),
     "malora_per_expert_subspace": dict(method="malora", rank=2, num_experts=4, top_k=2, balance_loss_coef=0.1,
                                        subspace="per_expert"),
+    "malora_shared_B": dict(method="malora", rank=2, num_experts=4, top_k=2, balance_loss_coef=0.1, shared_side="up"),
 }
-VARIANTS = ("dora", "asylora", "moasylora", "malora_fixed_shared_A", "hydralora", "malora_per_expert_subspace")
+VARIANTS = ("dora", "asylora", "moasylora", "malora_fixed_shared_A", "hydralora", "malora_per_expert_subspace",
+            "malora_shared_B")
 BATCH, SEQ = 4, 8
 
 

@@ -61,6 +61,10 @@ class AdapterConfig:
         expert 0's draw (Table 3's identical A_t initialisation).
     subspace: ``shared`` (MALoRA's one S_A per adapted linear) or ``per_expert`` (malora: each
         expert its own S_t of dimension d, Table 3's "no shared S_A"; x travels to the experts).
+    shared_side: ``down`` (MALoRA: the shared subspace S_A on the input side) or ``up`` (malora:
+        Table 3's "shared subspace on B": y = W x + Σ_t g_t·(α/r̄)·S_B P_t Ā_t x with one shared
+        up-projection S_B (m×d), per-expert P_t (d×r̄) and Ā_t (r̄×n); x travels to the experts and
+        d numbers per slot come back, S_B applies once per token after the experts are combined).
     """
 
     method: str = "malora"
@@ -84,6 +88,7 @@ class AdapterConfig:
     freeze: list = field(default_factory=list)
     identical_init: bool = False
     subspace: str = "shared"
+    shared_side: str = "down"
 
     def __post_init__(self):
         self.target_modules = list(self.target_modules)
@@ -104,7 +109,12 @@ class AdapterConfig:
     @property
     def has_shared_projection(self) -> bool:
         """One S_A shared by the experts, applied before routing."""
-        return self.has_subspace and self.subspace == "shared"
+        return self.has_subspace and self.subspace == "shared" and self.shared_side == "down"
+
+    @property
+    def has_shared_up(self) -> bool:
+        """One S_B shared by the experts, applied after they are combined (``shared_side: up``)."""
+        return self.method == "malora" and self.shared_side == "up"
 
     @property
     def frozen_parts(self) -> set:
@@ -160,9 +170,16 @@ class AdapterConfig:
                          "(placement ep): they receive rows and run the sparse (grouped) kernel")
         return notes
 
-    def check_fits(self, in_features: int, name: str = "") -> None:
-        """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n (HydraLoRA's shared A: r ≤ n)."""
-        if self.has_subspace and self.d > in_features:
+    def check_fits(self, in_features: int, name: str = "", out_features: Optional[int] = None) -> None:
+        """MALoRA's SVD initialisation needs r̄ ≤ d ≤ n (HydraLoRA's shared A: r ≤ n); mirrored on the
+        up side (``shared_side: up``), d ≤ m."""
+        if self.has_shared_up and out_features is not None and self.d > out_features:
+            raise ValueError(
+                f"adapter.shared_dim d={self.d} exceeds the output size m={out_features} of "
+                f"{name or 'the adapted layer'}; shared_side: up initialises S_B (m×d) from an SVD that "
+                f"needs d ≤ m: lower adapter.shared_dim, adapter.lam or adapter.rank"
+            )
+        if self.has_subspace and not self.has_shared_up and self.d > in_features:
             raise ValueError(
                 f"adapter.shared_dim d={self.d} exceeds the input size n={in_features} of "
                 f"{name or 'the adapted layer'}; the SVD initialisation needs d ≤ n: lower "
@@ -239,6 +256,10 @@ class AdapterConfig:
         if self.subspace == "per_expert" and self.method != "malora":
             raise ValueError(f"adapter.subspace=per_expert gives each MALoRA expert its own S_t: method "
                              f"{self.method} has no subspace to split (use malora, or subspace: shared)")
+        if self.shared_side not in ("down", "up"):
+            raise ValueError(f"adapter.shared_side must be down or up, got {self.shared_side!r}")
+        if self.shared_side == "up":
+            self._validate_shared_up()
         if "shared_A" in self.freeze and not self.has_shared_projection:
             raise ValueError(f"adapter.freeze: method {self.method} (subspace {self.subspace}) has no shared_A "
                              f"to freeze (only malora with subspace: shared has a trainable S_A that can be fixed)")
@@ -252,6 +273,23 @@ class AdapterConfig:
             raise ValueError(f"adapter.identical_init starts every expert's down-projection from one draw: "
                              f"method {self.method} has no per-expert down-projections drawn at random "
                              f"(use molora or malora, or set identical_init: false)")
+
+    def _validate_shared_up(self):
+        """``shared_side: up`` is one configuration of MALoRA; the keys that would change its other
+        parts are refused rather than half applied."""
+        if self.method != "malora":
+            raise ValueError(f"adapter.shared_side=up moves MALoRA's shared subspace to the up side: method "
+                             f"{self.method} has none (use method: malora, or shared_side: down)")
+        if self.subspace != "shared":
+            raise ValueError("adapter.shared_side=up shares one S_B across experts; subspace: per_expert gives "
+                             "each expert its own S_t on the down side: use one of the two")
+        if self.freeze:
+            # expert_down is Ā_t, which starts at zero: frozen, the adapter would stay zero for ever
+            raise ValueError(f"adapter.freeze={self.freeze} is not supported with shared_side=up (its Ā_t start "
+                             f"at zero and there is no shared_A): remove adapter.freeze")
+        if self.identical_init:
+            raise ValueError("adapter.identical_init draws every expert's down-projection alike, but with "
+                             "shared_side=up the Ā_t start at zero: set identical_init: false")
 
     # ---- io ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

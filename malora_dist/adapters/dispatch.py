@@ -192,6 +192,7 @@ class AllToAllDispatch(GroupedDispatch):
     @staticmethod
     def link_terms(slots: int, width: int, m: int, ep: int, bytes_per_number: int) -> CostTerms:
         """Per micro-batch of ``slots`` (token, expert) slots: the collectives, and the bytes that
-        leave the rank (rows of ``width`` out and m back, forward and backward)."""
+        leave the rank (rows of ``width`` out and ``m`` back, forward and backward; ``m`` is d where
+        the shared S_B applies after the return)."""
         return CostTerms(collectives=AllToAllDispatch.COLLECTIVES_PER_MICRO_BATCH,
                          link_bytes=2 * slots * (width + m) * bytes_per_number * (ep - 1) / ep)

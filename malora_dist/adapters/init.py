@@ -64,3 +64,23 @@ def identity_coefficients(num_experts: int, rank: int) -> torch.Tensor:
 def router_init(num_experts: int, in_features: int, seed: int, layer: str) -> torch.Tensor:
     """The router's ``W_g``: ``nn.Linear(n, N, bias=False)``'s default init."""
     return kaiming_uniform(num_experts, in_features, generator_for(seed, layer, "router"))
+
+
+# MALoRA mirrored (adapter.shared_side: up): the exact transpose of MALoRA's initialisation, with the
+# output size m in the place of n. MALoRA's update B̄_t P_t S_A has its per-expert high-rank factor
+# B̄_t at zero and the pair P_t S_A Kaiming-like inside span(S_A); transposed, S_B P_t Ā_t has its
+# per-expert high-rank factor Ā_t at zero and the pair S_B P_t Kaiming-like inside span(S_B). So the
+# product starts at zero, the first gradients reach Ā_t (through the non-zero S_B P_t, different
+# per expert), and β shifts the balance between S_B and P_t exactly as it does between S_A and
+# P_t. The alternative (S_B = 0, as LoRA's B) would leave the per-expert parts without gradient at
+# the first step and give β nothing to balance. The draws are keyed "up", apart from the down side's.
+def malora_shared_up_init(shared_dim: int, out_features: int, beta: float, seed: int, layer: str) -> torch.Tensor:
+    """``S_B = β V_0ᵀ`` (m×d), V_0 from the SVD of expert 0's Kaiming-uniform draw (d×m)."""
+    return beta * malora_expert_svd(shared_dim, out_features, generator_for(seed, layer, "up", 0))[1].t()
+
+
+def malora_up_coefficients_init(expert: int, shared_dim: int, expert_rank: int, out_features: int, beta: float,
+                                seed: int, layer: str) -> torch.Tensor:
+    """``P_t = ((U_t Σ_t)[:r̄])ᵀ / β`` (d×r̄) for one expert, so that S_B P_t is Kaiming-like."""
+    svd = malora_expert_svd(shared_dim, out_features, generator_for(seed, layer, "up", expert))
+    return svd[0][:expert_rank].t() / beta

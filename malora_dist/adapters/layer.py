@@ -6,7 +6,9 @@ one job each, chosen once, when the layer is built for its layout:
 - ``shared`` (``SharedProjection``): router logits and the adapter's input (MALoRA's S_A x);
 - ``router`` (``TopKRouter``; LoRA's ``SingleExpert``): top-k experts, gates, routing statistics;
 - ``dispatcher``: local dense, local grouped rows, or all-to-all over the EP group;
-- ``experts`` (``DenseExperts`` | ``GroupedExperts``): this rank's experts only.
+- ``experts`` (``DenseExperts`` | ``GroupedExperts``): this rank's experts only;
+- ``shared_up`` (``SharedUpProjection``, ``adapter.shared_side: up`` only): MALoRA's shared
+  subspace mirrored to the up side, applied once per token to the experts' combined d-vectors.
 
 The layer wraps ``base_layer`` (an ``nn.Linear`` or a tensor-parallel base from
 ``malora_dist.models``, whose ``parallel_mode`` picks the tensor-parallel mappings) and never
@@ -29,10 +31,11 @@ from .dropout import LayoutFreeDropout
 from .experts import DenseExperts, GroupedExperts
 from .fused import WeightCache, fused_layer_forward, use_fused
 from .init import (identity_coefficients, lora_down_init, malora_coefficients_init, malora_expert_subspace_init,
-                   malora_shared_init, router_init)
+                   malora_shared_init, malora_shared_up_init, malora_up_coefficients_init, router_init)
 from .layout import SINGLE_PROCESS, AdapterLayout
 from .projection import SharedProjection
 from .router import SingleExpert, TopKRouter
+from .shared_up import SharedUpProjection
 from .subspace_experts import DenseSubspaceExperts, GroupedSubspaceExperts
 from .tags import tag
 from .tensor_parallel import TensorParallelHooks
@@ -58,7 +61,7 @@ class AdapterLinear(nn.Module):
         self.config = config
         self.name = name
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        config.check_fits(self.in_features, name)
+        config.check_fits(self.in_features, name, self.out_features)
         hooks = TensorParallelHooks(getattr(base_layer, "parallel_mode", None), getattr(base_layer, "tp_group", None))
         self.num_experts = config.num_experts if config.is_moe else 1
         self.top_k = config.top_k if config.is_moe else 1
@@ -77,14 +80,19 @@ class AdapterLinear(nn.Module):
                                        LayoutFreeDropout(config.dropout, name), hooks)
         if self.shared.weight is not None:
             tag(self.shared.weight, expert=False, tp_dim=n_dim)
+        shared_up = config.has_shared_up  # S_B after the experts: they hold Ā_t (r̄, n) and P_t (d, r̄)
+        # With S_B after them, the gates and the experts enter no sharded matrix: the one tp copy is S_B's
+        routed_hooks = hooks.for_replicated_up() if shared_up else hooks
         if config.is_moe:
             self.router = TopKRouter(hooks.shard(values["router"], n_dim), config.top_k, config.normalize_gates,
-                                     config.router_z_loss_coef > 0, config.scaling, hooks, layout.dp_group)
+                                     config.router_z_loss_coef > 0, config.scaling, routed_hooks, layout.dp_group)
             tag(self.router.weight, expert=False, tp_dim=n_dim)
         else:
             self.router = SingleExpert()
-        down_dim = None if config.has_subspace else n_dim  # P_t (r̄, d) or A_t (r, n)
-        experts_args = (hooks.shard(values["down"], down_dim), hooks.shard(values["up"], m_dim), not malora, hooks)
+        down_dim = None if config.has_subspace and not shared_up else n_dim  # P_t (r̄, d) or A_t, Ā_t (r, n)
+        up_dim = None if shared_up else m_dim  # B_t, B̄_t (m, r), or shared_up's P_t (d, r̄): replicated
+        experts_args = (hooks.shard(values["down"], down_dim), hooks.shard(values["up"], up_dim), not malora,
+                        routed_hooks)
         per_expert = values.get("subspace") is not None  # adapter.subspace: per_expert
         if per_expert:
             experts_args = experts_args[:2] + (hooks.shard(values["subspace"], n_dim), hooks)
@@ -96,7 +104,10 @@ class AdapterLinear(nn.Module):
             self.dispatcher = (AllToAllDispatch(self.num_experts, config.capacity_factor, layout.ep_group,
                                                 layout.ep_size, layout.ep_rank)
                                if split else GroupedDispatch(self.num_experts, config.capacity_factor))
-        for param, dim in ((self.experts.down, down_dim), (self.experts.up, m_dim),
+        self.shared_up = SharedUpProjection(hooks.shard(values["shared_up"], m_dim), hooks) if shared_up else None
+        if self.shared_up is not None:
+            tag(self.shared_up.weight, expert=False, tp_dim=m_dim)
+        for param, dim in ((self.experts.down, down_dim), (self.experts.up, up_dim),
                            (getattr(self.experts, "subspace", None), n_dim)):
             if param is not None:
                 tag(param, expert=config.is_moe, tp_dim=dim).malora_ep_sharded = split
@@ -123,8 +134,11 @@ class AdapterLinear(nn.Module):
         routing = self.router(logits)                  # top-k experts and their scaled gates
         sent = self.dispatcher.send(z, routing)        # rows leave for their experts' ranks
         out = self.base_layer(flat_x)                  # the frozen product, while the rows travel
-        result = self.experts(self.dispatcher.receive(sent), out)
-        out = self.dispatcher.combine(result, sent, out)  # back to their tokens, gated, into out
+        # the experts' results go into out itself, or into one d-vector per token before S_B
+        target = out if self.shared_up is None else out.new_zeros(out.shape[0], self.config.d)
+        result = self.experts(self.dispatcher.receive(sent), target)
+        combined = self.dispatcher.combine(result, sent, target)  # back to their tokens, gated
+        out = combined if self.shared_up is None else self.shared_up(combined, out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     # ---- DoRA (method lora with adapter.dora): the magnitude rescales base and update together ----
@@ -154,6 +168,8 @@ class AdapterLinear(nn.Module):
             names.append(("expert_subspace", self.experts.subspace))
         if self.shared.weight is not None:
             names.append(("shared_A", self.shared.weight))
+        if self.shared_up is not None:
+            names.append(("shared_B", self.shared_up.weight))
         if isinstance(self.router, TopKRouter):
             names.append(("router.weight", self.router.weight))
         if self.dora is not None:
@@ -190,7 +206,8 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        shape = f"d={c.d}, r̄={c.r_bar}, subspace={c.subspace}" if c.has_subspace else f"r={c.rank}"
+        shape = (f"d={c.d}, r̄={c.r_bar}, subspace={c.subspace}, shared_side={c.shared_side}" if c.has_subspace
+                 else f"r={c.rank}")
         shape += ", dora" if c.dora else ""
         shape += f", frozen={sorted(c.frozen_parts)}" if c.frozen_parts else ""
         return (f"method={c.method}, {shape}, experts={self.num_experts} (local {self.num_local_experts}), "
@@ -202,16 +219,25 @@ def _initial_values(config: AdapterConfig, n: int, m: int, local: range, seed: i
                     on_meta: bool) -> dict:
     """Full-width (before tensor-parallel slicing) initial tensors of this rank's experts."""
     rank = config.adapter_rank
-    per_expert = config.has_subspace and not config.has_shared_projection
-    width = config.d if config.has_subspace else n
-    shapes = {"down": (len(local), rank, width), "up": (len(local), m, rank), "router": (config.num_experts, n),
+    per_expert = config.has_subspace and config.subspace == "per_expert"
+    shared_up = config.has_shared_up  # Ā_t (r̄, n), P_t (d, r̄), S_B (m, d)
+    width = config.d if config.has_subspace and not shared_up else n  # what the experts' down contracts
+    up_rows = config.d if shared_up else m
+    shapes = {"down": (len(local), rank, width), "up": (len(local), up_rows, rank), "router": (config.num_experts, n),
               "shared": (config.d, n) if config.has_shared_projection else None,
-              "subspace": (len(local), config.d, n) if per_expert else None}
+              "subspace": (len(local), config.d, n) if per_expert else None,
+              "shared_up": (m, config.d) if shared_up else None}
     if on_meta:  # a skeleton (export, parameter counts): shapes only
         return {k: torch.empty(s, device="meta") if s else None for k, s in shapes.items()}
     # identical_init: every expert draws as expert 0 does
     draws = [0] * len(local) if config.identical_init else list(local)
     shared, subspace = None, None
+    router = router_init(config.num_experts, n, seed, name) if config.is_moe else None
+    if shared_up:  # MALoRA transposed (see init.py): Ā_t = 0, S_B P_t Kaiming-like
+        args = (config.d, config.r_bar, m, config.beta, seed, name)
+        up = torch.stack([malora_up_coefficients_init(t, *args) for t in local])
+        return {"down": torch.zeros(shapes["down"]), "up": up, "router": router, "shared": None, "subspace": None,
+                "shared_up": malora_shared_up_init(config.d, m, config.beta, seed, name)}
     if config.method == "malora":
         args = (config.d, config.r_bar, n, config.beta, seed, name)
         down = torch.stack([malora_coefficients_init(t, *args) for t in draws])
@@ -224,5 +250,5 @@ def _initial_values(config: AdapterConfig, n: int, m: int, local: range, seed: i
         shared = lora_down_init(0, config.rank, n, seed, name)  # the one shared A, as LoRA's A
     else:
         down = torch.stack([lora_down_init(t, config.rank, n, seed, name) for t in draws])
-    router = router_init(config.num_experts, n, seed, name) if config.is_moe else None
-    return {"down": down, "up": torch.zeros(shapes["up"]), "router": router, "shared": shared, "subspace": subspace}
+    return {"down": down, "up": torch.zeros(shapes["up"]), "router": router, "shared": shared, "subspace": subspace,
+            "shared_up": None}

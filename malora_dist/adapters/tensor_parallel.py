@@ -34,6 +34,13 @@ class TensorParallelHooks:
     def into_sharded_up(self, t: torch.Tensor) -> torch.Tensor:
         return copy_to_tensor_model_parallel_region(t, group=self.group) if self.mode == "column" else t
 
+    def for_replicated_up(self) -> "TensorParallelHooks":
+        """The hooks of the router and experts when the up-projection they feed is replicated over tp
+        (``shared_side: up``'s P_t): under a column base the one copy belongs to the shared S_B after
+        them (a copy on the gates too would count their gradient twice), so they do no tp mapping at
+        all; under a row base the experts still sum their partial ``Ā_t x``."""
+        return TensorParallelHooks(None, None) if self.mode == "column" else self
+
     def shard(self, full: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
         """This rank's part of a full tensor split on ``dim`` (None: replicated)."""
         if dim is None or self.size == 1:

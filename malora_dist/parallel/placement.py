@@ -182,11 +182,12 @@ def placement_costs(config: AdapterConfig, n: int, m: int, tokens_per_rank: int,
     """Predicted seconds per step of each placement for one layer (``n``, ``m``: full sizes);
     ``tokens_per_rank``: per step, over its ``micro_batches``."""
     width = config.d if config.has_shared_projection else n  # what travels per slot
+    back = config.d if config.has_shared_up else m  # what returns per slot (S_B applies after the return)
     tokens = max(tokens_per_rank // micro_batches, 1)
     bytes_per_number = torch.empty((), dtype=dtype).element_size()
-    exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, m, ep, bytes_per_number)
+    exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, back, ep, bytes_per_number)
                 + layer_work(config, n, m, ep, tokens, dtype)).scaled(micro_batches)
-    expert_bytes = config.adapter_rank * (width + m) * 4  # fp32 master weights and gradients
+    expert_bytes = config.adapter_rank * (width + back) * 4  # fp32 master weights and gradients
     num, edp = config.num_experts, dp // ep
     extra = 2 * (dp - 1) / dp * num * expert_bytes - 2 * (edp - 1) / edp * num / ep * expert_bytes
     replicate = CostTerms(reduce_bytes=max(extra, 0.0)) + layer_work(config, n, m, 1, tokens, dtype).scaled(micro_batches)
