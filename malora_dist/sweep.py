@@ -147,7 +147,8 @@ def aggregate(spec: dict, out: str) -> dict:
         key = tuple((k, v) for k, v in point["values"].items() if k != SEED_KEY)
         group = groups.setdefault(key, {"values": dict(key), "seeds": [], "tasks": {}})
         group["seeds"].append(point["values"].get(SEED_KEY))
-        accuracies = {name: entry["score"] for name, entry in tasks.items()}  # ROUGE-L for rouge_l tasks
+        # ROUGE-L for rouge_l tasks; reports written before the metric key carry their accuracy only
+        accuracies = {name: entry.get("score", entry.get("accuracy")) for name, entry in tasks.items()}
         accuracies["mean"] = sum(accuracies.values()) / len(accuracies)
         for name, accuracy in accuracies.items():
             group["tasks"].setdefault(name, []).append(accuracy)

@@ -34,6 +34,18 @@ def test_linked_keys_vary_together():
         parse_grid(["adapter.method/adapter.rank=lora/32", "adapter.rank=8"])
 
 
+def test_table_reads_reports_from_before_the_metric_key(tmp_path):
+    """A sweep resumed across versions: an older point's eval.json has accuracy and no score."""
+    from malora_dist.sweep import aggregate
+
+    spec = {"config": TINY, "grid": {"train.seed": [0, 1]}, "points": expand(parse_grid(["train.seed=0,1"]))}
+    for point, report in zip(spec["points"], ({"accuracy": 0.5}, {"accuracy": 0.75, "score": 0.75})):
+        os.makedirs(tmp_path / "points" / point["name"])
+        json.dump({"tasks": {"boolq": report}}, open(tmp_path / "points" / point["name"] / "eval.json", "w"))
+    cell = aggregate(spec, str(tmp_path))["rows"][0]["tasks"]["boolq"]
+    assert cell["mean"] == pytest.approx(0.625) and cell["n"] == 2
+
+
 def sweep(*args):
     return subprocess.run([sys.executable, "-m", "malora_dist.sweep", *args], cwd=REPO, capture_output=True, text=True)
 
