@@ -49,3 +49,25 @@ def test_old_checkpoint_resumes_only_while_new_keys_keep_their_defaults():
     assert adapter_changes(config) == []
     frozen = load_run_config(os.path.join(FIXTURE, "config.yaml"), ["adapter.freeze=[expert_down]"])
     assert adapter_changes(frozen) == ["adapter.freeze"]
+
+
+def test_task_keys_added_later_do_not_block_resuming():
+    """The tasks' hash depends only on the task keys set away from their defaults, so a task key a
+    later version adds (data.tasks[i].sample, say) does not stop a run saved before it from resuming;
+    a changed task still is named, and checkpoints hashed in full (before this rule) still resume."""
+    import dataclasses
+
+    from malora_dist.train.checkpoint import _full_fingerprint, _value_hash, config_fingerprint, fingerprint_changes
+
+    config = load_run_config(os.path.join(FIXTURE, "config.yaml"))
+    saved = config_fingerprint(config)
+    set_keys = [{f.name: getattr(task, f.name) for f in dataclasses.fields(task)
+                 if getattr(task, f.name) != (f.default if f.default is not dataclasses.MISSING else f.default_factory())}
+                for task in config.data.tasks]
+    assert all("sample" not in keys and "format" not in keys for keys in set_keys)
+    assert saved["data.tasks"] == _value_hash(set_keys)
+    assert fingerprint_changes(saved, config) == []
+    assert fingerprint_changes(_full_fingerprint(config), config) == []
+    resampled = load_run_config(os.path.join(FIXTURE, "config.yaml"))
+    resampled.data.tasks[0] = dataclasses.replace(resampled.data.tasks[0], limit=None, sample=3)
+    assert fingerprint_changes(saved, resampled) == ["data.tasks"]

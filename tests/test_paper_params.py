@@ -74,6 +74,21 @@ def test_moasylora_is_just_past_the_rounding_of_the_papers_figure(table):
     assert row["matches"] == []
 
 
+def test_no_moasylora_rank_reproduces_the_papers_figure_with_the_count_of_the_other_rows():
+    """The paper's MoAsyLoRA row is inconsistent with its other rows: under the count that reproduces
+    those six (trainable over base plus every adapter tensor, router counted, frozen A_t in the
+    denominator), no rank gives a figure that rounds to 2.3 — rank 15 falls to 2.2, rank 16 rises
+    to 2.4 — so the shipped config keeps rank 2r = 16 (AsyLoRA's doubling of LoRA's rank)."""
+    def percent_of_all(rank):
+        trainable = per_model(lambda n, m: N * rank * m + N * n)
+        frozen = per_model(lambda n, m: N * rank * n)
+        return 100 * trainable / (BASE + trainable + frozen)
+
+    rounded = {rank: round(percent_of_all(rank), 1) for rank in range(1, 65)}
+    assert 2.3 not in rounded.values()
+    assert (rounded[15], rounded[16]) == (2.2, 2.4)
+
+
 def test_table3_molora_r12_is_the_percent_of_the_base(table):
     assert round(table["ablations/molora_r12.yaml"]["trainable_percent"], 1) == 3.3
 

@@ -45,14 +45,44 @@ def _value_hash(value) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _without_defaults(value):
+    """A nested value (a task list, say) as plain data with every field left at its default dropped,
+    so that a field a later version adds (with a default) does not change the hash of the runs saved
+    before it: resuming across such an upgrade is allowed, a changed value still is not."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            current = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING and current == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and current == f.default_factory():
+                continue
+            out[f.name] = _without_defaults(current)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_without_defaults(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_defaults(v) for k, v in value.items()}
+    return value
+
+
 def config_fingerprint(config) -> dict:
-    """Per key of the model/adapter/data sections: a hash of its value, to name what changed."""
-    full = config.to_dict()
+    """Per key of the model/adapter/data sections: a hash of its value, to name what changed.
+    Top-level keys a later version adds are handled by ``fingerprint_changes``; keys inside a nested
+    value (``data.tasks``) are hashed without the ones at their defaults."""
     out = {}
     for section in FINGERPRINT_KEYS:
-        for key, value in full[section].items():
-            out[f"{section}.{key}"] = _value_hash(value)
+        part = getattr(config, section)
+        for f in dataclasses.fields(part):
+            out[f"{section}.{f.name}"] = _value_hash(_without_defaults(getattr(part, f.name)))
     return out
+
+
+def _full_fingerprint(config) -> dict:
+    """The hash every key had in checkpoints written before nested defaults were dropped (those still
+    resume: a saved hash may match either form)."""
+    full = config.to_dict()
+    return {f"{section}.{key}": _value_hash(value) for section in FINGERPRINT_KEYS for key, value in full[section].items()}
 
 
 def _default_fingerprint(config) -> dict:
@@ -63,15 +93,16 @@ def _default_fingerprint(config) -> dict:
             if f.default is not dataclasses.MISSING:
                 out[f"{section}.{f.name}"] = _value_hash(f.default)
             elif f.default_factory is not dataclasses.MISSING:
-                out[f"{section}.{f.name}"] = _value_hash(f.default_factory())
+                out[f"{section}.{f.name}"] = _value_hash(_without_defaults(f.default_factory()))
     return out
 
 
 def fingerprint_changes(saved: dict, config) -> list[str]:
     """Keys whose value differs from the checkpoint's fingerprint. A key the checkpoint lacks (added
     to the config after it was written) counts only when it is set away from its default."""
-    current, defaults = config_fingerprint(config), _default_fingerprint(config)
-    return sorted(k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k))
+    current, full, defaults = config_fingerprint(config), _full_fingerprint(config), _default_fingerprint(config)
+    return sorted(k for k in set(saved) | set(current)
+                  if saved.get(k, defaults.get(k)) not in (current.get(k), full.get(k)))
 
 
 def _entries(model, groups):
