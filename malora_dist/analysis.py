@@ -13,7 +13,8 @@ reads the same):
   is the mean of the canonical correlations of their subspaces (the cosines of the principal
   angles); a layer's is the mean over its pairs of experts. The paper's Fig. 2 finds MoLoRA's A
   side similar across experts and its B side not (below 0.05): the redundancy MALoRA's shared
-  ``S_A`` removes.
+  ``S_A`` removes. Beside each figure stands the similarity independent random subspaces of the
+  same shapes have (printed in brackets): what a pair of experts shows with nothing shared learned.
 - **Routing by task** (``--routing-examples N``, for ``RUN/adapter`` of a training run): the
   first N held-out examples of each of the run's tasks pass through the model, and each task's
   expert load per layer, its entropy and the distance between the tasks' loads are reported
@@ -31,6 +32,7 @@ routing, ``routing.png``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -114,6 +116,22 @@ def mean_pairwise(matrices: list, transpose: bool) -> dict:
     return {"mean": sum(values) / len(values) if values else None, "pairs": table}
 
 
+# Draws per shape for the random-subspace baseline: its mean is steady to about ±0.005 at 32.
+RANDOM_BASELINE_DRAWS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def random_subspace_similarity(ambient: int, dim: int) -> float:
+    """The CCA similarity two independent random ``dim``-dimensional subspaces of an
+    ``ambient``-dimensional space have on average (seeded Monte Carlo): the level a pair of experts
+    shows with no shared direction learned (MoLoRA's A_t at their random initialisation sit near it)."""
+    generator = torch.Generator().manual_seed(ambient * 100_003 + dim)
+    draws = [cca_similarity(torch.randn(ambient, dim, generator=generator, dtype=torch.float64),
+                            torch.randn(ambient, dim, generator=generator, dtype=torch.float64))
+             for _ in range(RANDOM_BASELINE_DRAWS)]
+    return sum(draws) / len(draws)
+
+
 def spectrum(matrix: torch.Tensor) -> dict:
     values = torch.linalg.svdvals(matrix.double())
     return {"singular_values": values.tolist(), "effective_rank": effective_rank(values)}
@@ -127,6 +145,9 @@ def analyse_state(state: dict, method: str, num_experts: int) -> dict:
             # rows of down_t span a subspace of the input space: compare the columns of down_tᵀ
             "cca_down": mean_pairwise(down, transpose=True) if len(down) > 1 else None,
             "cca_up": mean_pairwise(up, transpose=False) if len(up) > 1 else None,
+            # what independent random subspaces of the experts' shapes would give
+            "cca_down_random": random_subspace_similarity(down[0].shape[1], min(down[0].shape)) if len(down) > 1 else None,
+            "cca_up_random": random_subspace_similarity(up[0].shape[0], min(up[0].shape)) if len(up) > 1 else None,
             "spectrum_down": spectrum(torch.cat(down, dim=0)),
             "spectrum_up": spectrum(torch.cat(up, dim=1)),
         }
@@ -146,6 +167,8 @@ def by_projection(layers: dict) -> dict:
         out[name] = {
             "cca_down": mean([m["cca_down"]["mean"] if m["cca_down"] else None for m in members]),
             "cca_up": mean([m["cca_up"]["mean"] if m["cca_up"] else None for m in members]),
+            "cca_down_random": mean([m["cca_down_random"] for m in members]),
+            "cca_up_random": mean([m["cca_up_random"] for m in members]),
             "effective_rank_down": mean([m["spectrum_down"]["effective_rank"] for m in members]),
             "effective_rank_up": mean([m["spectrum_up"]["effective_rank"] for m in members]),
             "layers": len(members),
@@ -211,6 +234,12 @@ def plot(results: dict, out_dir: str) -> list[str]:
         for ax, side in zip(axes, ("cca_down", "cca_up")):
             values = [(result["layers"][n][side] or {}).get("mean") for n in names]
             ax.plot([v if v is not None else float("nan") for v in values], marker=".", label=label)
+    first = next(iter(results.values()))
+    for ax, side in zip(axes, ("cca_down_random", "cca_up_random")):
+        baseline = [first["layers"][n][side] for n in first["layers"]]
+        if any(v is not None for v in baseline):
+            ax.plot([v if v is not None else float("nan") for v in baseline], color="grey", linestyle=":",
+                    label="random subspaces")
     for ax, title in zip(axes, ("down side (A_t / P_t S_A)", "up side (B_t / B̄_t)")):
         ax.set_title(f"CCA similarity between experts, {title}")
         ax.set_xlabel("adapted layer")
@@ -233,7 +262,38 @@ def plot(results: dict, out_dir: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "spectra.png"), dpi=110)
     plt.close(fig)
-    return ["cca.png", "spectra.png"] + plot_routing(results, out_dir, plt)
+    return ["cca.png", "spectra.png"] + plot_cca_summary(results, out_dir, plt) + plot_routing(results, out_dir, plt)
+
+
+def plot_cca_summary(results: dict, out_dir: str, plt) -> list[str]:
+    """cca_summary.png, the view of the paper's Fig. 2: per run, the mean over layers of the down-side
+    and up-side similarity, with the random-subspace level of each drawn as a short black line."""
+    rows = {label: [r["by_projection"][p] for p in r["by_projection"]] for label, r in results.items()}
+    rows = {label: members for label, members in rows.items() if any(m["cca_down"] is not None for m in members)}
+    if not rows:
+        return []
+
+    def mean(members, key):
+        values = [m[key] for m in members if m[key] is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 1), 3.6))
+    width = 0.38
+    for i, (label, members) in enumerate(rows.items()):
+        for offset, side, colour in ((-width / 2, "down", "tab:blue"), (width / 2, "up", "tab:orange")):
+            ax.bar(i + offset, mean(members, f"cca_{side}"), width, color=colour, label=side if i == 0 else None)
+            level = mean(members, f"cca_{side}_random")
+            ax.hlines(level, i + offset - width / 2, i + offset + width / 2, colors="black",
+                      label="random subspaces" if i == 0 and side == "down" else None)
+    ax.set_xticks(range(len(rows)), list(rows), rotation=20)
+    ax.set_ylabel("mean canonical correlation")
+    ax.set_title("CCA similarity between experts (mean over layers)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cca_summary.png"), dpi=110)
+    plt.close(fig)
+    return ["cca_summary.png"]
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -261,12 +321,13 @@ def main(argv: Optional[list] = None) -> int:
     plots = plot(results, args.out)
     with open(os.path.join(args.out, "analysis.json"), "w") as f:
         json.dump({"runs": results, "plots": plots}, f, indent=1)
-    print("| run | projection | CCA down | CCA up | eff. rank down | eff. rank up |")
+    print("| run | projection | CCA down (random) | CCA up (random) | eff. rank down | eff. rank up |")
     print("|---|---|---|---|---|---|")
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for label, result in results.items():
         for name, row in result["by_projection"].items():
-            print(f"| {label} | {name} | {fmt(row['cca_down'])} | {fmt(row['cca_up'])} | "
+            print(f"| {label} | {name} | {fmt(row['cca_down'])} ({fmt(row['cca_down_random'])}) | "
+                  f"{fmt(row['cca_up'])} ({fmt(row['cca_up_random'])}) | "
                   f"{row['effective_rank_down']:.1f} | {row['effective_rank_up']:.1f} |")
     routed = {label: r["routing"] for label, r in results.items() if r.get("routing")}
     if routed:

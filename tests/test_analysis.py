@@ -14,7 +14,7 @@ import yaml
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers, inject_adapters
 from malora_dist.adapters.io import save_adapter
-from malora_dist.analysis import analyse, canonical_correlations, cca_similarity, main
+from malora_dist.analysis import analyse, canonical_correlations, cca_similarity, main, random_subspace_similarity
 from malora_dist.routing_analysis import summarise
 from malora_dist.models import build_tiny_causal_lm
 
@@ -60,7 +60,11 @@ def test_analysis_of_adapter_files(tmp_path, method):
     path, model = _saved_adapter(tmp_path, method)
     out = str(tmp_path / "out")
     assert main([path, "--out", out, "--labels", method]) == 0
-    result = json.load(open(os.path.join(out, "analysis.json")))["runs"][method]
+    written = json.load(open(os.path.join(out, "analysis.json")))
+    result = written["runs"][method]
+    expected_plots = ["cca.png", "spectra.png"] + ([] if method == "lora" else ["cca_summary.png"])
+    assert written["plots"] == expected_plots  # matplotlib is in the [test] extra: the plots are drawn
+    assert all(os.path.getsize(os.path.join(out, name)) > 1000 for name in expected_plots)
     name, layer = next(adapter_layers(model))
     tensors = {k: v.detach().double().numpy() for k, v in layer.adapter_tensors()}
     down = tensors["expert_down"]
@@ -74,11 +78,26 @@ def test_analysis_of_adapter_files(tmp_path, method):
                                np.linalg.svd(np.concatenate(list(up), 1), compute_uv=False), rtol=1e-9)
     if method == "lora":
         assert row["cca_down"] is None and row["cca_up"] is None
+        assert row["cca_down_random"] is None and row["cca_up_random"] is None
         return
+    # the random baseline is drawn at the experts' shapes: rank-2 subspaces of the input / output space
+    assert row["cca_down_random"] == random_subspace_similarity(down.shape[2], 2)
+    assert row["cca_up_random"] == random_subspace_similarity(up.shape[1], 2)
     pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
     assert row["cca_down"]["mean"] == pytest.approx(np.mean([_numpy_cca(down[i].T, down[j].T) for i, j in pairs]))
     assert row["cca_up"]["mean"] == pytest.approx(np.mean([_numpy_cca(up[i], up[j]) for i, j in pairs]))
     assert set(result["by_projection"]) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_random_subspace_baseline_against_numpy():
+    """The baseline against numpy's own draws and QR (an independent route); a subspace of the whole
+    space has similarity 1 with any other."""
+    rng = np.random.default_rng(11)
+    for ambient, dim in ((64, 8), (16, 4)):
+        draws = [_numpy_cca(rng.standard_normal((ambient, dim)), rng.standard_normal((ambient, dim))) for _ in range(400)]
+        assert random_subspace_similarity(ambient, dim) == pytest.approx(np.mean(draws), abs=0.02)
+    assert random_subspace_similarity(6, 6) == pytest.approx(1.0)
+    assert random_subspace_similarity(64, 8) < random_subspace_similarity(16, 4) < 1
 
 
 def test_a_checkpoint_reads_as_its_adapter():

@@ -301,3 +301,29 @@ def test_miniature_keeps_the_layout_kind(tmp_path):
         for task, mini_task in zip(shipped["data"]["tasks"], mini["data"]["tasks"]):
             assert {k: v for k, v in task.items() if k != "sample"} == {k: v for k, v in mini_task.items() if k != "sample"}
             assert ("sample" in task) == ("sample" in mini_task)
+
+
+# The benchmark configs README commands run (they read this project's ../shared data, which a dry
+# run checks for): each validates from the repository's root, the reproduction at every sweep point.
+BENCHMARK_CONFIGS = sorted(glob.glob(os.path.join(REPO, "benchmarks", "configs", "*.yaml"))
+                           + glob.glob(os.path.join(REPO, "benchmarks", "reproduction", "*.yaml")))
+REPRODUCTION = os.path.join(REPO, "benchmarks", "reproduction", "commonsense5_smollm2.yaml")
+
+
+@pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=_rel)
+def test_benchmark_config_dry_runs(path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["--config", path, "--dry-run", "--world-size", "1"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,rank", [("lora", 32), ("molora", 8), ("malora", 8)])
+def test_reproduction_sweep_points_dry_run(method, rank, capsys, monkeypatch):
+    """The README's reproduction grid: adapter.method/adapter.rank=lora/32,molora/8,malora/8."""
+    monkeypatch.chdir(REPO)
+    args = ["--config", REPRODUCTION, "--dry-run", "--world-size", "1",
+            "--set", f"adapter.method={method}", "--set", f"adapter.rank={rank}"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+
+
+def test_benchmark_configs_were_found():
+    assert REPRODUCTION in BENCHMARK_CONFIGS and len(BENCHMARK_CONFIGS) >= 3

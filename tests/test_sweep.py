@@ -80,6 +80,7 @@ def test_sweep_runs_resumes_and_aggregates(tmp_path):
             assert cell["mean"] == pytest.approx(statistics.fmean(seeds))
             assert cell["sd"] == pytest.approx(statistics.stdev(seeds))
     assert "± " in open(os.path.join(out, "results.md")).read()
+    assert os.path.getsize(os.path.join(out, "results.png")) > 1000  # matplotlib is in the [test] extra
     clash = sweep("run", "--out", out, "--config", TINY, "--grid", "adapter.rank=8")
     assert clash.returncode == 2 and "another grid" in clash.stderr
 
