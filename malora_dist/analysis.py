@@ -154,6 +154,12 @@ def analyse_state(state: dict, method: str, num_experts: int) -> dict:
     return {"method": method, "num_experts": num_experts, "layers": layers, "by_projection": by_projection(layers)}
 
 
+def _mean_present(values) -> Optional[float]:
+    """The mean of the values that are not None; None if there are none."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def by_projection(layers: dict) -> dict:
     """Per projection type (the name's last part), the mean over layers of each summary."""
     groups: dict = {}
@@ -161,16 +167,13 @@ def by_projection(layers: dict) -> dict:
         groups.setdefault(prefix.rsplit(".", 1)[-1], []).append(layer)
     out = {}
     for name, members in sorted(groups.items()):
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else None
         out[name] = {
-            "cca_down": mean([m["cca_down"]["mean"] if m["cca_down"] else None for m in members]),
-            "cca_up": mean([m["cca_up"]["mean"] if m["cca_up"] else None for m in members]),
-            "cca_down_random": mean([m["cca_down_random"] for m in members]),
-            "cca_up_random": mean([m["cca_up_random"] for m in members]),
-            "effective_rank_down": mean([m["spectrum_down"]["effective_rank"] for m in members]),
-            "effective_rank_up": mean([m["spectrum_up"]["effective_rank"] for m in members]),
+            "cca_down": _mean_present([m["cca_down"]["mean"] if m["cca_down"] else None for m in members]),
+            "cca_up": _mean_present([m["cca_up"]["mean"] if m["cca_up"] else None for m in members]),
+            "cca_down_random": _mean_present([m["cca_down_random"] for m in members]),
+            "cca_up_random": _mean_present([m["cca_up_random"] for m in members]),
+            "effective_rank_down": _mean_present([m["spectrum_down"]["effective_rank"] for m in members]),
+            "effective_rank_up": _mean_present([m["spectrum_up"]["effective_rank"] for m in members]),
             "layers": len(members),
         }
     return out
@@ -274,8 +277,8 @@ def plot_cca_summary(results: dict, out_dir: str, plt) -> list[str]:
         return []
 
     def mean(members, key):
-        values = [m[key] for m in members if m[key] is not None]
-        return sum(values) / len(values) if values else float("nan")
+        value = _mean_present(m[key] for m in members)
+        return float("nan") if value is None else value
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 1), 3.6))
     width = 0.38

@@ -45,20 +45,22 @@ def _value_hash(value) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _field_default(f: dataclasses.Field):
+    """A dataclass field's default value, or ``dataclasses.MISSING`` where it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def _without_defaults(value):
     """A nested value (a task list, say) as plain data with every field left at its default dropped,
     so that a field a later version adds (with a default) does not change the hash of the runs saved
     before it: resuming across such an upgrade is allowed, a changed value still is not."""
     if dataclasses.is_dataclass(value):
-        out = {}
-        for f in dataclasses.fields(value):
-            current = getattr(value, f.name)
-            if f.default is not dataclasses.MISSING and current == f.default:
-                continue
-            if f.default_factory is not dataclasses.MISSING and current == f.default_factory():
-                continue
-            out[f.name] = _without_defaults(current)
-        return out
+        return {f.name: _without_defaults(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) != _field_default(f)}
     if isinstance(value, (list, tuple)):
         return [_without_defaults(v) for v in value]
     if isinstance(value, dict):
@@ -87,14 +89,9 @@ def _full_fingerprint(config) -> dict:
 
 def _default_fingerprint(config) -> dict:
     """The hash of each key's default value, where the key has one."""
-    out = {}
-    for section in FINGERPRINT_KEYS:
-        for f in dataclasses.fields(getattr(config, section)):
-            if f.default is not dataclasses.MISSING:
-                out[f"{section}.{f.name}"] = _value_hash(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f"{section}.{f.name}"] = _value_hash(_without_defaults(f.default_factory()))
-    return out
+    return {f"{section}.{f.name}": _value_hash(_without_defaults(_field_default(f)))
+            for section in FINGERPRINT_KEYS for f in dataclasses.fields(getattr(config, section))
+            if _field_default(f) is not dataclasses.MISSING}
 
 
 def fingerprint_changes(saved: dict, config) -> list[str]:
