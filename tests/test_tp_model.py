@@ -87,6 +87,13 @@ MODELS = {
     ),
     "olmo2_gathered_qk_norm": dict(model_type="olmo2", tie_word_embeddings=False),
     "phi3_fused": dict(model_type="phi3", pad_token_id=0, tie_word_embeddings=False),
+    # Mixture-of-experts families: their plans split attention (and Qwen3-MoE's dense MLPs) with
+    # linear styles, and leave the packed experts replicated on every tp rank.
+    "mixtral_experts_replicated": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+                                       tie_word_embeddings=False),
+    # layer 0 dense (its MLP split by the plan), layer 1 routed (experts replicated)
+    "qwen3_moe_experts_replicated": dict(model_type="qwen3_moe", num_local_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, mlp_only_layers=[0], tie_word_embeddings=False),
 }
 # no base_model_tp_plan: runs at tp=1, refused at tp>1
 NO_PLAN = dict(model_type="gpt2", n_embd=64, n_head=4, n_layer=2, vocab_size=256, n_positions=64)
@@ -363,11 +370,15 @@ def test_model_without_plan_runs_at_tp1(worlds):
     assert rel_err(worlds[1][0]["no_plan"], reference) <= TOL
 
 
+# A plan with styles the base does not implement, written here so that the refusal is tested
+# whatever plans a transformers release ships (mixtral's listed packed experts until 5.24).
+PACKED_PLAN = {"layers.*.self_attn.q_proj": "colwise", "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+               "layers.*.mlp.experts": "moe_tp_experts"}
 PLAN_REFUSALS = [
     # (HF config, tp, message fragments)
     (NO_PLAN, 2, ["gpt2 config has no base_model_tp_plan", "parallel.tp: 1"]),
-    (dict(model_type="mixtral", num_local_experts=4), 2, ["'packed_colwise' on layers.*.mlp.experts.gate_up_proj",
-                                                         "'moe_tp_experts' on layers.*.mlp.experts"]),
+    (dict(model_type="llama", base_model_tp_plan=PACKED_PLAN), 2,
+     ["'packed_colwise' on layers.*.mlp.experts.gate_up_proj", "'moe_tp_experts' on layers.*.mlp.experts"]),
 ]  # fmt: skip
 
 
