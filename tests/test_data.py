@@ -1,7 +1,7 @@
 """The multi-task data pipeline, on real files and the real SmolLM2 tokenizer.
 
-References are independent of the code under test: hand-read records of the shared commonsense
-files, the tokenizer called directly, brute-force attention masks, and mixing shares computed here
+References are independent of the code under test: hand-read records of the commonsense samples
+(``tests/fixtures/commonsense``: real records of ARC, BoolQ, OpenBookQA and PIQA), the tokenizer called directly, brute-force attention masks, and mixing shares computed here
 from the formulas.
 """
 
@@ -37,8 +37,7 @@ from malora_dist.data.records import BadRecords
 from malora_dist.data.synthetic import TASKS, main as synthetic_main, synthetic_records, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-COMMONSENSE = REPO / ".." / "shared" / "data" / "commonsense"
-needs_commonsense = pytest.mark.skipif(not COMMONSENSE.is_dir(), reason="../shared/data/commonsense is absent")
+COMMONSENSE = REPO / "tests" / "fixtures" / "commonsense"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def _write_json(path: Path, records) -> str:
 
 # ---- parsing the commonsense format ---------------------------------------------------------
 
-SHARED = [  # task, split, allowed option counts
+COMMONSENSE_FILES = [  # task, split, allowed option counts
     ("ARC-Challenge", "test", {3, 4, 5}),
     ("ARC-Easy", "train", {3, 4, 5}),
     ("boolq", "test", {2}),
@@ -79,9 +78,8 @@ SHARED = [  # task, split, allowed option counts
 ]
 
 
-@needs_commonsense
-@pytest.mark.parametrize("task,split,counts", SHARED)
-def test_parse_shared_tasks(task, split, counts):
+@pytest.mark.parametrize("task,split,counts", COMMONSENSE_FILES)
+def test_parse_commonsense_tasks(task, split, counts):
     records = json.loads((COMMONSENSE / task / f"{split}.json").read_text())
     for record in records:
         mc = parse_multiple_choice(record)
@@ -97,7 +95,6 @@ def test_parse_shared_tasks(task, split, counts):
             assert format_instruction(mc.question, mc.options, mc.labels) == record["instruction"]
 
 
-@needs_commonsense
 def test_parse_known_records():
     arc = json.loads((COMMONSENSE / "ARC-Easy" / "train.json").read_text())[0]
     mc = parse_multiple_choice(arc)
@@ -119,8 +116,7 @@ def test_parse_known_records():
     assert (mc.question, mc.gold_index) == ("do iran and afghanistan speak the same language?", 0)
 
 
-@needs_commonsense
-def test_pipeline_on_shared_tasks(tok):
+def test_pipeline_on_commonsense_tasks(tok):
     tasks = [
         {"name": "arc_e", "paths": [str(COMMONSENSE / "ARC-Easy" / "train.json")], "limit": 40,
          "eval_paths": [str(COMMONSENSE / "ARC-Easy" / "test.json")]},
@@ -130,7 +126,7 @@ def test_pipeline_on_shared_tasks(tok):
     ]
     data = build_multitask_data(DataConfig.from_dict({"tasks": tasks, "seq_len": 256, "eval_fraction": 0.25}), tok, seed=0)
     assert [data.stats[t["name"]].examples for t in tasks] == [40, 30, 30, 30]
-    assert len(data.eval_examples["arc_e"]) == 2376 and len(data.eval_examples["piqa"]) == 10
+    assert len(data.eval_examples["arc_e"]) == 46 and len(data.eval_examples["piqa"]) == 10
     (batch,) = data.micro_batches(data.sampler(8), step=0, dp_rank=1, dp_size=2, micro_batch_size=4)
     assert batch["input_ids"].shape == (4, 256) and (batch["labels"] != -100).any()
 

@@ -1,8 +1,7 @@
 """The paper recipes (configs/paper_{inter,intra}_*.yaml) hold the values of the paper's Tables 8–9.
 
-The expected values are read from PAPER.md (the facts sheet beside the project on this project's
-machines, absent from users' clones: the test is skipped there), not written here: its
-hyper-parameter table (lr, epochs, batch size, dropout / weight decay / warm-up, β, hardware), its
+The expected values are read from ``tests/fixtures/paper_tables.md`` (the paper's tables as it prints
+them), not written in this file: its hyper-parameter table (lr, epochs, batch size, dropout / weight decay / warm-up, β, hardware), its
 ranks-and-α line, the experts and top-k, the balance-loss coefficient of the tables and the tables'
 target list. Every paper config found by glob is checked (configs/paper_{inter,intra}_<method>.yaml
 and the inter-domain ablations of configs/ablations/), so recipes added later are covered too.
@@ -18,14 +17,12 @@ import yaml
 from malora_dist.adapters.config import AdapterConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = os.path.join(REPO, "..", "shared", "PAPER.md")
+PAPER = os.path.join(REPO, "tests", "fixtures", "paper_tables.md")
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "paper_*.yaml"))) + sorted(
     glob.glob(os.path.join(REPO, "configs", "ablations", "*.yaml")))
 SUITES = {"inter": 0, "intra": 1}  # column of the hyper-parameter table
 PROJECTIONS = {"Q": "q_proj", "K": "k_proj", "V": "v_proj", "O": "o_proj", "Up": "up_proj",
                "Down": "down_proj", "Gate": "gate_proj"}
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(PAPER), reason="PAPER.md (../shared) is absent")
 
 
 def _key(name):
@@ -65,7 +62,7 @@ def paper():
 
 
 def test_paper_facts_were_read(paper):
-    """The parser found what the checks below need (a changed PAPER.md fails here, not silently)."""
+    """The parser found what the checks below need (a changed paper_tables.md fails here, not silently)."""
     assert set(paper["ranks"]) >= {"lora", "dora", "asylora", "molora", "malora", "malorasmall"}
     assert paper["ranks"]["malora"].keys() == {"r̄", "d", "α"} and paper["ranks"]["lora"].keys() == {"r", "α"}
     assert paper["experts"] > 1 and paper["top_k"] >= 1 and len(paper["targets"]) == 6
