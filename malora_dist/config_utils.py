@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
+import os
 from typing import Any, Type, TypeVar
 
 import yaml
@@ -27,15 +30,46 @@ def from_dict(cls: Type[T], data: Any, section: str) -> T:
 
 
 def load_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ValueError(f"config file {path!r} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"config file {path!r} is not valid YAML: {err}") from None
+    data = _parse_file(path, "config file", yaml.safe_load, yaml.YAMLError, "valid YAML")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping at its top level")
     return data
+
+
+def load_json(path: str, what: str = "file") -> Any:
+    """The JSON value in ``path``; a file that cannot be read or parsed is a ValueError naming it."""
+    return _parse_file(path, what, json.load, json.JSONDecodeError, "valid JSON")
+
+
+def read_text(path: str, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a directory, a missing file or other bytes name the file."""
+    return _parse_file(path, what, lambda f: f.read(), (), "")
+
+
+def _parse_file(path: str, what: str, parse, parse_errors, kind: str):
+    """Open ``path`` as UTF-8 and parse it, turning every way a user's file can be wrong into one
+    ValueError that names the file and the fix (a traceback would not say which argument was wrong)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        examples = sorted(glob.glob(os.path.join(path, "*.yaml")) + glob.glob(os.path.join(path, "*.json")))[:3]
+        hint = f" (e.g. {', '.join(examples)})" if examples else ""
+        raise ValueError(f"{what} {path!r} is a directory: give the file itself{hint}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}): save it as UTF-8") from None
+    except OSError as err:
+        raise ValueError(f"{what} {path!r} cannot be read: {err.strerror}") from None
+    except parse_errors as err:
+        raise ValueError(f"{what} {path!r} is not {kind}: {_parse_message(err)}") from None
+
+
+def _parse_message(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno} column {err.colno}"
+    return " ".join(str(err).split())

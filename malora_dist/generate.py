@@ -23,6 +23,8 @@ import os
 import sys
 from typing import Optional
 
+from .config_utils import read_text
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="malora-generate", description=__doc__,
@@ -47,18 +49,18 @@ def read_prompts(path: Optional[str]) -> list[str]:
     can hold newlines (``"Question: ...\\nAnswer:"``, the demo's training format)."""
     if path is not None and not os.path.isfile(path):
         raise ValueError(f"--prompts {path!r} is not a file")
+    text = read_text(path, "--prompts") if path is not None else sys.stdin.read()
     prompts = []
-    with (open(path) if path is not None else sys.stdin) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if line.startswith('"'):
-                try:
-                    line = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path or 'stdin'} line {number}: a prompt in double quotes must be a "
-                                     f"JSON string ({err.msg})") from None
-            if line:
-                prompts.append(line)
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.strip()
+        if line.startswith('"'):
+            try:
+                line = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path or 'stdin'} line {number}: a prompt in double quotes must be a "
+                                 f"JSON string ({err.msg})") from None
+        if line:
+            prompts.append(line)
     if not prompts:
         raise ValueError(f"no prompts in {path or 'stdin'}: give one prompt per line")
     return prompts

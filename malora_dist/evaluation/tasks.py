@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..data import DataConfig, Example, TaskConfig
 from ..data.pipeline import build_eval_examples
+from ..data.records import names_records
 from ..data.config import STYLES
 from ..data.formats import FORMATS
 from ..logging_utils import get_logger
@@ -47,6 +48,9 @@ def parse_task_spec(spec: str) -> TaskConfig:
         path, keys = head, {"style": tail}
     elif colon and tail in FORMATS:
         path, keys = head, {"format": tail}
+    elif colon and names_records(head) and not names_records(rest):
+        raise ValueError(f"--task {spec!r}: {tail!r} after the last ':' is neither a style ({', '.join(STYLES)}) "
+                         f"nor a format ({', '.join(FORMATS)})")
     if not path:
         raise ValueError(f"--task {spec!r} names no file before :{tail}")
     try:

@@ -32,9 +32,14 @@ def main(argv: Optional[list] = None) -> int:
     from .validation import validate_run
 
     try:
+        if args.world_size is not None and not args.dry_run:
+            raise ValueError("--world-size goes with --dry-run: a real launch takes its world size from "
+                             "torchrun or srun")
+        if args.world_size is not None and args.world_size < 1:
+            raise ValueError(f"--world-size must be a positive number of ranks, got {args.world_size}")
         if args.dry_run:
             config = load_run_config(args.config, args.set)
-            world = args.world_size or resolve_launch_env(os.environ).world_size
+            world = args.world_size if args.world_size is not None else resolve_launch_env(os.environ).world_size
             validate_run(config, world)
             print(f"config OK for {world} rank(s): tp={config.parallel.tp}, ep={config.parallel.ep}, "
                   f"dp={world // config.parallel.tp}")
