@@ -1,8 +1,14 @@
 from setuptools import find_packages, setup
 
-# Tested: torch 2.13.0 (CPU), megatron-core 0.16.1, transformers 5.24, datasets 5.2, peft 0.21.2
-# (Python 3.11). Install torch first (the CPU or CUDA build you want): an unpinned torch pulled in
-# by another package would be the multi-GB CUDA build.
+# The exact releases the test suite passed with are in constraints.txt (launch/setup_env.sh installs
+# through it). These ranges are for installing the library into an environment of your own; each
+# upper bound stops below a release that is not known to work:
+#   torch <2.14 and megatron-core <0.17: the tensor-parallel layers and collectives are tested on these
+#     minor releases only (megatron-core 0.16.1 is the newest for Python 3.11);
+#   transformers <6: the base applies each config's base_model_tp_plan, whose styles are transformers 5's;
+#   peft <0.22: the PEFT-format export is checked against PEFT 0.21's LoRA.
+# Install torch first (the CPU or CUDA build you want): an unpinned torch pulled in by another package
+# would be the multi-GB CUDA build.
 setup(
     name="malora_dist",
     version="0.1.0",
