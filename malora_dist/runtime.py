@@ -60,8 +60,9 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
 
 
 def shutdown_distributed(barrier: bool = True) -> None:
-    """Barrier before destroy: without it gloo processes may abort at exit (DESIGN.md §2). Skip
-    the barrier when leaving on an error: a peer may be gone, and it would wait a full timeout."""
+    """Barrier before destroy: without it gloo processes may abort at exit (docs/ARCHITECTURE.md
+    §3.6 (hang rules)). Skip the barrier when leaving on an error: a peer may be gone, and it would
+    wait a full timeout."""
     if dist.is_initialized():
         if barrier:
             dist.barrier()

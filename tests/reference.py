@@ -1,4 +1,5 @@
-"""An independent dense reference for the adapter layer, written from DESIGN.md §1's formulas.
+"""An independent dense reference for the adapter layer, written from the formulas of
+docs/ARCHITECTURE.md §1 (math).
 
 It computes every expert for every token (einsum) and masks with the top-k gates, so it shares no
 code with the sparse, sorted, exchanged implementation under test.

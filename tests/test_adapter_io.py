@@ -89,7 +89,7 @@ def test_loading_into_a_different_shape_names_the_tensor(tmp_path):
         load_adapter(other, str(tmp_path))
 
 
-# ---- parameter report against DESIGN.md §1's closed forms -----------------------------------------
+# ---- parameter report against the closed forms of docs/ARCHITECTURE.md §1.7 (parameter counts) ----
 LLAMA2_7B = "configs/models/llama2-7b.json"
 SIX_TARGETS_7B = [(4096, 4096)] * 3 + [(4096, 11008)] * 2 + [(11008, 4096)]  # (n, m) per target
 

@@ -3,8 +3,9 @@ and write JSON with the fields that benchmarks/README.md reads.
 
 Both scripts run at once as subprocesses (``--quick``: a tiny random LLaMA instead of SmolLM2, tiny
 layer shapes, one or two timed rounds). Timings are not judged; the accounting is, against closed
-forms computed here from the model shapes (DESIGN.md §1–2): trainable parameters, all-to-all bytes
-per step, and the cost model's predicted exchange time from the measured link.
+forms computed here from the model shapes (docs/ARCHITECTURE.md §1.7 (parameter counts), §3.5 (what
+travels)): trainable parameters, all-to-all bytes per step, and the cost model's predicted exchange
+time from the measured link.
 """
 
 import importlib.util
@@ -63,7 +64,7 @@ def test_throughput_layer_rows(results):
 
 
 def _tiny_params(method):
-    """DESIGN.md §1 per adapted linear, summed over the tiny model."""
+    """docs/ARCHITECTURE.md §1.7 (parameter counts) per adapted linear, summed over the tiny model."""
     per = {"lora-r64": lambda n, m: 64 * (n + m), "lora8": lambda n, m: 8 * (n + m),
            "molora-r8": lambda n, m: 8 * 8 * (n + m) + 8 * n,
            "malora-d32-r12": lambda n, m: 32 * n + 8 * 12 * (32 + m) + 8 * n}[method]

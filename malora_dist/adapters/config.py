@@ -1,4 +1,5 @@
-"""The adapter configuration: which method, its ranks, and where it is injected (DESIGN.md §1)."""
+"""The adapter configuration: which method, its ranks, and where it is injected (docs/ARCHITECTURE.md
+§1 (math))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cost terms of the adapter's parts, for the ``auto`` placement (DESIGN.md §2, §6).
+"""Cost terms of the adapter's parts, for the ``auto`` placement (docs/ARCHITECTURE.md §6 (placement)).
 
 Each part reports what it costs in a few currencies, priced by the measured link
 and device (``malora_dist.parallel.placement.LinkModel``): collectives (latency each), bytes on the

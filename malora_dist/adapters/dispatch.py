@@ -1,5 +1,6 @@
 """Dispatchers: how the adapter inputs of routed tokens reach their experts and how the experts'
-results come back into the layer's output (DESIGN.md §2, §6).
+results come back into the layer's output (docs/ARCHITECTURE.md §2 (layer parts), §3.4
+(all-to-all)).
 
 Each has three calls, so that the layer computes the frozen base while rows are in flight:
 ``send(z, routing)``, ``receive(sent)`` → the experts' batch, ``combine(result, sent, out)``.
@@ -10,7 +11,7 @@ Each has three calls, so that the layer computes the frozen base while rows are 
 - ``AllToAllDispatch``: experts split over the EP group; the sorted rows travel to their experts'
   owners by all-to-all (the FastMoE protocol: exchange the per-expert counts, then the rows with
   uneven splits) and back. Every rank issues the same collectives in the same order whether or not
-  it has rows (hang rules, DESIGN.md §2).
+  it has rows (docs/ARCHITECTURE.md §3.6 (hang rules)).
 """
 
 from __future__ import annotations

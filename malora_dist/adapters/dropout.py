@@ -1,4 +1,4 @@
-"""Dropout whose mask does not depend on the layout (DESIGN.md §3).
+"""Dropout whose mask does not depend on the layout (docs/ARCHITECTURE.md §7.3 (dropout)).
 
 The mask on feature j of a token is a hash of (seed, step, layer, the token's place in the step's
 global batch, j): ranks of a tensor-parallel group that hold the same tokens draw the same mask (so

@@ -2,7 +2,8 @@
 
 The reference path (``layer.py``'s parts) runs ~50 ATen ops per MoE layer's forward and backward, each
 a kernel launch on a GPU, and autograd adds a gradient sum into x per branch that reads x. Here one
-``torch.autograd.Function`` per layer does the same math (DESIGN.md §1) with a hand-written backward:
+``torch.autograd.Function`` per layer does the same math (docs/ARCHITECTURE.md §1 (math)) with a
+hand-written backward:
 
 - the router and the first adapter product (MALoRA's ``S_A``, MoLoRA's stacked ``A_t``) are ONE
   product of x with the stacked ``[W_g; S_A]`` (fp32 logits: bf16 inputs with an fp32 output on CUDA

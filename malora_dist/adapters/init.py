@@ -1,4 +1,5 @@
-"""Initial values of the adapter matrices (DESIGN.md §1), as functions of (seed, layer, part, expert).
+"""Initial values of the adapter matrices (docs/ARCHITECTURE.md §1.5 (initialisation)), as functions
+of (seed, layer, part, expert).
 
 Each draw has a generator of its own, seeded from those names, so a rank that builds only its own
 experts gets exactly the values that a full build gives them, whatever the layout or the order in

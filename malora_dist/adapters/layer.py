@@ -1,4 +1,5 @@
-"""One adapter layer family around a frozen linear: LoRA, MoLoRA and MALoRA (DESIGN.md §1, §6).
+"""One adapter layer family around a frozen linear: LoRA, MoLoRA and MALoRA (docs/ARCHITECTURE.md
+§1 (math), §2 (layer parts)).
 
 ``y = base(x) + scaling · Σ_{t ∈ topk} g_t · up_t(down_t(shared(drop(x))))``, built from parts with
 one job each, chosen once, when the layer is built for its layout:

@@ -1,4 +1,5 @@
-"""Where one adapter layer's pieces live: given to the layer when it is built (DESIGN.md §2, §6).
+"""Where one adapter layer's pieces live: given to the layer when it is built (docs/ARCHITECTURE.md
+§3.3 (who owns which expert), §2 (layer parts)).
 
 Tensor parallelism is the base layer's (its ``parallel_mode`` and ``tp_group``); this object adds
 what only the run's layout knows: the dp group over which routing statistics are global, and

@@ -1,4 +1,5 @@
-"""Top-k routing, slot planning and the auxiliary router losses (DESIGN.md §1).
+"""Top-k routing, slot planning and the auxiliary router losses (docs/ARCHITECTURE.md §1.6 (router
+losses)).
 
 All functions are vectorised over tokens; nothing loops over tokens or (token, expert) slots.
 """

@@ -1,4 +1,5 @@
-"""The two tensor-parallel mappings of an adapter layer, chosen from its base (DESIGN.md §2).
+"""The two tensor-parallel mappings of an adapter layer, chosen from its base (docs/ARCHITECTURE.md
+§4 (tensor parallel)).
 
 - ``row`` base (input sharded on n): every product that contracts n (router logits, ``S_A x``,
   MoLoRA's ``A_t x``) is a partial sum and is all-reduced over tp (``sum_partial``);

@@ -7,7 +7,8 @@ endless run of fresh permutations of its sequences, so an up-sampled task cycles
 sequences before repeating one, and a down-sampled task sees all of them over several epochs.
 The epoch's slots are then shuffled. Step s takes stream positions [s·G, (s+1)·G): batches may
 straddle epochs. Nothing depends on the number of ranks: ``local_micro_batches`` only cuts the
-global batch, so any dp layout sees the same global batch (DESIGN.md §3, training-level parity).
+global batch, so any dp layout sees the same global batch (docs/ARCHITECTURE.md §7.2
+(training-level parity)).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gradient reduction and the global gradient norm (DESIGN.md §2, "Gradient reduction").
+"""Gradient reduction and the global gradient norm (docs/ARCHITECTURE.md §5 (gradient reduction)).
 
 Each dp rank's loss is its summed token loss divided by the global number of loss tokens, so the
 gradients are **summed**: replicated parameters (S_A, router, plain LoRA, and experts placed on

@@ -1,4 +1,5 @@
-"""Process groups for ``world = dp × tp`` with expert parallelism ``ep | dp`` (DESIGN.md §2).
+"""Process groups for ``world = dp × tp`` with expert parallelism ``ep | dp`` (docs/ARCHITECTURE.md
+§3.1 (groups)).
 
 One explicit object with named axes is passed to the code that needs it; nothing else reads
 megatron-core's globals. The groups themselves are built by megatron-core's ``parallel_state`` so

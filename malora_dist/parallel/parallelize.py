@@ -1,10 +1,12 @@
-"""Build a model's adapters for its parallel layout (DESIGN.md §5: model code holds no parallelism).
+"""Build a model's adapters for its parallel layout (model code holds no parallelism:
+docs/ARCHITECTURE.md §12 (house rules)).
 
 Order: the base is tensor-parallel already (``malora_dist.models``); this step decides where each
 MoE layer's experts live (``ep``, ``replicate`` or ``auto`` from the cost model of
 ``malora_dist.parallel.placement``) and injects every adapter built for its layout: a rank
 allocates only its own experts, with the values a full build gives them, and its slices of
-tensor-parallel tensors. The result reproduces the single-process model (DESIGN.md §3).
+tensor-parallel tensors. The result reproduces the single-process model (docs/ARCHITECTURE.md §7
+(correctness)).
 """
 
 from __future__ import annotations

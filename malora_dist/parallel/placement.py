@@ -1,6 +1,6 @@
 """Where each MoE layer's experts live: split across the EP group (tokens travel by all-to-all),
-or replicated on every rank (no token exchange, one larger gradient all-reduce) — DESIGN.md §2,
-"Alternatives worth measuring".
+or replicated on every rank (no token exchange, one larger gradient all-reduce) —
+docs/ARCHITECTURE.md §6 (placement).
 
 ``auto`` decides per layer from the cost terms the layer's own parts report
 (``malora_dist.adapters.cost``), priced by the link and the device measured at start-up: the

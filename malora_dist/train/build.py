@@ -1,9 +1,9 @@
 """Build the model of a run: frozen base → tensor-parallel copy → adapters built for the layout.
 
-The order is the house rule (DESIGN.md §5): model code holds no parallelism; the base is sharded
-by ``malora_dist.models``, then ``build_adapters`` injects adapters built for their layout (each
-rank allocates its own experts and tensor-parallel slices, with the values a full build from the
-run's seed gives them, so every layout starts from the same adapter).
+The order is the house rule (docs/ARCHITECTURE.md §9.1 (run order), §12 (house rules)): model code
+holds no parallelism; the base is sharded by ``malora_dist.models``, then ``build_adapters`` injects
+adapters built for their layout (each rank allocates its own experts and tensor-parallel slices, with
+the values a full build from the run's seed gives them, so every layout starts from the same adapter).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The training loop: global-token loss scaling, gradient accumulation, reduction, clipping, AdamW.
 
-Per optimizer step (DESIGN.md §2): every rank counts its loss tokens over all its micro-batches and
-one all-reduce gives the step's global count *before the first backward*; each micro-batch's loss is
-its summed token loss over that global count, so summed gradients equal the single-process
-gradient whatever the layout, padding or answer masks. The balance loss of a micro-batch is over
-the dp-global micro-batch; the step's auxiliary loss is its mean over micro-batches.
+Per optimizer step (docs/ARCHITECTURE.md §5.1 (the loss of a step)): every rank counts its loss
+tokens over all its micro-batches and one all-reduce gives the step's global count *before the first
+backward*; each micro-batch's loss is its summed token loss over that global count, so summed
+gradients equal the single-process gradient whatever the layout, padding or answer masks. The balance
+loss of a micro-batch is over the dp-global micro-batch (a token set that depends on dp:
+docs/ARCHITECTURE.md §1.6 (router losses)); the step's auxiliary loss is its mean over micro-batches.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ class StepResult:
 def enter_training_mode(model: nn.Module) -> None:
     """Training mode as a run means it. The frozen base stays in eval mode: dropout of its own (if
     its config has any) would draw rank-dependent masks, where every mask must be layout-free
-    (DESIGN.md §3). The adapters train (their dropout is layout-free). Decoder layers that recompute
-    in backward (``train.activation_checkpointing``) are marked training, themselves only: Hugging
-    Face checkpoints a layer only in training mode, so with the base in eval mode the flag would
-    silently do nothing."""
+    (docs/ARCHITECTURE.md §7.3 (dropout)). The adapters train (their dropout is layout-free).
+    Decoder layers that recompute in backward (``train.activation_checkpointing``) are marked
+    training, themselves only: Hugging Face checkpoints a layer only in training mode, so with the
+    base in eval mode the flag would silently do nothing."""
     model.eval()
     for _, layer in adapter_layers(model):
         layer.train()
