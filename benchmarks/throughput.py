@@ -494,7 +494,7 @@ def _paired_ratio(a: dict, b: dict) -> dict:
 
 
 def targets(result: dict) -> list:
-    """The issue's targets, measured."""
+    """The throughput targets (benchmarks/README.md, "Targets"), measured."""
     out = []
     layer = result.get("layer", {}).get("results", {})
     for method, name, limit in (("MALoRA", "malora-d32-r12-dense", 1.15), ("MoLoRA", "molora-r8-dense", 1.25)):

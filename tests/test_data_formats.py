@@ -1,5 +1,7 @@
 """Datasets by their hub schemas: the ``format`` mappings, ``data.local_dir``, ``sample`` and the
-config checks of issue 15's data interface.
+config checks of the keys that read them (``format``, ``style``, ``metric``, the field keys,
+``sample`` / ``limit``, ``local_dir``, ``sample_seed``), and evaluation reading exactly the held-out
+records that training holds out.
 
 The fixtures under ``tests/fixtures/datasets/<format>/`` are small records written for these tests
 in each public dataset's own schema (field names and types as the hub has them). Expected values
