@@ -3,7 +3,8 @@ activation checkpointing.
 
 Runs share one process world per world size (``run_world``); each world runs several trainings of
 configs/tiny.yaml on the project's synthetic data. Layout parity compares the per-step loss and
-grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2. Activation
+grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2, with the settings
+users train with: adapter dropout, the balance loss and the router z-loss on. Activation
 checkpointing (every decoder layer recomputed in backward) must not change a run: the single and
 tp=2 runs are repeated with it, with dropout on.
 """
@@ -25,13 +26,13 @@ from world import run_world
 
 pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
 
-# Parity runs with the paper's adapter dropout (0.05): its masks are a function of each token's
-# place in the global batch, not of the rank. The balance loss is off: each micro-batch's balance
-# loss is over the dp-global micro-batch, whose token set legitimately depends on dp (the layer
-# tests cover it).
-PARITY = dict(adapter=dict(dropout=0.05, balance_loss_coef=0.0))
+# Parity runs as the paper trains: adapter dropout 0.05 (its masks are a function of each token's
+# place in the global batch, not of the rank) and the balance loss at 0.01 (over each micro-batch
+# of 2 sequences: the 1-process run accumulates 4 of them, dp=4 runs one per rank), plus a router
+# z-loss. 1 process is the reference for every other layout.
+PARITY = dict(adapter=dict(dropout=0.05, balance_loss_coef=0.01, router_z_loss_coef=1e-3))
 # Heavier dropout for the replica test: tp peers must keep identical replicated tensors.
-DROPOUT_01 = dict(adapter=dict(dropout=0.1, balance_loss_coef=0.0), train=dict(steps=4))
+DROPOUT_01 = dict(adapter=dict(PARITY["adapter"], dropout=0.1), train=dict(steps=4))
 PROBE = torch.tensor([[1, 17, 230, 4051, 99, 7, 12, 3000]])
 
 # name -> (world size, section overrides)
@@ -127,7 +128,12 @@ def test_layout_parity(trained, name):
     for a, b in zip(other, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (name, a["step"])
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-4), (name, a["step"])
+        assert a["expert_load"] == b["expert_load"], (name, a["step"])
     assert reference[-1]["loss"] < reference[0]["loss"]
+    # The router losses are on: the balance loss near 1 (its value at even load) times 0.01, plus
+    # the z-loss (1e-3 times logsumexp² ≈ log(4)²).
+    assert all(r["aux_loss"] > 0.01 for r in reference)
 
 
 @pytest.mark.parametrize("name", ["tp2_dropout01", "tp2ep2_dropout01", "tp2", "tp2ep2", "dp4", "ep2"])
@@ -157,6 +163,8 @@ def test_resume_parity(trained):
     assert results["ep2_stopped"][0]["start_step"] == 4  # the second (resumed) run's record
     for a, b in zip(resumed, straight):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-6), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
     final_a = load_adapter_file(root, "ep2")
     final_b = load_adapter_file(root, "ep2_stopped")
     assert final_a.keys() == final_b.keys()
