@@ -3,6 +3,10 @@
 One world per world size runs every case; the tests check its results. Each case compares outputs,
 input gradients and the gradient of every trainable parameter (summed by the reduction rules) with
 the single-process layer on the same global batch, then takes an AdamW step and checks replicas.
+The balance loss is over each rank's tokens, a micro-batch of its own, as in training; the
+reference runs the single-process layer once per micro-batch. A few cases instead split one
+micro-batch over the ranks (its counts all-reduced over them, as a layout that splits sequences
+would), against the single-process layer on the whole batch at once.
 """
 
 import copy
@@ -47,6 +51,7 @@ class Case:
     normalize: bool = False
     placement: str = "ep"
     extra: dict = field(default_factory=dict)  # the baseline and ablation keys (freeze, identical_init, ...)
+    shared_slice: bool = False  # the ranks' tokens form one micro-batch (the router's slice_group)
 
     @property
     def world(self):
@@ -60,6 +65,8 @@ def _cases():
             cases.append(Case(f"{method}-k{top_k}-ep2", method, top_k, 2, [5, 7]))
             cases.append(Case(f"{method}-k{top_k}-ep4", method, top_k, 4, [3, 4, 5, 2]))
             cases.append(Case(f"{method}-k{top_k}-dp4ep2", method, top_k, 2, [4, 2, 3, 6]))
+        cases += [Case(f"{method}-k2-ep2-one-micro-batch", method, 2, 2, [5, 7], shared_slice=True),
+                  Case(f"{method}-k1-dp4ep2-one-micro-batch", method, 1, 2, [4, 2, 3, 6], shared_slice=True)]
         cases += [
             Case(f"{method}-all-to-one-ep2", method, 1, 2, [4, 5], route_to=[0]),
             Case(f"{method}-all-to-last-rank-k2-ep4", method, 2, 4, [2, 3, 1, 2], route_to=[3, 2]),
@@ -133,16 +140,28 @@ def kept_slot_mask(case, layer, x):
 
 
 def balance_of(layer):
-    """The balance loss of the layer's last forward (all-reduces its counts: every rank calls it)."""
+    """The balance loss of the layer's last forward (all-reduces its counts over the router's
+    slice_group where it has one: every rank of it calls it)."""
     return finish_router_losses([layer.router_stats])[0].balance
+
+
+def micro_batches(case):
+    """The token ranges the balance loss is taken over: each rank's tokens, or all of them at once."""
+    bounds = [0] + [sum(case.tokens[:i + 1]) for i in range(case.world)]
+    if case.shared_slice:
+        return [slice(0, bounds[-1])]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def reference_run(case):
     layer, x, grad_out = build_reference(case)
     x = x.clone().requires_grad_()
-    if case.capacity_factor is None:
-        out = layer(x)
-        loss = (out * grad_out).sum() + BALANCE_COEF * balance_of(layer)
+    if case.capacity_factor is None:  # one forward per micro-batch, each adding its balance loss
+        outs, loss = [], 0.0
+        for part in micro_batches(case):
+            outs.append(layer(x[part]))
+            loss = loss + (outs[-1] * grad_out[part]).sum() + BALANCE_COEF * balance_of(layer)
+        out = torch.cat(outs)
         dropped = 0
     else:  # the single-process layer would apply one global capacity: use the dense formula instead
         keep = kept_slot_mask(case, layer, x.detach())
@@ -183,6 +202,8 @@ def distributed_run(case, groups):
     decisions = build_adapters(model, case_config(case), groups, placement=case.placement,
                                tokens_per_rank=case.tokens[dist.get_rank()], link=link)
     layer = model["proj"]
+    if case.shared_slice:
+        layer.router.slice_group = groups.dp_group
     full_build = dict(AdapterLinear(base_linear(), case_config(case), name="proj").adapter_tensors())
     init_gap = {n: (full_tensor(p, groups) - full_build[n]).abs().max().item() for n, p in layer.adapter_tensors()}
     load_adapter_state(model, adapter_state(nn.ModuleDict({"proj": ref_layer_copy(case)})), groups)

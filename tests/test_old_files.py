@@ -71,3 +71,32 @@ def test_task_keys_added_later_do_not_block_resuming():
     resampled = load_run_config(os.path.join(FIXTURE, "config.yaml"))
     resampled.data.tasks[0] = dataclasses.replace(resampled.data.tasks[0], limit=None, sample=3)
     assert fingerprint_changes(saved, resampled) == ["data.tasks"]
+
+
+def test_balance_loss_token_set_rule_on_resume():
+    """Checkpoints record the balance loss's token set (each micro-batch). One written before that
+    record, at dp=1, took the same token set and resumes silently; at dp>1 it took each round of dp
+    micro-batches together, and resuming says so. A changed micro_batch_size is named; without a
+    balance loss nothing is said."""
+    import copy
+    import json
+
+    from malora_dist.train.balance_record import balance_record, resume_warning
+    from malora_dist.train.checkpoint import META
+
+    with open(os.path.join(FIXTURE, "checkpoints", "step_2", META)) as f:
+        old = json.load(f)
+    assert "balance_loss" not in old and old["layout"]["dp"] == 1
+    config = load_run_config(os.path.join(FIXTURE, "config.yaml"))
+    assert resume_warning(old, config, "step_2") is None
+    old_dp2 = copy.deepcopy(old)
+    old_dp2["layout"]["dp"] = 2
+    warning = resume_warning(old_dp2, config, "step_2")
+    assert "dp=2" in warning and "train.micro_batch_size=2" in warning
+    new = dict(old, balance_loss=balance_record(config))
+    assert new["balance_loss"] == {"definition": "micro_batch", "micro_batch_size": 2}
+    assert resume_warning(dict(new, layout={"tp": 1, "dp": 4, "ep": 2}), config, "step_2") is None
+    larger = load_run_config(os.path.join(FIXTURE, "config.yaml"), ["train.micro_batch_size=4"])
+    assert "train.micro_batch_size=4" in resume_warning(new, larger, "step_2")
+    for off in (["adapter.balance_loss_coef=0.0"], ["adapter.method=lora"]):
+        assert resume_warning(old_dp2, load_run_config(os.path.join(FIXTURE, "config.yaml"), off), "step_2") is None

@@ -2,10 +2,11 @@
 single-process reference: the unsharded Hugging Face model with the same adapters.
 
 The reference and every layout hold the same full adapter tensors (random, so B̄ ≠ 0 and every
-gradient path is exercised). Each layout runs its share of the global batch; its loss is the summed
-token loss over the global token count plus the balance loss, its gradients are summed by the
-reduction rules, gathered to full tensors and compared with the reference gradients. The base
-families beyond LLaMA cover the other plan styles the adapters sit on: Qwen3 and Gemma3 (per-head
+gradient path is exercised). Each layout runs its share of the global batch, one micro-batch per dp
+rank; its loss is the summed token loss over the global token count plus the mean over micro-batches
+of their balance losses (the reference runs the same micro-batches one after another), its
+gradients are summed by the reduction rules, gathered to full tensors and compared with the
+reference gradients. The base families beyond LLaMA cover the other plan styles the adapters sit on: Qwen3 and Gemma3 (per-head
 q/k norms, Gemma's scaled embedding and soft-capped logits), Phi-3 (fused ``qkv_proj`` /
 ``gate_up_proj``, all-gathered outputs). Each layout also exports its adapters (gathered to full
 tensors), loads them into the plain HF model and compares logits with the sharded model's. Two
@@ -119,13 +120,17 @@ def batch():
     return ids, labels
 
 
-def reference_run(family, method):
+def reference_run(family, method, micro_batches):
+    """The single-process model on the batch cut into ``micro_batches`` (the balance loss's slices)."""
     model = reference_model(family, method)
     ids, labels = batch()
-    logits = model(ids).logits
-    token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-    loss = token_losses / (labels[:, 1:] != -100).sum() + auxiliary_loss(model)
+    global_tokens = (labels[:, 1:] != -100).sum()
+    loss = 0.0
+    for part in torch.arange(BATCH).chunk(micro_batches):
+        logits = model(ids[part]).logits
+        token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[part, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+        loss = loss + token_losses / global_tokens + auxiliary_loss(model) / micro_batches
     loss.backward()
     grads = {}
     for name, layer in adapter_layers(model):
@@ -136,7 +141,7 @@ def reference_run(family, method):
 
 
 def layout_run(family, method, layout, groups):
-    ref_model, ref_loss, ref_grads = reference_run(family, method)
+    ref_model, ref_loss, ref_grads = reference_run(family, method, groups.dp)
     model = shard_causal_lm(base_model(family), groups)
     build_adapters(model, adapter_config(family, method), groups)
     # Built for the layout, each rank's slices hold what a one-process build gives them.
@@ -157,7 +162,7 @@ def layout_run(family, method, layout, groups):
     global_tokens = (labels[:, 1:] != -100).sum()
     local_logits = model(ids[mine])
     token_losses = model.token_losses(local_logits, labels[mine])
-    loss = token_losses.sum() / global_tokens + auxiliary_loss(model)
+    loss = token_losses.sum() / global_tokens + auxiliary_loss(model) / groups.dp
     loss.backward()
     model.eval()
     params = adapter_parameters(model)

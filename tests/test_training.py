@@ -3,13 +3,15 @@ activation checkpointing.
 
 Runs share one process world per world size (``run_world``); each world runs several trainings of
 configs/tiny.yaml on the project's synthetic data. Layout parity compares the per-step loss and
-grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2. Activation
+grad_norm of 8 steps across 1 process, dp=2, ep=2, tp=2, dp=4 and tp=2×ep=2, with the settings
+users train with: adapter dropout, the balance loss and the router z-loss on. Activation
 checkpointing (every decoder layer recomputed in backward) must not change a run: the single and
 tp=2 runs are repeated with it, with dropout on.
 """
 
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -25,13 +27,13 @@ from world import run_world
 
 pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
 
-# Parity runs with the paper's adapter dropout (0.05): its masks are a function of each token's
-# place in the global batch, not of the rank. The balance loss is off: each micro-batch's balance
-# loss is over the dp-global micro-batch, whose token set legitimately depends on dp (the layer
-# tests cover it).
-PARITY = dict(adapter=dict(dropout=0.05, balance_loss_coef=0.0))
+# Parity runs as the paper trains: adapter dropout 0.05 (its masks are a function of each token's
+# place in the global batch, not of the rank) and the balance loss at 0.01 (over each micro-batch
+# of 2 sequences: the 1-process run accumulates 4 of them, dp=4 runs one per rank), plus a router
+# z-loss. 1 process is the reference for every other layout.
+PARITY = dict(adapter=dict(dropout=0.05, balance_loss_coef=0.01, router_z_loss_coef=1e-3))
 # Heavier dropout for the replica test: tp peers must keep identical replicated tensors.
-DROPOUT_01 = dict(adapter=dict(dropout=0.1, balance_loss_coef=0.0), train=dict(steps=4))
+DROPOUT_01 = dict(adapter=dict(PARITY["adapter"], dropout=0.1), train=dict(steps=4))
 PROBE = torch.tensor([[1, 17, 230, 4051, 99, 7, 12, 3000]])
 
 # name -> (world size, section overrides)
@@ -71,6 +73,22 @@ def world_main(root, jobs):
     return out
 
 
+def write_old_checkpoints(root):
+    """The dp=2 run's step-4 checkpoint as a version before the balance-loss record would have
+    written it: without the record, once as written at dp=2 and once at dp=1 (a checkpoint's tensors
+    are the same at every layout; only its meta says which layout wrote it)."""
+    source = os.path.join(root, "dp2", "checkpoints", "step_4")
+    for run, dp in (("old_dp2", 2), ("old_dp1", 1)):
+        target = os.path.join(root, run, "checkpoints", "step_4")
+        shutil.copytree(source, target)
+        with open(os.path.join(target, "meta.json")) as f:
+            meta = json.load(f)
+        meta.pop("balance_loss", None)
+        meta["layout"]["dp"] = dp
+        with open(os.path.join(target, "meta.json"), "w") as f:
+            json.dump(meta, f)
+
+
 def rows(root, name):
     return [r for r in read_metrics(os.path.join(root, name)) if "loss" in r]
 
@@ -93,6 +111,9 @@ def trained(tmp_path_factory):
     # Resharding: the ep=2 checkpoint of step 4 continues at ep=1 and ep=4; tp=2 → tp=1.
     by_world[1] += [("from_ep2_to_ep1", RUNS["single"][1], Record(), ("ep2", 4)),
                     ("from_tp2_to_tp1", RUNS["single"][1], Record(), ("tp2", 4))]
+    # Checkpoints written before the balance loss's token set was recorded resume (write_old_checkpoints).
+    by_world[1] += [("from_old_dp2", RUNS["single"][1], Record(), ("old_dp2", 4)),
+                    ("from_old_dp1", RUNS["single"][1], Record(), ("old_dp1", 4))]
     by_world[4] += [("from_ep2_to_ep4", dict(PARITY, parallel=dict(ep=4)), Record(), ("ep2", 4))]
     # Replicated adapter tensors stay bit-identical across tp peers and dp replicas with dropout 0.1.
     by_world[2] += [("tp2_dropout01", dict(DROPOUT_01, parallel=dict(tp=2)), Record(), None)]
@@ -101,6 +122,8 @@ def trained(tmp_path_factory):
     by_world[2] += [("ep2_bf16", dict(ep2, model=dict(dtype="bfloat16")), Record(), None)]
     # Worlds in the order that makes the checkpoints exist before they are resumed.
     for world in (2, 1, 4):
+        if world == 1:
+            write_old_checkpoints(root)
         per_rank = run_world(world, world_main, root, by_world[world])
         for name, value in per_rank[0].items():
             value = dict(value, replica_gaps=[r[name]["replica_gaps"] for r in per_rank])  # every rank's view
@@ -127,7 +150,12 @@ def test_layout_parity(trained, name):
     for a, b in zip(other, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (name, a["step"])
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-4), (name, a["step"])
+        assert a["expert_load"] == b["expert_load"], (name, a["step"])
     assert reference[-1]["loss"] < reference[0]["loss"]
+    # The router losses are on: the balance loss near 1 (its value at even load) times 0.01, plus
+    # the z-loss (1e-3 times logsumexp² ≈ log(4)²).
+    assert all(r["aux_loss"] > 0.01 for r in reference)
 
 
 @pytest.mark.parametrize("name", ["tp2_dropout01", "tp2ep2_dropout01", "tp2", "tp2ep2", "dp4", "ep2"])
@@ -155,8 +183,11 @@ def test_resume_parity(trained):
     straight, resumed = rows(root, "ep2"), rows(root, "ep2_stopped")
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert results["ep2_stopped"][0]["start_step"] == 4  # the second (resumed) run's record
+    assert not [w for w in results["ep2_stopped"][0]["warnings"] if "balance loss" in w]
     for a, b in zip(resumed, straight):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-6), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
     final_a = load_adapter_file(root, "ep2")
     final_b = load_adapter_file(root, "ep2_stopped")
     assert final_a.keys() == final_b.keys()
@@ -202,6 +233,30 @@ def test_reshard_resume(trained, name, source):
     continued, original = rows(root, name), rows(root, source)
     assert [r["step"] for r in continued] == list(range(5, 9))
     for a, b in zip(continued, original[4:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
+
+
+def test_checkpoints_record_the_balance_loss_token_set(trained):
+    root, _ = trained
+    with open(os.path.join(root, "ep2", "checkpoints", "step_8", "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["balance_loss"] == {"definition": "micro_batch", "micro_batch_size": 2}
+
+
+@pytest.mark.parametrize("name,dp", [("from_old_dp2", 2), ("from_old_dp1", 1)])
+def test_checkpoint_without_balance_record_resumes(trained, name, dp):
+    """Written before the balance loss's token set was recorded: it resumes, with a warning where
+    the old rule (each round of dp micro-batches together) took other token sets than now (dp>1),
+    silently at dp=1, where it took the same ones. These steps 1-4 were trained per micro-batch, so
+    the continuation matches the 1-process run."""
+    root, results = trained
+    result = results[name][0]
+    assert result["start_step"] == 4
+    warned = [w for w in result["warnings"] if "balance loss" in w]
+    assert len(warned) == (dp > 1) and all(f"dp={dp}" in w for w in warned), warned
+    continued, reference = rows(root, name), rows(root, "single")
+    assert [r["step"] for r in continued] == list(range(5, 9))
+    for a, b in zip(continued, reference[4:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (name, a["step"])
 
 

@@ -40,8 +40,11 @@ class AdapterConfig:
     beta: MALoRA's weight balance scale β, applied to the initial S_A and P_t only.
     dropout: dropout on the adapter's input (after the router, which sees x itself).
     target_modules: names of the linear layers to adapt.
-    balance_loss_coef: coefficient of the Switch load-balancing loss.
-    router_z_loss_coef: coefficient of the router z-loss (mean squared logsumexp of the logits).
+    balance_loss_coef: coefficient of the Switch load-balancing loss N Σ_i f_i P̄_i, taken over each
+        micro-batch (``train.micro_batch_size`` sequences, the same at every layout) and averaged
+        over the MoE layers and the step's micro-batches (``routing.balance_loss``).
+    router_z_loss_coef: coefficient of the router z-loss (mean squared logsumexp of the logits
+        over a micro-batch's tokens, averaged as the balance loss).
     normalize_gates: renormalise the top-k gates to sum to one (the paper does not).
     capacity_factor: None for dropless routing; else each expert takes at most
         ceil(capacity_factor · slots / N) slots per source rank and drops the rest (counted).

@@ -337,5 +337,5 @@ def fused_layer_forward(layer, flat_x: torch.Tensor) -> torch.Tensor:
                                                   spec, weights)
     if router is not None:
         layer.router.stats = RouterStatistics(counts, flat_x.shape[0], prob_sums, z_sum if spec.z_loss else None,
-                                              layer.top_k, layer.router.dp_group)
+                                              layer.top_k, layer.router.slice_group)
     return out

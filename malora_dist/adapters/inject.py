@@ -61,10 +61,12 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
-    """The router losses of the last forward: each averaged over the MoE layers, times its coefficient.
+    """The router losses of the last forward (one micro-batch): each averaged over the MoE layers,
+    times its coefficient. The trainer averages it over the step's micro-batches.
 
-    Collective: every rank of the dp group calls it once per forward (one all-reduce of all layers'
-    routing counts). It also sets each layer's ``expert_load`` (global slots per expert).
+    Local to the rank that holds the micro-batch (a collective only over a layer's ``slice_group``,
+    where a layout splits a micro-batch's tokens). It also sets each layer's ``expert_load`` (slots
+    per expert in the micro-batch).
     """
     layers = [layer for _, layer in adapter_layers(model) if layer.router_stats is not None]
     if not layers:

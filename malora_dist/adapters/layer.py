@@ -69,7 +69,7 @@ class AdapterLinear(nn.Module):
         self.scaling = config.scaling
         local = layout.local_experts(self.num_experts)
         self.expert_offset = local.start
-        self.expert_load: Optional[torch.Tensor] = None  # global slots per expert, set by auxiliary_loss
+        self.expert_load: Optional[torch.Tensor] = None  # slots per expert in the last micro-batch (auxiliary_loss)
         self.kernel = expert_kernel(config, layout.experts_split)
         values = _initial_values(config, self.in_features, self.out_features, local, seed, name,
                                  on_meta=getattr(getattr(base_layer, "weight", None), "device", None) == torch.device("meta"))
@@ -86,7 +86,7 @@ class AdapterLinear(nn.Module):
         routed_hooks = hooks.for_replicated_up() if shared_up else hooks
         if config.is_moe:
             self.router = TopKRouter(hooks.shard(values["router"], n_dim), config.top_k, config.normalize_gates,
-                                     config.router_z_loss_coef > 0, config.scaling, routed_hooks, layout.dp_group)
+                                     config.router_z_loss_coef > 0, config.scaling, routed_hooks, layout.slice_group)
             tag(self.router.weight, expert=False, tp_dim=n_dim)
         else:
             self.router = SingleExpert()

@@ -2,9 +2,9 @@
 §3.3 (who owns which expert), §2 (layer parts)).
 
 Tensor parallelism is the base layer's (its ``parallel_mode`` and ``tp_group``); this object adds
-what only the run's layout knows: the dp group over which routing statistics are global, and
-whether the experts are split across an expert-parallel group (placement ``ep``) or held whole by
-every rank (one process, or placement ``replicate``).
+what only the run's layout knows: which ranks share the tokens of one micro-batch (for the router
+losses), and whether the experts are split across an expert-parallel group (placement ``ep``) or
+held whole by every rank (one process, or placement ``replicate``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class AdapterLayout:
-    """dp_group: ranks that hold different tokens of one step (None: this process alone).
+    """slice_group: the ranks that hold other tokens of this rank's micro-batches, over which the
+    router losses' counts are all-reduced (``routing.RouterStatistics``). None for every layout
+    today: dp and ep ranks hold whole sequences of their own, tp peers the same ones.
     ep_group, ep_size, ep_rank: the expert-parallel group that splits the experts, or
     (None, 1, 0) when every rank holds all experts."""
 
-    dp_group: Optional[dist.ProcessGroup] = None
+    slice_group: Optional[dist.ProcessGroup] = None
     ep_group: Optional[dist.ProcessGroup] = None
     ep_size: int = 1
     ep_rank: int = 0

@@ -28,7 +28,7 @@ class TopKRouter(nn.Module):
     logits are then partial sums, which the projection step all-reduces)."""
 
     def __init__(self, weight: torch.Tensor, top_k: int, normalize: bool, z_loss: bool, scaling: float,
-                 hooks: TensorParallelHooks, dp_group: Optional[dist.ProcessGroup]):
+                 hooks: TensorParallelHooks, slice_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.top_k = top_k
@@ -36,13 +36,13 @@ class TopKRouter(nn.Module):
         self.z_loss = z_loss
         self.scaling = scaling
         self.hooks = hooks
-        self.dp_group = dp_group
+        self.slice_group = slice_group  # see RouterStatistics
         # The last forward's routing sums (turned into losses by ``inject.auxiliary_loss``).
         self.stats: Optional[RouterStatistics] = None
 
     def forward(self, logits: torch.Tensor) -> Routing:
         probs, gates, experts = top_k_gates(logits, self.top_k, self.normalize)
-        self.stats = router_statistics(probs, logits, experts, self.z_loss, self.dp_group)
+        self.stats = router_statistics(probs, logits, experts, self.z_loss, self.slice_group)
         return Routing(experts, self.scaling * self.hooks.into_sharded_up(gates))
 
     def extra_repr(self) -> str:

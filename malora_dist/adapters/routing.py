@@ -79,14 +79,17 @@ def global_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
 
 @dataclass
 class RouterStatistics:
-    """What one MoE layer's forward leaves for its router losses, before any communication.
+    """What one MoE layer's forward leaves for its router losses.
 
-    The balance loss needs the dp group's global slot counts, but its gradient treats them as
-    constants; so the forward keeps only local sums, and ``finish_router_losses`` all-reduces the
-    counts of every layer at once (one collective per forward pass of the model, not one per layer:
-    each of those would be a synchronisation point between the ranks).
+    The router losses are taken over one micro-batch: ``train.micro_batch_size`` whole sequences,
+    a fixed slice of the global batch that holds the same sequences at every layout (see
+    ``balance_loss``). dp and ep ranks split whole sequences and tp peers hold the same ones, so a
+    rank holds each of its micro-batches whole and forms its losses alone. ``slice_group`` names the
+    ranks that would hold the other tokens of the same micro-batch (a layout that splits sequences,
+    such as sequence or context parallelism): their counts are all-reduced over it, once per forward
+    for all layers together. None today.
 
-    slot_counts: (N,) int64, slots per expert on this rank.
+    slot_counts: (N,) int64, slots per expert among this rank's tokens of the micro-batch.
     tokens: routed tokens on this rank.
     prob_sums: (N,) Σ over this rank's tokens of the router probabilities (carries the gradient).
     z_sum: Σ over this rank's tokens of logsumexp(logits)², or None without a z-loss.
@@ -97,16 +100,16 @@ class RouterStatistics:
     prob_sums: torch.Tensor
     z_sum: Optional[torch.Tensor]
     top_k: int
-    group: Optional[dist.ProcessGroup]
+    slice_group: Optional[dist.ProcessGroup] = None
 
 
 def router_statistics(
     probs: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor, with_z_loss: bool,
-    group: Optional[dist.ProcessGroup],
+    slice_group: Optional[dist.ProcessGroup] = None,
 ) -> RouterStatistics:
     z_sum = torch.logsumexp(router_precision(logits), dim=-1).pow(2).sum() if with_z_loss else None
     return RouterStatistics(slot_counts(experts, probs.shape[-1]), experts.shape[0], probs.sum(dim=0), z_sum,
-                            experts.shape[-1], group)
+                            experts.shape[-1], slice_group)
 
 
 def slot_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -118,23 +121,24 @@ def slot_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 @dataclass
 class RouterLosses:
-    """One layer's router losses over the global token set of its dp group."""
+    """One layer's router losses over one micro-batch."""
 
     balance: torch.Tensor
     z: Optional[torch.Tensor]
-    expert_load: torch.Tensor  # global slots per expert
+    expert_load: torch.Tensor  # slots per expert in the micro-batch
 
 
 def finish_router_losses(stats: list[RouterStatistics]) -> list[RouterLosses]:
-    """All-reduce the counts of all layers (one collective per process group) and form the losses."""
+    """Form each layer's losses; where a micro-batch is split over a ``slice_group``, all-reduce the
+    counts of all layers first (one collective per group; none when every rank holds its micro-batch)."""
     totals: list[Optional[tuple]] = [None] * len(stats)
     by_group: dict[int, list[int]] = {}
     for i, s in enumerate(stats):
-        by_group.setdefault(id(s.group), []).append(i)
+        by_group.setdefault(id(s.slice_group), []).append(i)
     for indices in by_group.values():
         counts = torch.cat([stats[i].slot_counts for i in indices])
         tokens = torch.tensor([stats[i].tokens for i in indices], device=counts.device)
-        summed = global_sum(torch.cat([counts, tokens]).double(), stats[indices[0]].group)
+        summed = global_sum(torch.cat([counts, tokens]).double(), stats[indices[0]].slice_group)
         per_layer = summed[:counts.numel()].split([stats[i].slot_counts.numel() for i in indices])
         for k, i in enumerate(indices):
             dtype = stats[i].prob_sums.dtype
@@ -146,13 +150,33 @@ def finish_router_losses(stats: list[RouterStatistics]) -> list[RouterLosses]:
     return losses
 
 
-def balance_loss(prob_sums: torch.Tensor, global_counts: torch.Tensor, global_tokens: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Switch load-balancing loss ``N Σ_i f_i P̄_i`` over the global token set of the dp group.
+def balance_loss(prob_sums: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch load-balancing loss ``N Σ_i f_i P̄_i`` over the tokens of one micro-batch.
 
-    ``prob_sums``: Σ over this rank's tokens of the router probabilities. f_i comes from the
-    all-reduced slot counts; this rank adds ``N Σ_i f_i (Σ_local p_i) / T_global``, so the
-    contributions of the dp ranks sum to the single-process loss (a per-rank f_i would not).
+    f_i = counts_i / (tokens · k), the fraction of the micro-batch's routed slots that went to
+    expert i, is a constant (no gradient); P̄_i = prob_sums_i / tokens carries the gradient. The
+    value is 1 at perfect balance and N when one expert takes every slot.
+
+    Why one micro-batch of ``train.micro_batch_size`` sequences: it is a fixed slice of the global
+    batch, the same sequences at every layout (the sampler cuts each rank's contiguous share of the
+    global batch into micro-batches, so 1 process with gradient accumulation, dp=2, ep=2, tp=2 … see
+    the same slices), and a rank that holds the slice computes its loss alone and exactly. The
+    alternatives: counting over whatever the dp group holds in one round of micro-batches (this
+    project's earlier rule, like Switch Transformer's per-core batch) makes the token set, and so
+    the loss, depend on the number of ranks; megatron-core's ``aux_loss`` is this rule (per
+    micro-batch, counts reduced only over the tp×cp ranks that share its tokens), and its
+    ``global_aux_loss`` (Qiu et al. 2025, "Demons in the detail": balance over the global batch)
+    reduces counts over dp and keeps a running mean across the micro-batches, which depends on the
+    layout again; exact global-batch balance needs every micro-batch's routing before the first
+    backward (a second forward pass). DeepSeek-V3's sequence-wise loss is layout-free too, but
+    balances inside each sequence, a different and stricter target (here a sequence holds one
+    task, and task-specific experts are what the mixture is for), for which the paper's
+    coefficient was not chosen. With one process the micro-batch rule is what this project always
+    computed, so a coefficient (the paper's 0.01) keeps its meaning.
+
+    ``counts`` and ``tokens`` are the micro-batch's (all-reduced over its ``slice_group`` where it
+    has one); ``prob_sums`` is this rank's part, so the parts of a split micro-batch sum to its loss.
     """
     num_experts = prob_sums.shape[-1]
-    fraction = global_counts / (global_tokens * top_k)
-    return num_experts * torch.sum(fraction * prob_sums) / global_tokens
+    fraction = counts / (tokens * top_k)
+    return num_experts * torch.sum(fraction * prob_sums) / tokens

@@ -49,8 +49,8 @@ def build_adapters(model: nn.Module, config: AdapterConfig, groups: ParallelGrou
         if config.is_moe:
             decisions[name] = "ep" if choice == "ep" else "replicate"
         if choice == "ep":
-            return AdapterLayout(groups.dp_group, groups.ep_group, groups.ep, groups.ep_rank)
-        return AdapterLayout(groups.dp_group)
+            return AdapterLayout(ep_group=groups.ep_group, ep_size=groups.ep, ep_rank=groups.ep_rank)
+        return AdapterLayout()
 
     inject_adapters(model, config, seed=seed, layout_for=layout_for)
     for note in config.ineffective_keys(experts_split="ep" in decisions.values()):

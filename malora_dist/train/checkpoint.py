@@ -10,6 +10,11 @@ A checkpoint is written to ``checkpoints/step_<N>.tmp`` and renamed to ``step_<N
 rank has finished and rank 0 has written the ``COMPLETE`` marker; a directory without the marker
 is never loaded. Adapter dropout masks are a function of (seed, step, each token's place), so no
 RNG state is needed for an exact continuation.
+
+Resuming is refused when a fingerprinted key (model, adapter, data sections) changed. The balance
+loss's token set, one micro-batch, is recorded beside the fingerprint; a checkpoint that lacks the
+record, or recorded another micro-batch size, still resumes, with a warning where the token sets
+differ (``balance_record``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..adapters.io import _file_keys, _is_stacked
 from ..adapters.tags import is_expert
 from ..logging_utils import get_logger
 from ..parallel.sharding import gather_tp, slice_tp
+from . import balance_record
 
 MARKER = "COMPLETE"
 META = "meta.json"
@@ -191,6 +197,7 @@ class CheckpointManager:
                 "optimizer_steps_taken": self._adam_step(),
                 "fingerprint": config_fingerprint(self.config),
                 "layout": {"tp": self.groups.tp, "dp": self.groups.dp, "ep": self.groups.ep},
+                balance_record.KEY: balance_record.balance_record(self.config),
             }
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2)
@@ -251,6 +258,9 @@ class CheckpointManager:
         if changed:
             raise ValueError(f"cannot resume from {path}: the config changed {changed} since it was saved; "
                              f"restore them, or start a fresh run in another train.output_dir")
+        note = balance_record.resume_warning(meta, self.config, path)
+        if note is not None:
+            warnings.warn(note)
         state = self._state_dict()  # the right keys and shapes, to be filled in place
         dcp.load(state, checkpoint_id=path)
         self._load_state_dict(state)

@@ -113,7 +113,9 @@ class TrainConfig:
     steps / epochs: run length in optimizer steps, or in passes over the training mixture (one of them).
     global_batch_size: sequences per optimizer step, over all dp ranks and micro-batches.
     micro_batch_size: sequences per forward pass on one rank (global_batch_size must be a
-        multiple of micro_batch_size × dp).
+        multiple of micro_batch_size × dp). Each micro-batch is also the token set of the router
+        losses (``adapter.balance_loss_coef``): a fixed slice of the global batch, the same at every
+        layout, so changing it (not the layout) changes the balance loss.
     (Tokens per sequence are ``data.seq_len``: the data section owns packing and padding.)
     lr, weight_decay: AdamW over the adapter parameters; betas (0.9, 0.999).
     warmup_ratio: fraction of the steps with a linear warm-up from 0.

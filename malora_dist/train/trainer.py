@@ -3,9 +3,12 @@
 Per optimizer step (docs/ARCHITECTURE.md §5.1 (the loss of a step)): every rank counts its loss
 tokens over all its micro-batches and one all-reduce gives the step's global count *before the first
 backward*; each micro-batch's loss is its summed token loss over that global count, so summed
-gradients equal the single-process gradient whatever the layout, padding or answer masks. The balance
-loss of a micro-batch is over the dp-global micro-batch (a token set that depends on dp:
-docs/ARCHITECTURE.md §1.6 (router losses)); the step's auxiliary loss is its mean over micro-batches.
+gradients equal the single-process gradient whatever the layout, padding or answer masks. The router
+losses are taken over each micro-batch (``routing.balance_loss`` says why): a fixed slice of the
+global batch, so the same sequences at every layout; the step's auxiliary loss is their mean over all
+the step's micro-batches (global_batch_size / micro_batch_size of them, on whichever ranks they lie),
+so each rank adds its micro-batches' losses over that count and the summed gradients are the
+single-process ones.
 """
 
 from __future__ import annotations
@@ -75,6 +78,30 @@ def enter_training_mode(model: nn.Module) -> None:
             module.training = True
 
 
+class StepExpertLoad:
+    """Slots per expert of every routed layer, summed over a step's micro-batches on this rank; the
+    trainer all-reduces them over dp with its other step statistics (no collective of their own),
+    which gives the load over the global batch whatever the layout."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.layers = [(name, layer) for name, layer in adapter_layers(model) if layer.config.is_moe]
+        self.counts = torch.zeros(sum(layer.num_experts for _, layer in self.layers), dtype=torch.float64,
+                                  device=device)
+
+    def add(self) -> None:
+        """After ``auxiliary_loss``: add each layer's counts of the micro-batch just run."""
+        if self.layers:
+            self.counts += torch.cat([layer.expert_load.to(self.counts) for _, layer in self.layers])
+
+    def per_layer(self, summed: list) -> dict:
+        """{layer name: slots per expert} from the all-reduced ``counts`` (read back as a list)."""
+        out, start = {}, 0
+        for name, layer in self.layers:
+            out[name] = [int(c) for c in summed[start:start + layer.num_experts]]
+            start += layer.num_experts
+        return out
+
+
 class Trainer:
     def __init__(self, config: RunConfig, groups: ParallelGroups, device: torch.device, model: nn.Module,
                  data, total_steps: int, output_dir: str):
@@ -105,6 +132,7 @@ class Trainer:
         self.stop_requested = False
         self.fault_injector = None  # tests: a callable(step, loss) -> loss
         self.heldout = None  # a HeldOutSet when train.eval_interval > 0
+        self.step_expert_load: dict = {}  # adapted layer -> slots per expert over the last step's global batch
         enter_training_mode(model)
 
     # ---- one optimizer step --------------------------------------------------------------
@@ -140,9 +168,11 @@ class Trainer:
             dist.all_reduce(global_tokens, group=groups.dp_group)
         global_tokens = max(global_tokens.item(), 1.0)
 
+        micro_batches_per_step = self.config.train.global_batch_size // self.config.train.micro_batch_size
         # per task: [loss sum, token count], then [lm loss sum, aux sum, input tokens]
         task_sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
         totals = torch.zeros(3, dtype=torch.float64, device=device)
+        load = StepExpertLoad(model, device)
         timer = PhaseTimer(device)
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -153,7 +183,8 @@ class Trainer:
             loss = token_losses.sum() / global_tokens
             if self.fault_injector is not None:
                 loss = self.fault_injector(self.step, loss)
-            aux = auxiliary_loss(model).to(device) / len(batches)
+            aux = auxiliary_loss(model).to(device) / micro_batches_per_step
+            load.add()
             t1 = timer.mark()
             (loss + aux).backward()
             timer.add("forward_s", t0, t1)
@@ -169,7 +200,7 @@ class Trainer:
         t2 = timer.mark()
         reduce_gradients(self.params, groups)
         grad_norm = clip_grad_norm_(self.params, self.config.train.grad_clip, groups)
-        stats = torch.cat([task_sums.reshape(-1), totals,
+        stats = torch.cat([task_sums.reshape(-1), totals, load.counts,
                            torch.tensor([float(self.stop_requested or STOP_EVENT.is_set())], dtype=torch.float64, device=device)])
         if groups.dp_group is not None:
             dist.all_reduce(stats, group=groups.dp_group)
@@ -178,7 +209,8 @@ class Trainer:
             dist.all_reduce(flag, group=groups.tp_group)
             stats[-1] = flag[0]
         task_sums = stats[: 2 * num_tasks].reshape(2, num_tasks)
-        lm_sum, aux_sum, input_tokens, stop = stats[2 * num_tasks:].tolist()
+        lm_sum, aux_sum, input_tokens, *load_counts, stop = stats[2 * num_tasks:].tolist()
+        self.step_expert_load = load.per_layer(load_counts)
         self.stop_requested = stop > 0
         loss_value = lm_sum / global_tokens
         # The loss and the norm are the same on every rank after the reductions above, so every
@@ -225,12 +257,10 @@ class Trainer:
 
     # ---- metrics ---------------------------------------------------------------------------
     def _expert_load(self) -> tuple[dict, int]:
-        """Per-layer expert load of the last step, and how many (layer, expert) pairs got no tokens."""
+        """Per-layer expert load of the last step (slots per expert over its global batch), and how
+        many (layer, expert) pairs got no tokens."""
         load, empty = {}, 0
-        for name, layer in adapter_layers(self.model):
-            if layer.expert_load is None:
-                continue
-            counts = layer.expert_load.tolist()
+        for name, counts in self.step_expert_load.items():
             load[name] = counts
             for expert, c in enumerate(counts):
                 if c == 0:
