@@ -205,3 +205,17 @@ def test_a_second_adapter_is_added_and_switched(tmp_path):
         second = model(IDS).logits
         only_b = peft_load(tmp_path / "b")(IDS).logits
     assert torch.equal(second, only_b) and not torch.allclose(first, second, atol=1e-3)
+
+
+def test_low_cpu_mem_usage_and_a_bf16_base(tmp_path):
+    """PEFT's meta-device loading gives the same model; on a bf16 base the adapter keeps fp32
+    parameters (as in training) and its products run in bf16."""
+    ours = written_adapter(tmp_path, "malora")
+    with torch.no_grad():
+        expected = ours(IDS).logits
+        assert torch.equal(peft_load(tmp_path, low_cpu_mem_usage=True)(IDS).logits, expected)
+        model = PeftModel.from_pretrained(tiny_llama(seed=1).to(torch.bfloat16), str(tmp_path)).eval()
+        logits = model(IDS).logits
+    assert {p.dtype for n, p in model.named_parameters() if ".malora_dist_adapter." in n} == {torch.float32}
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - expected).abs().max() <= 5e-2 * expected.abs().max()  # bf16 rounding, not a missing adapter

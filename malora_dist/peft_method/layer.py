@@ -58,13 +58,20 @@ class MaloraDistLayer(nn.Module, BaseTunerLayer):
         """Add an adapter; ``name`` (the linear's name in the model) seeds its initial values as
         ``inject_adapters`` would."""
         # The fused kernel computes the base product inside its Function; here the base is not its own
-        adapter = AdapterLinear(ZeroBase(self.in_features, self.out_features),
-                                dataclasses.replace(config, kernel="reference"), name=name)
-        weight = self.base_layer.weight
-        if weight.device.type != "meta":
-            adapter.to(weight.device)  # its parameters stay fp32, as in training
-        self.adapter_modules[adapter_name] = adapter
+        self.adapter_modules[adapter_name] = AdapterLinear(ZeroBase(self.in_features, self.out_features),
+                                                           dataclasses.replace(config, kernel="reference"), name=name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """To the base's device, not its dtype: the adapter keeps fp32 parameters on any base, as in
+        training (its products run in the activations' dtype). Meta parameters (PEFT's
+        ``low_cpu_mem_usage``) wait for the loaded tensors."""
+        adapter = self.adapter_modules[adapter_name] if adapter_name in self.adapter_modules else None
+        weight = self.base_layer.weight
+        if adapter is None or weight.is_meta or any(p.is_meta for p in adapter.parameters()):
+            return
+        adapter.to(device if device is not None else weight.device)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
