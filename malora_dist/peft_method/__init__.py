@@ -13,10 +13,15 @@ LoRA adapters need no registration: they are written as PEFT's own LoRA. ``impor
 does not import this module (nor PEFT).
 """
 
-from .config import MaloraDistConfig
-from .layer import MaloraDistLayer
-from .model import MaloraDistModel
-from .registration import register
+try:
+    import peft  # noqa: F401
+except ImportError as err:  # PEFT is an extra: say which
+    raise ImportError("malora_dist.peft_method needs PEFT: pip install 'malora_dist[peft]'") from err
+
+from .config import MaloraDistConfig  # noqa: E402
+from .layer import MaloraDistLayer  # noqa: E402
+from .model import MaloraDistModel  # noqa: E402
+from .registration import register  # noqa: E402
 
 register()
 
