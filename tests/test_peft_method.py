@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import malora_dist.peft_method  # noqa: F401  (registers the method)
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers, inject_adapters
-from malora_dist.adapters.io import adapter_state, load_adapter, save_adapter
+from malora_dist.adapters.io import adapter_state, load_adapter, read_adapter_state, save_adapter
 from malora_dist.peft_method import MaloraDistConfig, MaloraDistLayer, register
 from reference import dense_adapter_output, randomize_adapter_
 from tiny_models import tiny_llama
@@ -95,7 +95,7 @@ def test_each_peft_layer_matches_the_einsum_reference(tmp_path, variant):
             torch.testing.assert_close(layer(rows), reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["malora", "malora_shared_up", "hydralora"])
+@pytest.mark.parametrize("variant", ["malora", "malora_shared_up", "malora_per_expert", "hydralora"])
 def test_save_pretrained_round_trips_and_the_package_reads_it(tmp_path, variant):
     ours = written_adapter(tmp_path / "ours", variant)
     model = peft_load(tmp_path / "ours")
@@ -110,6 +110,8 @@ def test_save_pretrained_round_trips_and_the_package_reads_it(tmp_path, variant)
     again = load_adapter(tiny_llama(seed=1), str(tmp_path / "peft"))  # and the package reads PEFT's file
     state, expected = adapter_state(again), adapter_state(ours)
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    read, _ = read_adapter_state(str(tmp_path / "peft"))  # without a model (the analysis reads it so)
+    assert read.keys() == expected.keys() and all(torch.equal(read[k], expected[k]) for k in read)
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
 

@@ -34,9 +34,25 @@ PEFT_MODEL_PREFIX = "base_model.model."
 TASK_TYPE = "CAUSAL_LM"
 
 
-def mixture_file_key(layer_name: str, parameter_path: str) -> str:
-    """The file key of one part (``experts.down``, ``router.weight``, ...) of an adapted linear."""
-    return f"{PEFT_MODEL_PREFIX}{layer_name}.{ADAPTER_ATTR}.{parameter_path}"
+# Each part of the adapter layer (its ``adapter_tensors`` name) and its parameter's path in the layer,
+# which PEFT's state dict and so the file use.
+PART_PATHS = {"expert_down": "experts.down", "expert_up": "experts.up", "expert_subspace": "experts.subspace",
+              "shared_A": "shared.weight", "shared_B": "shared_up.weight", "router.weight": "router.weight"}
+PATH_PARTS = {path: part for part, path in PART_PATHS.items()}
+
+
+def mixture_file_key(layer_name: str, part: str) -> str:
+    """The file key of one part (``expert_down``, ``router.weight``, ...) of an adapted linear."""
+    return f"{PEFT_MODEL_PREFIX}{layer_name}.{ADAPTER_ATTR}.{PART_PATHS[part]}"
+
+
+def split_mixture_file_key(key: str) -> tuple[str, str]:
+    """(the adapted linear's name, the part) of a file key of the mixture method."""
+    layer_name, found, path = key.removeprefix(PEFT_MODEL_PREFIX).partition(f".{ADAPTER_ATTR}.")
+    if not found or path not in PATH_PARTS:
+        raise ValueError(f"{key!r} is not a tensor of the {PEFT_TYPE} method (<linear>.{ADAPTER_ATTR}.<part>, "
+                         f"part one of {sorted(PATH_PARTS)})")
+    return layer_name, PATH_PARTS[path]
 
 
 def config_json(config: AdapterConfig, base_model_name_or_path: str) -> dict:

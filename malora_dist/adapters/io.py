@@ -22,7 +22,7 @@ from ..parallel.groups import ParallelGroups
 from ..parallel.sharding import full_tensor, local_slice
 from .config import AdapterConfig
 from .file_format import (CONFIG_NAME, WEIGHTS_NAME, adapter_config_from_json, config_json, is_peft_mixture,
-                          mixture_file_key)
+                          mixture_file_key, split_mixture_file_key)
 from .inject import adapter_layers, inject_adapters
 
 
@@ -41,18 +41,14 @@ def _is_stacked(suffix: str) -> bool:
     return suffix in ("expert_down", "expert_up", "expert_subspace")
 
 
-def _tensor_keys(name: str, layer: nn.Module, suffix: str, param: nn.Parameter, peft_form: bool) -> tuple[list, bool]:
+def _tensor_keys(name: str, layer: nn.Module, suffix: str, peft_form: bool) -> tuple[list, bool]:
     """The keys of one adapter tensor and whether the full tensor is split over them on dim 0.
 
     ``peft_form``: the file keys of the PEFT mixture method (one full tensor, named as the
     parameter is named in the layer); LoRA's checkpoint keys are already PEFT's."""
     if peft_form and layer.method != "lora":
-        return [mixture_file_key(name, _parameter_path(layer, param))], False
+        return [mixture_file_key(name, suffix)], False
     return _file_keys(name, suffix, layer.num_experts, layer.method), _is_stacked(suffix)
-
-
-def _parameter_path(layer: nn.Module, param: nn.Parameter) -> str:
-    return next(path for path, p in layer.named_parameters() if p is param)
 
 
 def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None, peft_form: bool = False) -> dict:
@@ -63,7 +59,7 @@ def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None, pef
     for name, layer in adapter_layers(model):
         for suffix, param in layer.adapter_tensors():
             full = full_tensor(param, groups).cpu().clone()  # a snapshot, never a view of the live parameter
-            keys, split = _tensor_keys(name, layer, suffix, param, peft_form)
+            keys, split = _tensor_keys(name, layer, suffix, peft_form)
             state.update(zip(keys, full.unbind(0) if split else [full]))
     return state
 
@@ -97,6 +93,21 @@ def read_adapter_config(directory: str) -> AdapterConfig:
     return adapter_config_from_json(data, path)
 
 
+def read_adapter_state(directory: str) -> tuple[dict, AdapterConfig]:
+    """(tensors under checkpoint keys, config) of an adapter directory of any form, without a model."""
+    data, path = _read_config_json(directory)
+    config = adapter_config_from_json(data, path)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    if not is_peft_mixture(data):
+        return state, config
+    converted = {}
+    for key, value in state.items():
+        layer_name, part = split_mixture_file_key(key)
+        keys = _file_keys(layer_name, part, config.num_experts, config.method)
+        converted.update(zip(keys, value.unbind(0) if _is_stacked(part) else [value]))
+    return converted, config
+
+
 def load_adapter(model: nn.Module, directory: str, groups: Optional[ParallelGroups] = None) -> nn.Module:
     """Inject the saved adapter into ``model`` (or fill adapters already there) and load its tensors."""
     groups = groups or ParallelGroups.single()
@@ -116,7 +127,7 @@ def load_adapter_state(model: nn.Module, state: dict, groups: ParallelGroups, so
     expected = set()
     for name, layer in adapter_layers(model):
         for suffix, param in layer.adapter_tensors():
-            keys, split = _tensor_keys(name, layer, suffix, param, peft_form)
+            keys, split = _tensor_keys(name, layer, suffix, peft_form)
             missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"{source} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}: "

@@ -57,7 +57,7 @@ class MaloraDistLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: AdapterConfig, name: str) -> None:
         """Add an adapter; ``name`` (the linear's name in the model) seeds its initial values as
         ``inject_adapters`` would."""
-        # The fused kernel computes the base product inside its Function; here the base is not its own
+        # the reference kernel: the fused one computes W0 x inside its Function, and here the tuner layer owns W0
         self.adapter_modules[adapter_name] = AdapterLinear(ZeroBase(self.in_features, self.out_features),
                                                            dataclasses.replace(config, kernel="reference"), name=name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -85,7 +85,9 @@ class MaloraDistLayer(nn.Module, BaseTunerLayer):
     def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
         """The parts an adapter keeps at their initial values (``adapter.freeze``, HydraLoRA's identity
         P_t) stay frozen whatever PEFT marks trainable."""
-        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names or list(self.adapter_modules)
+        if adapter_names is None:
+            adapter_names = list(self.adapter_modules)
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         for name in names:
             if name in self.adapter_modules:
                 adapter = self.adapter_modules[name]
