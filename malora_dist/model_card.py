@@ -169,11 +169,11 @@ def _loading(config: RunConfig, out: str, config_path: Optional[str]) -> str:
     if config.adapter.is_moe:
         lines.append(f"import malora_dist.peft_method  # registers peft_type {PEFT_TYPE} with PEFT")
     lines.append("from peft import PeftModel")
-    if model.name_or_path:
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f"base = AutoModelForCausalLM.from_pretrained({model.name_or_path!r})",
+    if model.name_or_path and model.tokenizer is None:
+        lines += ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f"base = AutoModelForCausalLM.from_pretrained({model.name_or_path!r}, dtype=torch.{model.dtype})",
                   f"tokenizer = AutoTokenizer.from_pretrained({model.name_or_path!r})"]
-    else:  # a GGUF file or a random config: the package builds the base as training did
+    else:  # a GGUF file, a random config or a tokenizer of its own: the package builds them as training did
         lines += ["from malora_dist.train.build import load_hf_base, load_run_tokenizer",
                   "from malora_dist.train.config import load_run_config", "",
                   f"run = load_run_config({os.path.abspath(config_path or 'RUN/config.yaml')!r})",

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 
+import torch
+
 from adapter_support import tiny
 from malora_dist.export import main
 from malora_dist.params import parameter_report
@@ -85,3 +87,41 @@ def test_an_earlier_step_gets_no_final_evaluation_and_no_later_losses(tmp_path):
                  "step_1"), "--out", out]) == 0
     card = (tmp_path / "exported" / "README.md").read_text()
     assert "| 1 | 8.2500 |" in card and "7.5000" not in card and "Evaluation of this run's final adapter" not in card
+
+
+def test_a_base_named_by_its_directory_loads_as_the_card_says(tmp_path):
+    """A base given by ``model.name_or_path`` alone: the card's lines are transformers' and PEFT's,
+    run here as written, and give the package's model."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from malora_dist.adapters.inject import adapter_layers, inject_adapters
+    from malora_dist.adapters.io import load_adapter, save_adapter
+    from malora_dist.model_card import write_model_card
+    from reference import randomize_adapter_
+    from tiny_models import tiny_llama
+
+    base_dir, out = str(tmp_path / "base"), str(tmp_path / "adapter")
+    tiny_llama(seed=1).save_pretrained(base_dir)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0, "Paris": 1}, unk_token="[UNK]")),
+                            unk_token="[UNK]").save_pretrained(base_dir)
+    config = tiny(f"model.name_or_path={base_dir}", "model.config=null", "model.tokenizer=null",
+                  "adapter.method=molora", "adapter.rank=2", "adapter.target_modules=[q_proj,up_proj]")
+    model = inject_adapters(tiny_llama(seed=1), config.adapter)
+    generator = torch.Generator().manual_seed(0)
+    for _, layer in adapter_layers(model):
+        randomize_adapter_(layer, generator)
+    save_adapter(model, out, config.adapter, base_model_name_or_path=base_dir)
+    write_model_card(out, config, AutoConfig.from_pretrained(base_dir), 3, None, None, "the command")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"base_model: {base_dir}" in card and "```bash\nthe command\n```" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "malora_dist.train" not in code  # transformers and PEFT alone load this base
+    namespace = {}
+    exec(code, namespace)
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2]])
+    with torch.no_grad():
+        expected = load_adapter(tiny_llama(seed=1), out).eval()(ids).logits
+        torch.testing.assert_close(namespace["model"](ids).logits, expected, rtol=0, atol=1e-5)
+    assert namespace["tokenizer"]("Paris")["input_ids"] == [1]
