@@ -35,6 +35,7 @@ setup(
         "test": ["pytest>=9.0", "peft>=0.21,<0.22", "lm-eval==0.4.13", "matplotlib>=3.8"],  # matplotlib: the plots are tested too
         "eval": ["lm-eval==0.4.13"],  # lm-evaluation-harness: malora-lm-eval
         "plots": ["matplotlib>=3.8"],
+        "peft": ["peft>=0.21,<0.22"],  # malora_dist.peft_method: the mixtures as a PEFT method (tested on 0.21)
     },
     # Each command is also a module (python -m ..., torchrun -m ...); launch/*.py are thin wrappers.
     entry_points={

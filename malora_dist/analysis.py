@@ -41,9 +41,8 @@ from itertools import combinations
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 
-from .adapters.io import WEIGHTS_NAME, read_adapter_config
+from .adapters.io import WEIGHTS_NAME, read_adapter_state
 from .export import export_checkpoint
 from .routing_analysis import routing_by_task
 from .train.config import load_run_config
@@ -183,14 +182,14 @@ def read_adapter(path: str) -> tuple[dict, object]:
     """(state, adapter config) of an adapter directory or of a checkpoint ``RUN/checkpoints/step_N``
     (exported through the run's own ``RUN/config.yaml``)."""
     if os.path.exists(os.path.join(path, WEIGHTS_NAME)):
-        return load_file(os.path.join(path, WEIGHTS_NAME)), read_adapter_config(path)
+        return read_adapter_state(path)
     run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml")
     if not os.path.exists(run_config):
         raise ValueError(f"{path!r} is neither an adapter directory (no {WEIGHTS_NAME}) nor a checkpoint "
                          f"RUN/checkpoints/step_N with the run's RUN/config.yaml")
     with tempfile.TemporaryDirectory() as out:
         export_checkpoint(load_run_config(run_config), path, out)
-        return load_file(os.path.join(out, WEIGHTS_NAME)), read_adapter_config(out)
+        return read_adapter_state(out)
 
 
 def analyse(path: str, routing_examples: int = 0) -> dict:

@@ -1,4 +1,5 @@
-"""Shared helpers for the config dataclasses: strict construction from dicts and YAML."""
+"""Shared helpers for the config dataclasses: strict construction from dicts and YAML, the keys set
+away from their defaults."""
 
 from __future__ import annotations
 
@@ -73,3 +74,26 @@ def _parse_message(err: Exception) -> str:
     if isinstance(err, json.JSONDecodeError):
         return f"{err.msg} at line {err.lineno} column {err.colno}"
     return " ".join(str(err).split())
+
+
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default value, or ``dataclasses.MISSING`` where it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def without_defaults(value):
+    """A nested value (a task list, say) as plain data with every field left at its default dropped:
+    what was set. The checkpoint fingerprint hashes it, so that a field a later version adds (with a
+    default) does not change the hash of the runs saved before it; the model card lists it."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: without_defaults(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) != field_default(f)}
+    if isinstance(value, (list, tuple)):
+        return [without_defaults(v) for v in value]
+    if isinstance(value, dict):
+        return {k: without_defaults(v) for k, v in value.items()}
+    return value

@@ -5,9 +5,11 @@
 One process, whatever layout wrote the checkpoint: the DCP checkpoint's keys are the adapter file
 keys of ``malora_dist.adapters.io`` (full tensors, experts by global index), so they are read into
 the adapters of a skeleton of the run's model (the base on the meta device: no base weights are
-read) and written by ``save_adapter``: ``adapter_config.json`` + ``adapter_model.safetensors``, which
-``load_adapter`` puts into a plain Hugging Face model (and PEFT loads, for ``lora``). The
-optimizer moments in the checkpoint are not read.
+read) and written by ``save_adapter``: ``adapter_config.json`` + ``adapter_model.safetensors`` in
+PEFT's form (PEFT's LoRA, or the ``malora_dist`` PEFT method for MoLoRA/MALoRA/HydraLoRA), which
+``PeftModel.from_pretrained`` and ``load_adapter`` both put into a plain Hugging Face model, and a
+model card, ``README.md`` (``malora_dist.model_card``). The optimizer moments in the checkpoint are
+not read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from typing import Optional
@@ -25,6 +28,7 @@ import torch.nn as nn
 
 from .adapters.inject import adapter_layers, inject_adapters
 from .adapters.io import adapter_state, load_adapter_state, save_adapter
+from .model_card import write_model_card
 from .parallel.groups import ParallelGroups
 from .train.checkpoint import MARKER, META, fingerprint_changes
 from .train.config import RunConfig, load_run_config
@@ -33,16 +37,22 @@ from .train.config import RunConfig, load_run_config
 SHAPE_SECTIONS = ("model.", "adapter.")
 
 
-def adapter_skeleton(config: RunConfig) -> nn.Module:
-    """The run's model with its adapters at full size on the CPU (zeros) and its base on the meta
-    device, module names as in training (the tensor-parallel base mirrors Hugging Face's)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def run_hf_config(config: RunConfig):
+    """The Hugging Face config of the run's base (read from its files where it has no inline config)."""
+    from transformers import AutoConfig
 
     from .train.validation import model_hf_config
 
-    hf_config = model_hf_config(config) or AutoConfig.from_pretrained(config.model.name_or_path)
+    return model_hf_config(config) or AutoConfig.from_pretrained(config.model.name_or_path)
+
+
+def adapter_skeleton(config: RunConfig, hf_config=None) -> nn.Module:
+    """The run's model with its adapters at full size on the CPU (zeros) and its base on the meta
+    device, module names as in training (the tensor-parallel base mirrors Hugging Face's)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config or run_hf_config(config))
     inject_adapters(model, config.adapter)  # on a meta base the adapters are built on meta too
     for _, layer in adapter_layers(model):
         for part_name, part in layer.named_modules():
@@ -55,23 +65,29 @@ def adapter_skeleton(config: RunConfig) -> nn.Module:
     return model
 
 
-def check_checkpoint(config: RunConfig, checkpoint: str) -> None:
+def check_checkpoint(config: RunConfig, checkpoint: str) -> int:
+    """Refuse a checkpoint that is incomplete or of another shape than ``config``; return its step."""
     meta_path = os.path.join(checkpoint, META)
     if not os.path.exists(os.path.join(checkpoint, MARKER)) or not os.path.exists(meta_path):
         raise ValueError(f"--checkpoint {checkpoint!r} is not a complete checkpoint (no {MARKER} marker or {META}): "
                          f"pass a step directory such as RUN/checkpoints/step_N")
     with open(meta_path) as f:
-        saved = json.load(f)["fingerprint"]
-    changed = [k for k in fingerprint_changes(saved, config) if k.startswith(SHAPE_SECTIONS)]
+        meta = json.load(f)
+    changed = [k for k in fingerprint_changes(meta["fingerprint"], config) if k.startswith(SHAPE_SECTIONS)]
     if changed:
         raise ValueError(f"--checkpoint {checkpoint!r} was written with other values of {changed} than --config "
                          f"has: pass the run's own config (RUN/config.yaml)")
+    return meta["step"]
 
 
-def export_checkpoint(config: RunConfig, checkpoint: str, out: str) -> str:
-    """Write the adapter of ``checkpoint`` (a ``step_N`` directory of this run) to ``out``."""
-    check_checkpoint(config, checkpoint)
-    model = adapter_skeleton(config)
+def export_checkpoint(config: RunConfig, checkpoint: str, out: str, config_path: Optional[str] = None,
+                      command: Optional[str] = None) -> str:
+    """Write the adapter of ``checkpoint`` (a ``step_N`` directory of this run) and its model card to
+    ``out``. ``config_path`` (the run config's file) and ``command`` (the export command line) go
+    into the card."""
+    step = check_checkpoint(config, checkpoint)
+    hf_config = run_hf_config(config)
+    model = adapter_skeleton(config, hf_config)
     state = adapter_state(model)  # the file keys and full shapes, filled in place below
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -79,7 +95,14 @@ def export_checkpoint(config: RunConfig, checkpoint: str, out: str) -> str:
     load_adapter_state(model, state, ParallelGroups.single(), source=checkpoint)
     save_adapter(model, out, config.adapter,
                  base_model_name_or_path=config.model.name_or_path or config.model.gguf_file or "")
+    write_model_card(out, config, hf_config, step, run_directory(checkpoint), config_path, command)
     return out
+
+
+def run_directory(checkpoint: str) -> Optional[str]:
+    """``RUN`` of ``RUN/checkpoints/step_N``; None for a checkpoint kept elsewhere."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -90,13 +113,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--out", required=True, help="the adapter directory to write")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, as in training (repeatable)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "malora_dist.export", *argv])
     try:
-        export_checkpoint(load_run_config(args.config, args.set), args.checkpoint, args.out)
+        export_checkpoint(load_run_config(args.config, args.set), args.checkpoint, args.out, args.config, command)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"adapter of {args.checkpoint} written to {args.out}")
+    print(f"adapter of {args.checkpoint} and its model card written to {args.out}")
     return 0
 
 

@@ -2,9 +2,9 @@
 
 Scores are checked against an independent reference: the plain Hugging Face model (with the
 adapter loaded by ``load_adapter``), one forward pass per (prompt, option) and a log_softmax sum,
-with the tokenizer called directly. One 2-process world trains two short runs (MALoRA at ep=2,
-LoRA at dp=2) for the export tests and evaluates at tp=2, ep=2 and dp=2; the single-process
-evaluation runs through the command line.
+with the tokenizer called directly. One 2-process world evaluates at tp=2, ep=2 and dp=2; the
+export tests use the session's short training runs (``trained_runs``: MALoRA at ep=2, LoRA at
+dp=2); the single-process evaluation runs through the command line.
 """
 
 import json
@@ -31,13 +31,9 @@ SCORE_TOL = 1e-4
 LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2)}
 
 
-def world_main(root, adapter_dir):
+def world_main(adapter_dir):
     from malora_dist.evaluation import evaluate_run, task_configs_from_specs
-    from malora_dist.train.run import run_training
 
-    for name, overrides in (("malora_ep2", ["parallel.ep=2", "train.steps=4"]),
-                            ("lora_dp2", ["adapter.method=lora", "train.steps=2"])):
-        run_training(tiny(f"train.output_dir={os.path.join(root, name)}", "checkpoint.interval=2", *overrides))
     reports = {}
     for name, parallel in LAYOUTS.items():
         config = tiny(*(f"parallel.{k}={v}" for k, v in parallel.items()))
@@ -61,7 +57,7 @@ def evaluated(tmp_path_factory):
     assert cli.returncode == 0, cli.stderr[-3000:]
     with open(output) as f:
         reports = {"single": json.load(f)}
-    reports.update(run_world(2, world_main, root, adapter_dir)[0])
+    reports.update(run_world(2, world_main, adapter_dir)[0])
     return root, adapter_dir, cli.stdout, reports
 
 
@@ -250,11 +246,10 @@ def test_layout_errors_name_the_key(evaluated):
 
 
 @pytest.mark.slow
-def test_export_from_ep2_checkpoint_matches_final_adapter(evaluated, tmp_path):
+def test_export_from_ep2_checkpoint_matches_final_adapter(trained_runs, tmp_path):
     from malora_dist.export import main
 
-    root = evaluated[0]
-    run = os.path.join(root, "malora_ep2")
+    run = os.path.join(trained_runs, "malora_ep2")
     out = str(tmp_path / "exported")
     assert main(["--config", os.path.join(run, "config.yaml"), "--checkpoint",
                  os.path.join(run, "checkpoints", "step_4"), "--out", out]) == 0
@@ -273,10 +268,10 @@ def test_export_from_ep2_checkpoint_matches_final_adapter(evaluated, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_errors(evaluated, tmp_path, capsys):
+def test_export_errors(trained_runs, tmp_path, capsys):
     from malora_dist.export import main
 
-    run = os.path.join(evaluated[0], "malora_ep2")
+    run = os.path.join(trained_runs, "malora_ep2")
     step = os.path.join(run, "checkpoints", "step_4")
     assert main(["--config", os.path.join(run, "config.yaml"), "--checkpoint", os.path.join(run, "checkpoints"),
                  "--out", str(tmp_path / "x")]) == 2
@@ -287,12 +282,12 @@ def test_export_errors(evaluated, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_export_loads_in_peft(evaluated, tmp_path):
+def test_lora_export_loads_in_peft(trained_runs, tmp_path):
     from peft import PeftModel
 
     from malora_dist.export import export_checkpoint
 
-    run = os.path.join(evaluated[0], "lora_dp2")
+    run = os.path.join(trained_runs, "lora_dp2")
     out = str(tmp_path / "lora")
     export_checkpoint(load_run_config(os.path.join(run, "config.yaml")), os.path.join(run, "checkpoints", "step_2"), out)
     probe = torch.tensor([[1, 17, 230, 4051, 99, 7, 12, 3000]])

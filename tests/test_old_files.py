@@ -25,13 +25,16 @@ def test_old_adapter_file_loads():
 
 
 def test_old_checkpoint_exports_to_the_old_adapter(tmp_path):
+    """The export is written in the PEFT form now (experts stacked under PEFT's names); loaded, it
+    holds exactly the old file's tensors."""
     config = load_run_config(os.path.join(FIXTURE, "config.yaml"))
     out = export_checkpoint(config, os.path.join(FIXTURE, "checkpoints", "step_2"), str(tmp_path / "adapter"))
-    exported = load_file(os.path.join(out, "adapter_model.safetensors"))
+    exported = adapter_state(load_adapter(build_tiny_causal_lm(config.model.config, seed=0), out))
     saved = load_file(os.path.join(FIXTURE, "adapter", "adapter_model.safetensors"))
     assert exported.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(exported[key], value), key
+    assert any(".malora_dist_adapter.experts.down" in k for k in load_file(os.path.join(out, "adapter_model.safetensors")))
 
 
 def test_old_checkpoint_resumes_only_while_new_keys_keep_their_defaults():

@@ -109,3 +109,25 @@ def replica_gaps(model, groups):
             across_dp = gap(value, groups.edp_group if is_ep_sharded(param) else groups.dp_group)
             gaps[f"{name}.{suffix}"] = max(across_tp, across_dp)
     return gaps
+
+
+# Short runs of configs/tiny.yaml trained in one 2-process world and shared by the export, evaluation
+# and PEFT tests (conftest.py's ``trained_runs``): name -> overrides. LoRA has no experts to split,
+# so it trains at dp=2; the mixtures at ep=2 save their experts by global index. The MoLoRA run also
+# logs held-out losses, which its model card reports.
+TRAINED_RUNS = {
+    "malora_ep2": ["parallel.ep=2", "train.steps=4"],
+    "molora_ep2": ["adapter.method=molora", "parallel.ep=2", "train.steps=4", "data.eval_fraction=0.1",
+                   "train.eval_interval=2"],
+    "lora_dp2": ["adapter.method=lora", "train.steps=2"],
+}
+
+
+def train_runs(root):
+    """Every rank of the world: train ``TRAINED_RUNS`` under ``root`` (checkpoints every 2 steps)."""
+    from malora_dist.train.config import load_run_config
+    from malora_dist.train.run import run_training
+
+    for name, overrides in TRAINED_RUNS.items():
+        run_training(load_run_config(TINY, [f"train.output_dir={os.path.join(root, name)}", "checkpoint.interval=2",
+                                            *overrides]))

@@ -1,8 +1,10 @@
 """Save and load adapters as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Tensors are always full (gathered over tp and ep) and experts are stored under their global index,
-so a file does not depend on the layout that wrote it. A ``lora`` adapter is written in PEFT's format,
-so ``peft.PeftModel.from_pretrained`` loads it.
+Tensors are always full (gathered over tp and ep), so a file does not depend on the layout that
+wrote it. Files are written in PEFT's forms (``file_format``): a ``lora`` adapter as PEFT's LoRA,
+a mixture (molora, malora, hydralora) as the ``malora_dist`` PEFT method, experts stacked in global
+order. Checkpoints keep their own keys (``adapter_state``'s default: one tensor per expert by
+global index), which the older adapter files also use; both still load.
 """
 
 from __future__ import annotations
@@ -20,15 +22,13 @@ from ..config_utils import load_json
 from ..parallel.groups import ParallelGroups
 from ..parallel.sharding import full_tensor, local_slice
 from .config import AdapterConfig
+from .file_format import (CONFIG_NAME, WEIGHTS_NAME, adapter_config_from_json, config_json, is_peft_mixture,
+                          mixture_file_key, split_mixture_file_key)
 from .inject import adapter_layers, inject_adapters
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "malora_dist"
 
 
 def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[str]:
-    """File keys of one full tensor: one per expert for MoE experts (in global order), PEFT's names for LoRA."""
+    """Checkpoint keys of one full tensor: one per expert for MoE experts (in global order), PEFT's names for LoRA."""
     if suffix == "magnitude":  # DoRA: PEFT's key (lora only)
         return [f"base_model.model.{prefix}.lora_magnitude_vector"]
     if not _is_stacked(suffix):
@@ -42,22 +42,33 @@ def _is_stacked(suffix: str) -> bool:
     return suffix in ("expert_down", "expert_up", "expert_subspace")
 
 
-def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None) -> dict:
-    """All adapter tensors, full and keyed by global names (a collective when sharded)."""
+def _tensor_keys(name: str, layer: nn.Module, suffix: str, peft_form: bool) -> tuple[list, bool]:
+    """The keys of one adapter tensor and whether the full tensor is split over them on dim 0.
+
+    ``peft_form``: the file keys of the PEFT mixture method (one full tensor, named as the
+    parameter is named in the layer); LoRA's checkpoint keys are already PEFT's."""
+    if peft_form and layer.method != "lora":
+        return [mixture_file_key(name, suffix)], False
+    return _file_keys(name, suffix, layer.num_experts, layer.method), _is_stacked(suffix)
+
+
+def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None, peft_form: bool = False) -> dict:
+    """All adapter tensors, full and keyed by global names (a collective when sharded): checkpoint
+    keys, or with ``peft_form`` the keys of the adapter file."""
     groups = groups or ParallelGroups.single()
     state = {}
     for name, layer in adapter_layers(model):
         for suffix, param in layer.adapter_tensors():
             full = full_tensor(param, groups).cpu().clone()  # a snapshot, never a view of the live parameter
-            keys = _file_keys(name, suffix, layer.num_experts, layer.method)
-            state.update(zip(keys, full.unbind(0) if _is_stacked(suffix) else [full]))
+            keys, split = _tensor_keys(name, layer, suffix, peft_form)
+            state.update(zip(keys, full.unbind(0) if split else [full]))
     return state
 
 
 def save_adapter(model: nn.Module, directory: str, config: AdapterConfig, groups: Optional[ParallelGroups] = None,
                  base_model_name_or_path: str = "") -> None:
     """Write the adapter (rank 0 writes; every rank must call this, it gathers shards)."""
-    state = adapter_state(model, groups)
+    state = adapter_state(model, groups, peft_form=True)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     os.makedirs(directory, exist_ok=True)
@@ -65,64 +76,66 @@ def save_adapter(model: nn.Module, directory: str, config: AdapterConfig, groups
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_weights, metadata={"format": "pt"})
     tmp_config = os.path.join(directory, CONFIG_NAME + ".tmp")
     with open(tmp_config, "w") as f:
-        json.dump(_config_json(config, base_model_name_or_path), f, indent=2)
+        json.dump(config_json(config, base_model_name_or_path), f, indent=2)
     os.replace(tmp_weights, os.path.join(directory, WEIGHTS_NAME))
     os.replace(tmp_config, os.path.join(directory, CONFIG_NAME))
 
 
-def _config_json(config: AdapterConfig, base_model_name_or_path: str) -> dict:
-    if config.method == "lora":
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": config.rank,
-            "lora_alpha": config.scaling * config.rank,
-            "lora_dropout": config.dropout,
-            "target_modules": config.target_modules,
-            "bias": "none",
-            "use_dora": config.dora,
-            "base_model_name_or_path": base_model_name_or_path,
-        }
-    return {"format": FORMAT, "base_model_name_or_path": base_model_name_or_path, "malora_dist": config.to_dict()}
-
-
-def read_adapter_config(directory: str) -> AdapterConfig:
+def _read_config_json(directory: str) -> tuple[dict, str]:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
         raise ValueError(f"{directory!r} holds no {CONFIG_NAME}: is it an adapter directory written by malora_dist?")
     data = load_json(path, "adapter config")
     if not isinstance(data, dict):
         raise ValueError(f"adapter config {path!r} must hold a JSON object")
-    if data.get("peft_type") == "LORA":  # PEFT's own keys, so that PEFT reads the file without warnings
-        return AdapterConfig(method="lora", rank=data["r"], alpha=data["lora_alpha"], dora=data.get("use_dora", False),
-                             dropout=data.get("lora_dropout", 0.0), target_modules=data["target_modules"])
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} is neither a malora_dist adapter nor a PEFT LoRA adapter")
-    return AdapterConfig.from_dict(data["malora_dist"])
+    return data, path
+
+
+def read_adapter_config(directory: str) -> AdapterConfig:
+    data, path = _read_config_json(directory)
+    return adapter_config_from_json(data, path)
+
+
+def read_adapter_state(directory: str) -> tuple[dict, AdapterConfig]:
+    """(tensors under checkpoint keys, config) of an adapter directory of any form, without a model."""
+    data, path = _read_config_json(directory)
+    config = adapter_config_from_json(data, path)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    if not is_peft_mixture(data):
+        return state, config
+    converted = {}
+    for key, value in state.items():
+        layer_name, part = split_mixture_file_key(key)
+        keys = _file_keys(layer_name, part, config.num_experts, config.method)
+        converted.update(zip(keys, value.unbind(0) if _is_stacked(part) else [value]))
+    return converted, config
 
 
 def load_adapter(model: nn.Module, directory: str, groups: Optional[ParallelGroups] = None) -> nn.Module:
     """Inject the saved adapter into ``model`` (or fill adapters already there) and load its tensors."""
     groups = groups or ParallelGroups.single()
-    config = read_adapter_config(directory)
+    data, path = _read_config_json(directory)
+    config = adapter_config_from_json(data, path)
     if not any(True for _ in adapter_layers(model)):
         inject_adapters(model, config)
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    load_adapter_state(model, state, groups, source=directory)
+    load_adapter_state(model, state, groups, source=directory, peft_form=is_peft_mixture(data))
     return model
 
 
-def load_adapter_state(model: nn.Module, state: dict, groups: ParallelGroups, source: str = "state") -> None:
-    """Copy full, globally keyed tensors into the (possibly sharded) adapter parameters."""
+def load_adapter_state(model: nn.Module, state: dict, groups: ParallelGroups, source: str = "state",
+                       peft_form: bool = False) -> None:
+    """Copy full, globally keyed tensors (``adapter_state``'s keys) into the (possibly sharded)
+    adapter parameters."""
     expected = set()
     for name, layer in adapter_layers(model):
         for suffix, param in layer.adapter_tensors():
-            keys = _file_keys(name, suffix, layer.num_experts, layer.method)
+            keys, split = _tensor_keys(name, layer, suffix, peft_form)
             missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"{source} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}: "
                                  f"it does not match this model's adapter layout")
-            full = torch.stack([state[k] for k in keys]) if _is_stacked(suffix) else state[keys[0]]
+            full = torch.stack([state[k] for k in keys]) if split else state[keys[0]]
             part = local_slice(full, param, groups)
             if part.shape != param.shape:
                 raise ValueError(f"{source}: {name}.{suffix} has shape {tuple(full.shape)}, which does not fit "

@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from ..adapters.inject import adapter_layers
 from ..adapters.io import _file_keys, _is_stacked
 from ..adapters.tags import is_expert
+from ..config_utils import field_default, without_defaults
 from ..logging_utils import get_logger
 from ..parallel.sharding import gather_tp, slice_tp
 from . import balance_record
@@ -51,29 +52,6 @@ def _value_hash(value) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _field_default(f: dataclasses.Field):
-    """A dataclass field's default value, or ``dataclasses.MISSING`` where it has none."""
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def _without_defaults(value):
-    """A nested value (a task list, say) as plain data with every field left at its default dropped,
-    so that a field a later version adds (with a default) does not change the hash of the runs saved
-    before it: resuming across such an upgrade is allowed, a changed value still is not."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _without_defaults(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if getattr(value, f.name) != _field_default(f)}
-    if isinstance(value, (list, tuple)):
-        return [_without_defaults(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _without_defaults(v) for k, v in value.items()}
-    return value
-
-
 def config_fingerprint(config) -> dict:
     """Per key of the model/adapter/data sections: a hash of its value, to name what changed.
     Top-level keys a later version adds are handled by ``fingerprint_changes``; keys inside a nested
@@ -82,7 +60,7 @@ def config_fingerprint(config) -> dict:
     for section in FINGERPRINT_KEYS:
         part = getattr(config, section)
         for f in dataclasses.fields(part):
-            out[f"{section}.{f.name}"] = _value_hash(_without_defaults(getattr(part, f.name)))
+            out[f"{section}.{f.name}"] = _value_hash(without_defaults(getattr(part, f.name)))
     return out
 
 
@@ -95,9 +73,9 @@ def _full_fingerprint(config) -> dict:
 
 def _default_fingerprint(config) -> dict:
     """The hash of each key's default value, where the key has one."""
-    return {f"{section}.{f.name}": _value_hash(_without_defaults(_field_default(f)))
+    return {f"{section}.{f.name}": _value_hash(without_defaults(field_default(f)))
             for section in FINGERPRINT_KEYS for f in dataclasses.fields(getattr(config, section))
-            if _field_default(f) is not dataclasses.MISSING}
+            if field_default(f) is not dataclasses.MISSING}
 
 
 def fingerprint_changes(saved: dict, config) -> list[str]:
