@@ -20,3 +20,8 @@ def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 def add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out`` with ``rows[i]`` added to ``out[index[i]]``."""
     return out.index_add_(0, index, rows) if in_place_allowed(out) else out.index_add(0, index, rows)
+
+
+def add_into(out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``out + update``."""
+    return out.add_(update) if in_place_allowed(out) else out + update

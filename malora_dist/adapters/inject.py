@@ -11,6 +11,7 @@ from .config import AdapterConfig
 from .layer import AdapterLinear
 from .layout import SINGLE_PROCESS, AdapterLayout
 from .routing import finish_router_losses
+from .siblings import group_siblings
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -20,13 +21,15 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig, seed: int = 0,
-                    layout_for: Optional[Callable[[str, nn.Module], AdapterLayout]] = None) -> nn.Module:
+                    layout_for: Optional[Callable[[str, nn.Module], AdapterLayout]] = None,
+                    share_exchanges: bool = True) -> nn.Module:
     """Wrap every linear whose name ends in one of ``config.target_modules``; return the model.
 
     All base parameters are frozen. ``layout_for(name, base_layer)`` gives each layer its layout
     (default: one process holds everything); ``seed`` and the layer's name determine its initial
     values. A target name that matches no linear layer is an error (a typo would otherwise train
-    nothing there).
+    nothing there). ``share_exchanges``: expert-parallel layers that read the same input (q/k/v,
+    gate/up) share one exchange (``siblings.py``); False keeps one per layer (the reference).
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -46,6 +49,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, seed: int = 0,
             f"adapter.target_modules {missing} match no linear layer of {type(model).__name__}; "
             f"its linear layers are named {available}"
         )
+    if share_exchanges:
+        group_siblings(model)
     return model
 
 

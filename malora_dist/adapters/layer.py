@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .accumulate import add_into
 from .config import AdapterConfig
 from .dispatch import AllToAllDispatch, DenseBatch, DenseDispatch, GroupedDispatch
 from .dora import DoraMagnitude
@@ -120,6 +121,8 @@ class AdapterLinear(nn.Module):
         # its parameters' owners and the reference path
         self.fused_weights = (WeightCache() if use_fused(config, layout, base_layer, hooks.mode is not None,
                                                           self.kernel, name) else None)
+        # the exchange this layer shares with the layers that read the same input (siblings.py)
+        self.siblings = None
         base_weight = getattr(base_layer, "weight", None)
         if base_weight is not None and base_weight.device.type != "meta":
             self.to(base_weight.device)
@@ -131,16 +134,40 @@ class AdapterLinear(nn.Module):
         if self.dora is not None:
             out = self._dora_forward(flat_x)
             return out.view(*x.shape[:-1], out.shape[-1])
-        logits, z = self.shared(flat_x, getattr(self.router, "weight", None))  # router logits; S_A·drop(x)
-        routing = self.router(logits)                  # top-k experts and their scaled gates
+        if self.siblings is not None:  # one exchange with the layers that read the same x
+            out = self.siblings.forward(self, x, flat_x)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        z, routing = self.route(flat_x)                # S_A·drop(x); top-k experts and their scaled gates
         sent = self.dispatcher.send(z, routing)        # rows leave for their experts' ranks
         out = self.base_layer(flat_x)                  # the frozen product, while the rows travel
-        # the experts' results go into out itself, or into one d-vector per token before S_B
-        target = out if self.shared_up is None else out.new_zeros(out.shape[0], self.config.d)
+        target = self.update_target(out)
         result = self.experts(self.dispatcher.receive(sent), target)
         combined = self.dispatcher.combine(result, sent, target)  # back to their tokens, gated
-        out = combined if self.shared_up is None else self.shared_up(combined, out)
+        out = self.apply_update(combined, out, added=True)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    # ---- the steps a shared exchange (siblings.py) runs for each of its members ----------------
+    def route(self, flat_x: torch.Tensor):
+        """``(z, routing)``: the experts' input (S_A·drop(x), or drop(x)) and the top-k routing."""
+        logits, z = self.shared(flat_x, getattr(self.router, "weight", None))
+        return z, self.router(logits)
+
+    @property
+    def update_width(self) -> int:
+        """Width of the experts' combined result: this rank's output columns, or d before S_B."""
+        return self.experts.up.shape[1]
+
+    def update_target(self, out: torch.Tensor) -> torch.Tensor:
+        """Where the experts' results are summed: into ``out`` itself, or into one d-vector per
+        token before S_B."""
+        return out if self.shared_up is None else out.new_zeros(out.shape[0], self.config.d)
+
+    def apply_update(self, update: torch.Tensor, out: torch.Tensor, added: bool = False) -> torch.Tensor:
+        """The layer's output from the base's ``out`` and the experts' combined ``update``
+        (``added``: ``update`` is ``out`` with the results summed in already)."""
+        if self.shared_up is not None:
+            return self.shared_up(update, out)
+        return update if added else add_into(out, update)
 
     # ---- DoRA (method lora with adapter.dora): the magnitude rescales base and update together ----
     @staticmethod
