@@ -31,8 +31,8 @@ How (b) is measured, and why:
 - Memory: on CPU each variant also runs alone in its own process(es) for 2 steps (``--memory``) and
   reports its peak RSS during those steps (the kernel's high-water mark, reset after the model is
   built). On GPU ``torch.cuda.max_memory_allocated`` per variant step, in the timing run.
-- all-to-all bytes per step and rank: the trainer's ``a2a_bytes`` (forward counts ×2 for the mirrored
-  backward, own rows included), averaged over the ranks (one rank's share depends on how many slots
+- all-to-all bytes per step and rank: the trainer's ``a2a_bytes`` (row bytes ×2 for the mirrored
+  backward, the count exchange once; own rows included), averaged over the ranks (one rank's share depends on how many slots
   its experts received), and the off-rank share from the traffic counters. Gradient all-reduce
   bytes are computed (ring: 2(g−1)/g × payload per rank), not counted.
 - ``backward_s`` is the trainer's: it includes the gradient reduction and clipping.

@@ -73,10 +73,10 @@ def _tiny_params(method):
 
 def _tiny_a2a_bytes(width):
     """Per rank and step: dispatch (width) and combine (m) of every slot, forward and backward, plus
-    the int64 count exchanges (N = 8 experts), over ``dp`` ranks of one micro-batch each."""
+    the int64 count exchange (N = 8 experts, forward only), over ``dp`` ranks of one micro-batch each."""
     slots = QUICK["global_batch"] // QUICK["dp"] * QUICK["seq_len"] * 2  # top-2
-    per_layer = [slots * 4 * (width(n) + m) + 8 * 8 for n, m in TINY_LINEARS]
-    return 2 * TINY_LAYERS * sum(per_layer)
+    per_layer = [2 * slots * 4 * (width(n) + m) + 8 * 8 for n, m in TINY_LINEARS]
+    return TINY_LAYERS * sum(per_layer)
 
 
 def test_throughput_training_rows(results):

@@ -281,16 +281,17 @@ class Trainer:
                          len(unlogged), len({name for name, _ in unlogged}), self.step)
 
     def _traffic(self) -> dict:
-        fwd = dropped = collectives = host_reads = 0
+        rows = counts = dropped = collectives = host_reads = 0
         for _, layer in adapter_layers(self.model):
             t = layer.traffic
-            fwd += t.dispatch_bytes + t.combine_bytes + t.count_exchange_bytes
+            rows += t.dispatch_bytes + t.combine_bytes
+            counts += t.count_exchange_bytes
             dropped += t.dropped_slots
             collectives += t.collectives
             host_reads += t.host_reads
             t.reset()
-        # Backward mirrors every forward all-to-all with one of the same size.
-        return {"a2a_bytes": 2 * fwd, "dropped_slots": dropped, "a2a_collectives": collectives,
+        # Backward mirrors each row exchange with one of the same size; the count exchange has none.
+        return {"a2a_bytes": 2 * rows + counts, "dropped_slots": dropped, "a2a_collectives": collectives,
                 "a2a_host_reads": host_reads}
 
     def metrics_row(self, result: StepResult) -> dict:
