@@ -9,9 +9,10 @@ Prompts: one per line of ``--prompts`` (or of stdin without it, read by rank 0);
 skipped, and a line in double quotes is a JSON string (a prompt with newlines). The base
 model comes from the run config; ``--chat`` (default: the config's ``data.use_chat_template``) wraps
 each prompt in the tokenizer's chat template, as training did. ``--temperature 0`` (the default)
-decodes greedily. One process decodes with a plain Hugging Face model (adapter injected, KV cache);
+decodes greedily. One process decodes with a plain Hugging Face model (adapter injected);
 under torchrun / srun the run's tensor-parallel model decodes in the config's layout (shrunk to
-what the world holds, as for evaluation), the prompts split over dp. Rank 0 prints each answer and
+what the world holds, as for evaluation), the prompts split over dp, every rank in step. Both
+decode against the KV cache; ``--no-cache`` recomputes the whole sequence per token. Rank 0 prints each answer and
 writes ``--output`` (one JSON object per prompt: prompt, text, token_ids).
 """
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode against the KV cache (default); --no-cache recomputes the whole sequence per token")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap prompts in the chat template (default: the config's data.use_chat_template)")
     parser.add_argument("--output", help="write the answers as JSON lines to this file")
@@ -136,7 +139,7 @@ def main(argv: Optional[list] = None) -> int:
     from .train.config import load_run_config
 
     try:
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.cache)
         config = load_run_config(args.config, args.set)
         if args.adapter is not None and not os.path.isdir(args.adapter):
             raise ValueError(f"--adapter {args.adapter!r} is not a directory")

@@ -1,9 +1,10 @@
 """Decoding: greedy or sampled continuations of token ids, from a plain HF model or the TP model.
 
 A plain Hugging Face model (tp = 1, adapters injected) decodes with its own ``generate`` and KV
-cache. The tensor-parallel model (``TPCausalLM``) has no cache yet, so ``tp_generate`` recomputes
-the whole sequence per token; it is the one function to replace once the TP base is Hugging
-Face's own model with ``generate``.
+cache. The tensor-parallel model (``TPCausalLM``, Hugging Face's model with its linears split)
+decodes in ``tp_generate``, with HF's KV cache too, but in a loop of its own: every forward is a
+collective, so the ranks must step together (``use_cache=False`` there recomputes the whole
+sequence per token, the reference the cached path is tested against).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from .parallel.groups import ParallelGroups
 @dataclass(frozen=True)
 class Sampling:
     """temperature 0: greedy; otherwise sampling from softmax(logits / temperature), restricted to
-    the smallest set of tokens with probability ≥ top_p. ``seed`` makes sampling repeatable."""
+    the smallest set of tokens with probability ≥ top_p. ``seed`` makes sampling repeatable.
+    ``use_cache``: decode against HF's KV cache (False recomputes the whole sequence per token)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    use_cache: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -59,7 +62,7 @@ def hf_generate(model, prompt: list[int], sampling: Sampling, eos: int, device) 
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
                          do_sample=not greedy, temperature=None if greedy else sampling.temperature,
                          top_p=None if greedy else sampling.top_p, top_k=None if greedy else 0, eos_token_id=eos,
-                         pad_token_id=eos)
+                         pad_token_id=eos, use_cache=sampling.use_cache)
     return _until_eos(out[0, len(prompt):].tolist(), eos)
 
 
@@ -86,16 +89,24 @@ def tp_generate(model, prompt: Optional[list[int]], sampling: Sampling, eos: int
     Each forward is a collective over tp (and, with expert parallelism, over dp), so the dp ranks
     decode in lockstep: a rank with no prompt (``None``) or an answer already finished runs a
     one-token forward until all are done. tp peers pick the same tokens: their logits are the same
-    gathered tensor and their generators share the seed.
+    gathered tensor and their generators share the seed. With ``sampling.use_cache`` the prompt runs once and
+    each step feeds the new token alone against HF's KV cache (each rank's cache holds its heads);
+    without it every step recomputes the whole sequence.
     """
     generator = torch.Generator().manual_seed(sampling.seed + groups.dp_rank)
     new: list[int] = []
     active = prompt is not None
+    cache = None
     while _any_rank(active, groups, device):
         if not active:
             model(torch.zeros(1, 1, dtype=torch.long, device=device))
             continue
-        logits = model.gather_logits(model(torch.tensor([prompt + new], device=device))[:, -1])[0]
+        if sampling.use_cache:
+            step_ids = prompt if cache is None else new[-1:]
+            local, cache = model.forward_cached(torch.tensor([step_ids], device=device), cache)
+        else:
+            local = model(torch.tensor([prompt + new], device=device))
+        logits = model.gather_logits(local[:, -1])[0]
         new.append(pick_token(logits.cpu(), sampling, generator))
         active = len(new) < sampling.max_new_tokens and new[-1] != eos
     return _until_eos(new, eos)

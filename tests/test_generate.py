@@ -14,6 +14,7 @@ import torch
 from adapter_support import tiny_hf, write_random_adapter
 from malora_dist.generate import main
 from malora_dist.models import load_tokenizer, smollm2_gguf_path
+from malora_dist.runtime import free_port
 from training_support import REPO, TINY
 
 PROMPTS = ["What is the capital of France?", "hello there", "Question: 12 + 7 =\nAnswer:"]
@@ -87,13 +88,29 @@ def test_bad_input_names_the_flag(setup, args, message, capsys):
 
 @pytest.mark.slow
 def test_torchrun_tp2_matches_plain_hf_model(setup):
-    out = setup / "torchrun.jsonl"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", GENERATE, "--config", TINY,
-         "--adapter", str(setup / "adapter"), "--max-new-tokens", str(NEW_TOKENS), "--set", "parallel.tp=2",
-         "--output", str(out)],
-        input="\n".join(json.dumps(p) for p in PROMPTS) + "\n", capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    for answer in answers(out):
+    """The cached TP decode (the default) against the plain HF reference; sampling with the cache
+    and without it (every step recomputing the whole sequence) picks the same tokens. The three runs
+    start together (start-up dominates)."""
+    # a peaked distribution: over the tiny random model's near-flat one, fp32 differences between a
+    # cached and a recomputed step would move a sampled token across a boundary
+    sampled = ["--temperature", "0.2", "--top-p", "0.9", "--seed", "3"]
+    runs = {"greedy": [], "sampled_cached": sampled, "sampled_uncached": sampled + ["--no-cache"]}
+    procs = {}
+    for name, extra in runs.items():
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), GENERATE, "--config", TINY, "--adapter", str(setup / "adapter"),
+             "--max-new-tokens", str(NEW_TOKENS), "--set", "parallel.tp=2", "--output",
+             str(setup / f"torchrun_{name}.jsonl"), *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    prompts = "\n".join(json.dumps(p) for p in PROMPTS) + "\n"
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(prompts, timeout=600)
+        assert proc.returncode == 0, (name, stderr[-3000:])
+    for answer in answers(setup / "torchrun_greedy.jsonl"):
         assert answer["token_ids"] == reference_greedy(str(setup / "adapter"), answer["prompt"])
+    cached, uncached = answers(setup / "torchrun_sampled_cached.jsonl"), answers(setup / "torchrun_sampled_uncached.jsonl")
+    assert [a["token_ids"] for a in cached] == [a["token_ids"] for a in uncached]
+    greedy = [a["token_ids"] for a in answers(setup / "torchrun_greedy.jsonl")]
+    assert [a["token_ids"] for a in cached] != greedy  # it did sample

@@ -72,6 +72,12 @@ class TPCausalLM(nn.Module):
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).logits
 
+    def forward_cached(self, input_ids: torch.Tensor, cache=None):
+        """``(local logits, cache)`` of the next tokens given HF's KV cache of the earlier ones (None:
+        the first call, which starts one): a decoding step runs on the new token alone."""
+        out = self.hf(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
     def logits_at(self, rows, cols, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         """Local logits (N, V/tp) at the positions (rows[i], cols[i]) only: the LM head, the
         largest matrix of a small model, runs on those rows alone."""
