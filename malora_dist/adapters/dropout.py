@@ -82,9 +82,9 @@ class LayoutFreeDropout(nn.Module):
         mask = keep_mask(self.context, self.layer_key, features, self.p, x.device)
         return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
 
-    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def mask_for(self, x: torch.Tensor, features: Optional[range] = None) -> Optional[torch.Tensor]:
         """The keep mask (tokens, width) bool that ``forward`` would apply, or None when inactive —
-        for a fused kernel that applies the dropout itself."""
+        for a fused kernel that applies the dropout itself. ``features`` as for ``forward``."""
         if not self.training or self.p == 0:
             return None
         if self.context is None:
@@ -93,7 +93,7 @@ class LayoutFreeDropout(nn.Module):
         if self.context.token_place.numel() != x.shape[0]:
             raise ValueError(f"the dropout context places {self.context.token_place.numel()} tokens, but the "
                              f"adapter's input holds {x.shape[0]}: set it for each micro-batch")
-        return keep_mask(self.context, self.layer_key, range(x.shape[-1]), self.p, x.device)
+        return keep_mask(self.context, self.layer_key, features or range(x.shape[-1]), self.p, x.device)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

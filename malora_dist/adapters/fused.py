@@ -17,10 +17,20 @@ hand-written backward:
   keyed on the parameters' ``_version``), not on every forward.
 
 It covers what ``fused_unsupported_reason`` accepts: the standard lora/molora/malora configurations on
-a plain ``nn.Linear`` base (or a tensor-parallel base at tp=1) with every expert on this rank (the dense experts kernel), dropout on or
-off, z-loss on or off. Tensor parallelism, expert parallelism (all-to-all), the grouped (sparse)
-kernel, capacity limits, renormalised gates and any config key it does not know keep the reference
-parts. A hand-written backward rather than ``torch.compile`` (not measured against it): it folds
+a plain ``nn.Linear`` base or a column- or row-parallel base at any tp, with every expert on this
+rank (the dense experts kernel), dropout on or off, z-loss on or off. Under tensor parallelism the
+mappings sit inside the Function (docs/ARCHITECTURE.md §4 (tensor parallel)):
+
+- column base (x replicated, W and the up-projection split on m): no collective forward; backward,
+  the gradient of the gated rank-space tensor (partial: it comes through the split up-projection)
+  and the base's input gradient are summed over tp in **one** all-reduce — the adapter's own input
+  gradient, formed from the summed tensor, is the same on every rank and is added after it;
+- row base (x, W, and the products that contract n split on n): the router logits with the
+  adapter's first product, and the base's output, are partial sums, all-reduced in **one**
+  collective forward (the reference parts run two); backward needs none.
+
+Expert parallelism (all-to-all), the grouped (sparse) kernel, capacity limits, renormalised gates,
+the gathered/split-input tp styles and any config key it does not know keep the reference parts. A hand-written backward rather than ``torch.compile`` (not measured against it): it folds
 the input gradient into the base's product and keeps only small tensors, which a compiled region
 that stops at the frozen base would not, and it needs no compiler on the CPU; the reference forward
 also has graph breaks (``_is_view``, the sparse path's host-side counts).
@@ -33,6 +43,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -66,22 +77,24 @@ def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_
         return "experts split over ranks (placement ep) travel by all-to-all: reference parts"
     if experts_kernel != "dense":
         return "the grouped (sparse) experts kernel is not fused (expert_kernel sparse, capacity_factor or N > 32)"
-    if tensor_parallel:
-        return "tensor-parallel bases use the reference parts (their mappings sit between the products)"
+    if tensor_parallel and getattr(base_layer, "parallel_mode", None) not in ("column", "row"):
+        return (f"a tensor-parallel {type(base_layer).__name__} base: the fused kernel implements the column and "
+                f"row mappings only")
     if not plain_product(base_layer):
         return (f"the base is a {type(base_layer).__name__} (the fused kernel computes x Wᵀ + b itself: an "
-                f"nn.Linear or a tensor-parallel base at tp=1, without hooks)")
+                f"nn.Linear or a column/row-parallel base, without hooks)")
     return None
 
 
 def plain_product(base_layer: nn.Module) -> bool:
     """The base computes ``x Wᵀ + b`` and nothing else: an ``nn.Linear``, or a column/row-parallel
-    wrapper (``malora_dist.models.tp_linear``) at tp=1, where megatron's mappings are identities."""
+    wrapper (``malora_dist.models.tp_linear``: this rank's slice of that product, whose tp mappings
+    the Function applies itself)."""
     if base_layer._forward_hooks or base_layer._forward_pre_hooks:
         return False
     if type(base_layer) is nn.Linear:
         return True
-    return getattr(base_layer, "parallel_mode", None) in ("column", "row") and getattr(base_layer, "tp_size", 0) == 1
+    return getattr(base_layer, "parallel_mode", None) in ("column", "row")
 
 
 def use_fused(config: AdapterConfig, layout: AdapterLayout, base_layer: nn.Module, tensor_parallel: bool,
@@ -196,6 +209,21 @@ class FusedSpec:
     z_loss: bool
     keep: Optional[torch.Tensor] = None
     keep_scale: float = 1.0
+    tp_mode: Optional[str] = None  # None, "column" or "row" (the base's tensor-parallel mapping)
+    tp_group: Optional[object] = None
+
+
+def _sum_over_tp(parts: list, group) -> list:
+    """(T, ·) tensors summed over tp, in one collective where their dtypes agree (then as contiguous
+    copies); each its own where they do not (a bf16 base beside the fp32 router)."""
+    if len({p.dtype for p in parts}) > 1:
+        parts = [p.contiguous() for p in parts]
+        for p in parts:
+            dist.all_reduce(p, group=group)
+        return parts
+    flat = torch.cat(parts, dim=1)
+    dist.all_reduce(flat, group=group)
+    return [chunk.contiguous() for chunk in flat.split([p.shape[1] for p in parts], dim=1)]
 
 
 class FusedAdapterFunction(torch.autograd.Function):
@@ -211,10 +239,19 @@ class FusedAdapterFunction(torch.autograd.Function):
         num_router = weights.router_rows
         if routed and keep is None:  # one product for router and adapter: they read the same x
             both = wide_product(x, weights.first.t())
-            logits, rest = both[:, :num_router], both[:, num_router:].to(x.dtype)
+            logits, rest = both[:, :num_router], both[:, num_router:]
         else:
             logits = wide_product(x, weights.first[:num_router].t()) if routed else None
             rest = dropped @ weights.first[num_router:].t()
+        if spec.tp_mode == "row":  # partial sums over the ranks' slices of n: router, adapter and base
+            partial = [t for t in (logits, rest, x @ base_weight.t()) if t is not None]
+            *reduced, out = _sum_over_tp(partial, spec.tp_group)
+            logits, rest = reduced if routed else (None, *reduced)
+            if base_bias is not None:
+                out.add_(base_bias)
+        else:
+            out = x @ base_weight.t() if base_bias is None else torch.addmm(base_bias, x, base_weight.t())
+        rest = rest.to(x.dtype)
         z = rest if weights.down is not None else None
         h = rest if z is None else z @ weights.down.t()
         tokens = x.shape[0]
@@ -234,7 +271,6 @@ class FusedAdapterFunction(torch.autograd.Function):
             gated = h * spec.scaling
             prob_sums, z_sum = x.new_empty((0,)), x.new_empty((0,))
             experts = x.new_empty((0,), dtype=torch.int64)
-        out = x @ base_weight.t() if base_bias is None else torch.addmm(base_bias, x, base_weight.t())
         out.addmm_(gated, weights.up)
         ctx.save_for_backward(x, base_weight, h, gated, z, probs, gates, chosen, lse, keep)
         ctx.spec, ctx.weights, ctx.routed = spec, weights, routed
@@ -255,6 +291,13 @@ class FusedAdapterFunction(torch.autograd.Function):
         tokens = x.shape[0]
         grad_up = wide_product(gated.t(), grad_out) if needs[8] else None  # (N·r, m)
         grad_gated = grad_out @ weights.up.t()  # (T, N·r)
+        grad_x_base = None
+        if spec.tp_mode == "column":  # both partial over the split m: one all-reduce
+            grad_x_base = grad_out @ base_weight if needs[2] else None
+            if grad_x_base is None:
+                (grad_gated,) = _sum_over_tp([grad_gated], spec.tp_group)
+            else:
+                grad_gated, grad_x_base = _sum_over_tp([grad_gated, grad_x_base], spec.tp_group)
         if ctx.routed:
             num, rank = spec.num_experts, grad_gated.shape[1] // spec.num_experts
             # per (token, expert): the dot product of its rank-space gradient and h (one batched product)
@@ -297,8 +340,8 @@ class FusedAdapterFunction(torch.autograd.Function):
                     grad_x.addmm_(grad_logits.to(x.dtype), weights.first[:num_router])
             if num_router:
                 grad_router = wide_product(grad_logits.t(), x)
-        if grad_x is not None:
-            grad_x.addmm_(grad_out, base_weight)  # the base's input gradient, accumulated once
+        if grad_x is not None:  # the base's input gradient, accumulated once
+            grad_x = grad_x.add_(grad_x_base) if grad_x_base is not None else grad_x.addmm_(grad_out, base_weight)
         num, rank = spec.num_experts, grad_gated.shape[1] // spec.num_experts
         if z is None:
             grad_down = grad_second.view(num, rank, -1)
@@ -327,11 +370,12 @@ def fused_layer_forward(layer, flat_x: torch.Tensor) -> torch.Tensor:
     router = getattr(layer.router, "weight", None)
     shared, down, up = layer.shared.weight, layer.experts.down, layer.experts.up
     weights = layer.fused_weights.get((router, shared, down, up), flat_x.dtype)
-    dropout = layer.shared.dropout
-    keep = dropout.mask_for(flat_x)
+    dropout, hooks = layer.shared.dropout, layer.shared.hooks
+    keep = dropout.mask_for(flat_x, hooks.input_features(flat_x.shape[-1]))
     spec = FusedSpec(num_experts=layer.num_local_experts, top_k=layer.top_k, scaling=layer.scaling,
                      z_loss=router is not None and layer.router.z_loss, keep=keep,
-                     keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0)
+                     keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0,
+                     tp_mode=hooks.mode, tp_group=hooks.group)
     base = layer.base_layer
     out, prob_sums, z_sum, counts = fused_adapter(flat_x, base.weight, base.bias, router, shared, down, up,
                                                   spec, weights)

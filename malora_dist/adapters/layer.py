@@ -130,7 +130,8 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         if self.fused_weights is not None:
-            return fused_layer_forward(self, flat_x).view(*x.shape[:-1], self.out_features)
+            out = fused_layer_forward(self, flat_x)  # this rank's output columns under a column base
+            return out.view(*x.shape[:-1], out.shape[-1])
         if self.dora is not None:
             out = self._dora_forward(flat_x)
             return out.view(*x.shape[:-1], out.shape[-1])
