@@ -23,6 +23,11 @@ from malora_dist.adapters.cost import WorkCounter
 METHODS = {"base": None, **{name: PAPER_METHODS[name] for name in (
     "lora-r64-ref", "lora-r64", "molora-r8-dense-ref", "molora-r8-dense", "malora-d32-r12-dense-ref",
     "malora-d32-r12-dense")}}
+# One rank's layer with the experts split over 2 ranks (the exchange's local steps; its collectives
+# are counted apart), reference parts and fused Functions.
+for _method in ("molora-r8", "malora-d32-r12"):
+    for _suffix, _kernel in (("-ref", "reference"), ("", "fused")):
+        METHODS[f"{_method}-ep2{_suffix}"] = dict(PAPER_METHODS[f"{_method}-sparse{_suffix}"], ep=2, kernel=_kernel)
 
 
 def one_step(module, x, grad, one):
@@ -45,7 +50,7 @@ def count(module, x, grad) -> dict:
     x.grad = None
     with WorkCounter() as counter:
         one_step(module, x, grad, one)
-    row = {"work_ops": int(counter.terms.ops), "matmuls": sum(n.rstrip("_") in ("mm", "addmm", "bmm") for n in counter.names),
+    row = {"work_ops": int(counter.terms.ops), "matmuls": sum(n.rstrip("_") in ("mm", "addmm", "bmm", "_grouped_mm") for n in counter.names),
            "gflop": counter.terms.flops / 1e9, "other_mb": counter.terms.copy_bytes / 2**20, "ops": counter.names}
     if x.is_cuda:
         from torch.profiler import ProfilerActivity, profile

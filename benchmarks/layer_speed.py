@@ -27,34 +27,46 @@ import torch
 import torch.nn as nn
 
 from malora_dist.adapters.config import AdapterConfig
+from malora_dist.adapters.layout import AdapterLayout
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.train.optim import build_optimizer
 
 PAPER_METHODS = {
     "lora-r64": dict(method="lora", rank=64, kernel="fused"),
     "lora-r64-ref": dict(method="lora", rank=64, kernel="reference"),
-    "molora-r8-sparse": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse"),
+    "molora-r8-sparse": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse", kernel="fused"),
+    "molora-r8-sparse-ref": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse",
+                                 kernel="reference"),
     "molora-r8-dense": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="dense", kernel="fused"),
     "molora-r8-dense-ref": dict(method="molora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
                                 kernel="reference"),
-    "malora-d32-r12-sparse": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse"),
+    "malora-d32-r12-sparse": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse",
+                                  kernel="fused"),
+    "malora-d32-r12-sparse-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse",
+                                      kernel="reference"),
     "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense", kernel="fused"),
     "malora-d32-r12-dense-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
                                      kernel="reference"),
 }
 # The fused kernel (adapter.kernel=fused, the default ``auto`` picks it for these) against the
-# reference parts (``-ref``) of the same configuration.
+# reference parts (``-ref``) of the same configuration. ``sparse``: rows grouped per expert, the path
+# of experts split over ranks (the fused routing and grouped-experts Functions).
 
 
 def build(adapter, n, m, device="cpu", dtype=torch.float32):
-    """The frozen base linear (``adapter`` None) or an AdapterLinear around it."""
+    """The frozen base linear (``adapter`` None) or an AdapterLinear around it. An ``ep`` entry in
+    ``adapter`` builds this rank's share of experts split over that many ranks, with the exchange's
+    local steps and no communication (its collectives are counted apart: ``ep_traffic.py``)."""
     torch.manual_seed(0)
     base = nn.Linear(n, m, bias=False).to(device=device, dtype=dtype)
     if adapter is None:
         for p in base.parameters():
             p.requires_grad_(False)
         return base
-    layer = AdapterLinear(base, AdapterConfig(**adapter))
+    adapter = dict(adapter)
+    ep = adapter.pop("ep", 1)
+    layout = AdapterLayout(ep_size=ep) if ep > 1 else AdapterLayout()
+    layer = AdapterLinear(base, AdapterConfig(**adapter), layout=layout)
     with torch.no_grad():  # B̄ = 0 at init; give it values so nothing is trivially zero
         layer.expert_up.normal_(0, 0.01)
     return layer

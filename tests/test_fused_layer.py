@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from malora_dist.adapters import fused_experts
 from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
 from malora_dist.adapters.fused import FusedSpec, fused_adapter, fused_unsupported_reason, use_fused
 from malora_dist.adapters.inject import auxiliary_loss
+from malora_dist.adapters.experts import GroupedExperts
+from malora_dist.adapters.fused_experts import FusedGroupedExperts
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
@@ -50,17 +53,21 @@ def run(layer, x, grad_out, places=None):
     return out.detach(), aux.detach(), x.grad, {name: p.grad for name, p in adapter_params(layer).items()}
 
 
+def run_pair(fused, reference, first_place):
+    """``run`` of both layers on the same input, output gradient and dropout places."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, TOKENS // 2, N_IN, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, TOKENS // 2, M_OUT, generator=gen, dtype=torch.float64)
+    places = token_places(first_place, 2, TOKENS // 2)
+    return run(fused, x, grad_out, places), run(reference, x, grad_out, places)
+
+
 @pytest.mark.parametrize("method,top_k,dropout,z_loss,bias", CASES)
 def test_fused_matches_reference_in_fp64(method, top_k, dropout, z_loss, bias):
     fused = make_layer("fused", method, top_k, dropout, z_loss, bias)
     reference = make_layer("reference", method, top_k, dropout, z_loss, bias)
     assert fused.fused_weights is not None and reference.fused_weights is None
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, TOKENS // 2, N_IN, generator=gen, dtype=torch.float64)
-    grad_out = torch.randn(2, TOKENS // 2, M_OUT, generator=gen, dtype=torch.float64)
-    places = token_places(3, 2, TOKENS // 2)
-    out_f, aux_f, gx_f, grads_f = run(fused, x, grad_out, places)
-    out_r, aux_r, gx_r, grads_r = run(reference, x, grad_out, places)
+    (out_f, aux_f, gx_f, grads_f), (out_r, aux_r, gx_r, grads_r) = run_pair(fused, reference, 3)
     assert rel_err(out_f, out_r) <= 1e-12
     assert abs(aux_f - aux_r) <= 1e-12 * max(1.0, abs(aux_r))
     if method != "lora":
@@ -160,9 +167,10 @@ def test_predicate_accepts_only_what_the_fused_kernel_implements():
     config = AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0)
     assert fused_unsupported_reason(config, SINGLE_PROCESS, linear, False, "dense") is None
     split = AdapterLayout(ep_size=2)
-    for args, why in (((config, split, linear, False, "sparse"), "split over ranks"),
-                      ((config, SINGLE_PROCESS, linear, False, "sparse"), "sparse"),
-                      ((config, SINGLE_PROCESS, linear, True, "dense"), "tensor-parallel"),
+    # rows grouped per expert, on one rank or split over ranks: the routing and grouped-experts Functions
+    assert fused_unsupported_reason(config, split, linear, False, "sparse") is None
+    assert fused_unsupported_reason(config, SINGLE_PROCESS, linear, False, "sparse") is None
+    for args, why in (((config, SINGLE_PROCESS, linear, True, "dense"), "tensor-parallel"),
                       ((config, SINGLE_PROCESS, nn.Identity(), False, "dense"), "Identity"),
                       ((AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0, normalize_gates=True),
                         SINGLE_PROCESS, linear, False, "dense"), "normalize_gates")):
@@ -176,18 +184,74 @@ def test_predicate_accepts_only_what_the_fused_kernel_implements():
     assert "freeze_shared" in fused_unsupported_reason(
         WithNewFlag(method="malora", rank=4, num_experts=4, lam=1.0, freeze_shared=True), SINGLE_PROCESS, linear,
         False, "dense")
-    forced = AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0, kernel="fused", expert_kernel="sparse")
-    with pytest.raises(ValueError, match="adapter.kernel=fused cannot run layers.0.q_proj: the grouped"):
+    forced = AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0, kernel="fused", normalize_gates=True)
+    with pytest.raises(ValueError, match="adapter.kernel=fused cannot run layers.0.q_proj: adapter.normalize_gates"):
         AdapterLinear(nn.Linear(N_IN, M_OUT), forced, name="layers.0.q_proj")
     assert not use_fused(AdapterConfig(kernel="reference"), SINGLE_PROCESS, linear, False, "dense")
     with pytest.raises(ValueError, match="adapter.kernel must be auto, fused or reference"):
         AdapterConfig(kernel="triton")
 
 
-def test_auto_picks_fused_for_local_dense_experts_and_reference_for_sparse():
-    assert make_layer("auto", "malora").fused_weights is not None
-    assert make_layer("auto", "malora", expert_kernel="sparse").fused_weights is None
-    assert "fused" in repr(make_layer("auto", "lora"))
+def test_auto_picks_the_whole_layer_function_for_dense_experts_and_the_grouped_pair_for_sparse():
+    dense, grouped = make_layer("auto", "malora"), make_layer("auto", "malora", expert_kernel="sparse")
+    assert dense.fused_weights is not None and dense.fused_route is None
+    assert grouped.fused_weights is None and grouped.fused_route is not None
+    assert isinstance(grouped.experts, FusedGroupedExperts)
+    reference = make_layer("reference", "malora", expert_kernel="sparse")
+    assert not reference.fused and type(reference.experts) is GroupedExperts
+    assert "fused" in repr(make_layer("auto", "lora")) and "fused" in repr(grouped)
+
+
+GROUPED_CASES = [  # method, dropout, z-loss, base bias, capacity factor
+    case for case in itertools.product(("molora", "malora"), (0.0, 0.3), (0.0, 0.1), (False, True), (None, 1.0))
+    if case[3] or case[4] is None]
+
+
+@pytest.mark.parametrize("method,dropout,z_loss,bias,capacity", GROUPED_CASES)
+def test_fused_grouped_experts_match_reference_in_fp64(method, dropout, z_loss, bias, capacity):
+    """Rows grouped per expert on one rank (the path experts split over ranks take around their
+    exchange): output, router losses, x's gradient and every parameter's, with a capacity limit too."""
+    extra = dict(expert_kernel="sparse", capacity_factor=capacity)
+    fused = make_layer("fused", method, 2, dropout, z_loss, bias, **extra)
+    reference = make_layer("reference", method, 2, dropout, z_loss, bias, **extra)
+    (out, aux, grad_x, grads), (ref_out, ref_aux, ref_grad_x, ref_grads) = run_pair(fused, reference, 0)
+    assert rel_err(out, ref_out) <= 1e-12 and rel_err(aux, ref_aux) <= 1e-12
+    assert rel_err(grad_x, ref_grad_x) <= 1e-12
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        assert rel_err(grads[name], grad) <= 1e-12, name
+    if capacity is not None:
+        assert fused.traffic.dropped_slots == reference.traffic.dropped_slots > 0
+
+
+def test_grouped_experts_pad_bf16_rank_for_grouped_mm(monkeypatch):
+    """MALoRA's r̄ = 12 in bf16 spans 24 bytes, which ``grouped_mm`` refuses; padded to 16 numbers it
+    runs as grouped products (no per-expert loop), forward and backward, and agrees with the fp32
+    reference parts to bf16's precision."""
+    calls = []
+    real = fused_experts.grouped_mm
+    monkeypatch.setattr(fused_experts, "grouped_mm", lambda a, b, offs: calls.append(tuple(a.shape) + tuple(b.shape)) or real(a, b, offs=offs))
+
+    def layer(kernel, dtype):
+        torch.manual_seed(0)
+        config = AdapterConfig(method="malora", rank=8, num_experts=4, top_k=2, lam=0.5, expert_kernel="sparse",
+                               kernel=kernel, balance_loss_coef=0.01)
+        built = AdapterLinear(nn.Linear(64, 48).to(dtype), config, name="layers.0.q_proj")
+        randomize_adapter_(built, torch.Generator().manual_seed(1))
+        return built
+
+    bf16, fp32 = layer("fused", torch.bfloat16), layer("reference", torch.float32)
+    fp32.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})
+    assert bf16.experts.down.shape[1] == 12 and fused_experts.padded_rank(12, torch.bfloat16) == 16
+    x = torch.randn(30, 64, generator=torch.Generator().manual_seed(3))
+    x_bf16, x_fp32 = x.bfloat16().requires_grad_(), x.clone().requires_grad_()
+    bf16(x_bf16).float().pow(2).sum().backward()
+    fp32(x_fp32).pow(2).sum().backward()
+    assert len(calls) == 6 and all(16 in shapes for shapes in calls)  # 2 forward, 4 backward, all padded
+    assert rel_err(x_bf16.grad.float(), x_fp32.grad) <= 2e-2
+    low = adapter_params(bf16)
+    for name, param in adapter_params(fp32).items():
+        assert rel_err(low[name].grad, param.grad) <= 2e-2, name
 
 
 # ---- training: the fused path's losses equal the reference path's -------------------------------
@@ -221,14 +285,15 @@ def test_training_losses_match_the_reference_path(tmp_path):
 
 def test_launch_proxy_counts_fewer_ops_for_the_fused_kernel():
     """benchmarks/layer_ops.py: every method's fused forward+backward issues fewer ATen work ops than
-    its reference parts, and the frozen base alone is its two products."""
+    its reference parts — with all experts local, and on one rank of experts split over two (the
+    exchange's local steps) — and the frozen base alone is its two products."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import layer_ops
 
     rows = layer_ops.measure(n=32, m=24, tokens=16)["results"]
     assert rows["base"]["work_ops"] == 2 and rows["base"]["matmuls"] == 2
-    for method in ("lora-r64", "molora-r8-dense", "malora-d32-r12-dense"):
+    for method in ("lora-r64", "molora-r8-dense", "malora-d32-r12-dense", "molora-r8-ep2", "malora-d32-r12-ep2"):
         assert rows[method]["work_ops"] < rows[method + "-ref"]["work_ops"], method
         assert rows[method]["gflop"] == pytest.approx(rows[method + "-ref"]["gflop"], rel=0.05), method
 

@@ -74,7 +74,7 @@ class GroupedDispatch:
         self.traffic = TrafficCounter()
 
     def send(self, z: torch.Tensor, routing: Routing) -> SentRows:
-        plan = plan_slots(routing.experts, self.num_experts, self.capacity_factor)
+        plan = plan_slots(routing.experts, self.num_experts, self.capacity_factor, routing.counts)
         self.traffic.dropped_slots += plan.dropped
         return self._start(SentRows(plan, routing.gates, z[plan.token_of_slot]))
 

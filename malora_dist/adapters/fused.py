@@ -29,8 +29,13 @@ mappings sit inside the Function (docs/ARCHITECTURE.md §4 (tensor parallel)):
   adapter's first product, and the base's output, are partial sums, all-reduced in **one**
   collective forward (the reference parts run two); backward needs none.
 
-Expert parallelism (all-to-all), the grouped (sparse) kernel, capacity limits, renormalised gates,
-the gathered/split-input tp styles and any config key it does not know keep the reference parts. A hand-written backward rather than ``torch.compile`` (not measured against it): it folds
+Where the experts take rows instead (the grouped kernel: experts split over ranks and reached by
+all-to-all, ``expert_kernel: sparse``, a capacity limit) the layer runs the same treatment in two
+Functions around the exchange, ``fused_route.py`` (base product, router, S_A) and
+``fused_experts.py`` (the grouped experts); this predicate admits both. Renormalised gates, the
+gathered/split-input tp styles and any config key it does not know keep the reference parts.
+
+A hand-written backward rather than ``torch.compile`` (not measured against it): it folds
 the input gradient into the base's product and keeps only small tensors, which a compiled region
 that stops at the frozen base would not, and it needs no compiler on the CPU; the reference forward
 also has graph breaks (``_is_view``, the sparse path's host-side counts).
@@ -73,10 +78,6 @@ def fused_unsupported_reason(config: AdapterConfig, layout: AdapterLayout, base_
             return f"adapter.{key} is not implemented by the fused kernel"
     if config.normalize_gates:
         return "adapter.normalize_gates is not implemented by the fused kernel"
-    if layout.experts_split:
-        return "experts split over ranks (placement ep) travel by all-to-all: reference parts"
-    if experts_kernel != "dense":
-        return "the grouped (sparse) experts kernel is not fused (expert_kernel sparse, capacity_factor or N > 32)"
     if tensor_parallel and getattr(base_layer, "parallel_mode", None) not in ("column", "row"):
         return (f"a tensor-parallel {type(base_layer).__name__} base: the fused kernel implements the column and "
                 f"row mappings only")
@@ -175,19 +176,21 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class WeightCache:
-    """``PreparedWeights`` rebuilt only when a parameter may have changed: after any torch optimizer's
-    step, or when its ``_version`` moved (``load_state_dict``, a ``no_grad`` fill, a plain in-place
-    update), or when the dtype did."""
+    """The weights as a kernel reads them (``build(*params, dtype)``: ``PreparedWeights`` by default),
+    rebuilt only when a parameter may have changed: after any torch optimizer's step, or when its
+    ``_version`` moved (``load_state_dict``, a ``no_grad`` fill, a plain in-place update), or when the
+    dtype did."""
 
-    def __init__(self):
+    def __init__(self, build=None):
+        self._build = build or prepare_weights
         self._key = None
-        self._weights: Optional[PreparedWeights] = None
+        self._weights = None
 
     def get(self, params: tuple, dtype: torch.dtype) -> PreparedWeights:
         # inference mode makes inference tensors, which a later training forward must not reuse
         key = (dtype, _optimizer_steps, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
         if key != self._key:
-            self._weights = prepare_weights(*params, dtype)
+            self._weights = self._build(*params, dtype)
             self._key = key
         return self._weights
 

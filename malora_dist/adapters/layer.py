@@ -32,6 +32,8 @@ from .dora import DoraMagnitude
 from .dropout import LayoutFreeDropout
 from .experts import DenseExperts, GroupedExperts
 from .fused import WeightCache, fused_layer_forward, use_fused
+from .fused_experts import FusedGroupedExperts
+from .fused_route import fused_route, prepare_route_weights
 from .init import (identity_coefficients, lora_down_init, malora_coefficients_init, malora_expert_subspace_init,
                    malora_shared_init, malora_shared_up_init, malora_up_coefficients_init, router_init)
 from .layout import SINGLE_PROCESS, AdapterLayout
@@ -77,6 +79,10 @@ class AdapterLinear(nn.Module):
         n_dim, m_dim = hooks.split_dim("n"), hooks.split_dim("m")
         malora = config.has_shared_projection  # S_A before routing (malora, hydralora)
         split = layout.experts_split
+        # the fused Functions where they implement this layer (adapter.kernel): one for the whole layer
+        # with dense experts, two around the rows' exchange with grouped ones (fused_route,
+        # fused_experts); the parts below stay the parameters' owners and the reference path
+        fused = use_fused(config, layout, base_layer, hooks.mode is not None, self.kernel, name)
 
         self.shared = SharedProjection(None if not malora else hooks.shard(values["shared"], n_dim),
                                        LayoutFreeDropout(config.dropout, name), hooks)
@@ -102,7 +108,8 @@ class AdapterLinear(nn.Module):
             self.experts = (DenseSubspaceExperts if per_expert else DenseExperts)(*experts_args, scaling=config.scaling)
             self.dispatcher = DenseDispatch(self.num_experts)
         else:
-            self.experts = (GroupedSubspaceExperts if per_expert else GroupedExperts)(*experts_args)
+            grouped = GroupedSubspaceExperts if per_expert else FusedGroupedExperts if fused else GroupedExperts
+            self.experts = grouped(*experts_args)
             self.dispatcher = (AllToAllDispatch(self.num_experts, config.capacity_factor, layout.ep_group,
                                                 layout.ep_size, layout.ep_rank)
                                if split else GroupedDispatch(self.num_experts, config.capacity_factor))
@@ -117,10 +124,8 @@ class AdapterLinear(nn.Module):
         for part, param in self.adapter_tensors():
             if part in config.frozen_parts:
                 param.requires_grad_(False)
-        # the fused Function where it implements this layer (adapter.kernel); the parts above stay
-        # its parameters' owners and the reference path
-        self.fused_weights = (WeightCache() if use_fused(config, layout, base_layer, hooks.mode is not None,
-                                                          self.kernel, name) else None)
+        self.fused_weights = WeightCache() if fused and self.kernel == "dense" else None
+        self.fused_route = WeightCache(prepare_route_weights) if fused and self.kernel == "sparse" else None
         # the exchange this layer shares with the layers that read the same input (siblings.py)
         self.siblings = None
         base_weight = getattr(base_layer, "weight", None)
@@ -138,9 +143,10 @@ class AdapterLinear(nn.Module):
         if self.siblings is not None:  # one exchange with the layers that read the same x
             out = self.siblings.forward(self, x, flat_x)
             return out.view(*x.shape[:-1], out.shape[-1])
-        z, routing = self.route(flat_x)                # S_A·drop(x); top-k experts and their scaled gates
+        z, routing, out = self.route(flat_x)           # S_A·drop(x); top-k experts and their scaled gates
         sent = self.dispatcher.send(z, routing)        # rows leave for their experts' ranks
-        out = self.base_layer(flat_x)                  # the frozen product, while the rows travel
+        if out is None:
+            out = self.base_layer(flat_x)              # the frozen product, while the rows travel
         target = self.update_target(out)
         result = self.experts(self.dispatcher.receive(sent), target)
         combined = self.dispatcher.combine(result, sent, target)  # back to their tokens, gated
@@ -149,9 +155,12 @@ class AdapterLinear(nn.Module):
 
     # ---- the steps a shared exchange (siblings.py) runs for each of its members ----------------
     def route(self, flat_x: torch.Tensor):
-        """``(z, routing)``: the experts' input (S_A·drop(x), or drop(x)) and the top-k routing."""
+        """``(z, routing, out)``: the experts' input (S_A·drop(x), or drop(x)), the top-k routing, and
+        the base's output where the fused routing Function computed it with them (else None)."""
+        if self.fused_route is not None:
+            return fused_route(self, flat_x)
         logits, z = self.shared(flat_x, getattr(self.router, "weight", None))
-        return z, self.router(logits)
+        return z, self.router(logits), None
 
     @property
     def update_width(self) -> int:
@@ -226,6 +235,11 @@ class AdapterLinear(nn.Module):
         return self.experts.down.shape[0]
 
     @property
+    def fused(self) -> bool:
+        """A fused Function runs this layer (the whole layer, or its routing and experts)."""
+        return self.fused_weights is not None or self.fused_route is not None
+
+    @property
     def router_stats(self):
         return self.router.stats
 
@@ -240,7 +254,7 @@ class AdapterLinear(nn.Module):
         shape += ", dora" if c.dora else ""
         shape += f", frozen={sorted(c.frozen_parts)}" if c.frozen_parts else ""
         return (f"method={c.method}, {shape}, experts={self.num_experts} (local {self.num_local_experts}), "
-                f"top_k={self.top_k}, kernel={self.kernel}{', fused' if self.fused_weights is not None else ''}, "
+                f"top_k={self.top_k}, kernel={self.kernel}{', fused' if self.fused else ''}, "
                 f"scaling={self.scaling:g}")
 
 

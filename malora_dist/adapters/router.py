@@ -20,6 +20,7 @@ class Routing:
 
     experts: torch.Tensor
     gates: torch.Tensor
+    counts: Optional[torch.Tensor] = None  # (N,) slots per expert, as the router statistics counted them
 
 
 class TopKRouter(nn.Module):
@@ -43,7 +44,7 @@ class TopKRouter(nn.Module):
     def forward(self, logits: torch.Tensor) -> Routing:
         probs, gates, experts = top_k_gates(logits, self.top_k, self.normalize)
         self.stats = router_statistics(probs, logits, experts, self.z_loss, self.slice_group)
-        return Routing(experts, self.scaling * self.hooks.into_sharded_up(gates))
+        return Routing(experts, self.scaling * self.hooks.into_sharded_up(gates), self.stats.slot_counts)
 
     def extra_repr(self) -> str:
         return f"experts={self.weight.shape[0]}, top_k={self.top_k}"

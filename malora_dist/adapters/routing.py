@@ -51,11 +51,13 @@ class SlotPlan:
         return self.count_tensor.tolist()
 
 
-def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optional[float]) -> SlotPlan:
+def plan_slots(experts: torch.Tensor, num_experts: int, capacity_factor: Optional[float],
+               counts: Optional[torch.Tensor] = None) -> SlotPlan:
+    """``counts``: the slots per expert where the router counted them already (its statistics)."""
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = slot_counts(experts, num_experts)
+    counts = slot_counts(experts, num_experts) if counts is None else counts
     dropped = 0
     if capacity_factor is not None:
         capacity = math.ceil(capacity_factor * flat.numel() / num_experts)

@@ -35,7 +35,7 @@ SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class _Pending:
     source: torch.Tensor
     version: int
-    updates: dict  # member → its update, waiting for the member's own call
+    updates: dict  # member → (its update, its base output or None), waiting for the member's own call
 
 
 class SiblingExchange:
@@ -50,7 +50,8 @@ class SiblingExchange:
             update = pending.updates.pop(member)
             if not pending.updates:
                 self._pending = None
-            return member.apply_update(update, member.base_layer(flat_x))
+            update, out = update
+            return member.apply_update(update, out if out is not None else member.base_layer(flat_x))
         self._pending = None
         out, updates = self._run(member, flat_x)
         self._pending = _Pending(x, x._version, updates) if updates else None
@@ -59,26 +60,28 @@ class SiblingExchange:
     def _run(self, leader, flat_x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Every member's adapter on ``flat_x`` through one exchange; the leader's output (its base
         product computed while the rows travel) and the others' updates."""
-        routed = [member.route(flat_x) for member in self.members]
+        routed = [member.route(flat_x) for member in self.members]  # (z, routing, base output or None)
         plans = []
-        for member, (_, routing) in zip(self.members, routed):
-            plan = plan_slots(routing.experts, member.num_experts, member.config.capacity_factor)
+        for member, (_, routing, _) in zip(self.members, routed):
+            plan = plan_slots(routing.experts, member.num_experts, member.config.capacity_factor, routing.counts)
             member.traffic.dropped_slots += plan.dropped
             plans.append(plan)
         traffic = [member.traffic for member in self.members]
-        flight = self.exchange.send(plans, [z[plan.token_of_slot] for (z, _), plan in zip(routed, plans)], traffic)
-        out = leader.base_layer(flat_x)
+        flight = self.exchange.send(plans, [z[plan.token_of_slot] for (z, _, _), plan in zip(routed, plans)], traffic)
+        out = routed[self.members.index(leader)][2]
+        if out is None:
+            out = leader.base_layer(flat_x)  # while the rows travel
         batches = self.exchange.receive(flight)
         results = [member.experts(batch, None) for member, batch in zip(self.members, batches)]
         returned = self.exchange.give_back(results, flight, traffic)
         updates = {}
-        for member, (_, routing), plan, rows in zip(self.members, routed, plans, returned):
+        for member, (_, routing, base_out), plan, rows in zip(self.members, routed, plans, returned):
             if member is leader:  # into the base's fresh output itself, where it can
                 out = member.apply_update(gated_rows_into(member.update_target(out), rows, plan, routing.gates), out,
                                           added=True)
             else:
                 target = flat_x.new_zeros(flat_x.shape[0], member.update_width)
-                updates[member] = gated_rows_into(target, rows, plan, routing.gates)
+                updates[member] = (gated_rows_into(target, rows, plan, routing.gates), base_out)
         return out, updates
 
 
@@ -101,5 +104,5 @@ def group_siblings(model: nn.Module) -> int:
 
 
 def _exchanges(layer) -> bool:
-    return (isinstance(layer.dispatcher, AllToAllDispatch) and layer.fused_weights is None and layer.dora is None
+    return (isinstance(layer.dispatcher, AllToAllDispatch) and layer.dora is None
             and layer.dispatcher.exchange.group is not None)

@@ -133,17 +133,6 @@ class PlacementCosts:
         return "replicate" if self.replicate_s <= self.exchange_s else "ep"
 
 
-class _NoBase(nn.Module):
-    """A stand-in base for counting the adapter's own work (the base's is the same either way)."""
-
-    def __init__(self, n: int, m: int):
-        super().__init__()
-        self.in_features, self.out_features = n, m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(x.shape[0], self.out_features)
-
-
 _WORK: dict = {}
 
 
@@ -160,16 +149,22 @@ def layer_work(config: AdapterConfig, n: int, m: int, ep: int, tokens: int, dtyp
 
 
 def _counted_work(config: AdapterConfig, n: int, m: int, ep: int, dtype: torch.dtype) -> tuple[CostTerms, CostTerms]:
+    """The layer around a real frozen linear, so that the kernel it picks (the fused Functions fold
+    the base's product in) is the one counted, less the same linear's work alone (the base's is the
+    same at either placement)."""
     layout = AdapterLayout(ep_size=ep) if ep > 1 else AdapterLayout()
-    layer = AdapterLinear(_NoBase(n, m), config, layout=layout)
+    base = nn.Linear(n, m, bias=False).to(dtype)
+    layer = AdapterLinear(base, config, layout=layout)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.expert_up.normal_(generator=gen)
 
     def run(count: int) -> CostTerms:
         layer.zero_grad(set_to_none=True)  # as in training: no accumulation into the previous run's gradients
-        x = torch.randn(count, n, generator=gen).to(dtype).requires_grad_()
-        return count_work(lambda: layer(x).float().sum().backward())
+        x = torch.randn(count, n, generator=gen).to(dtype)
+        with_adapter = count_work(lambda: layer(x.requires_grad_()).float().sum().backward())
+        alone = count_work(lambda: base(x.detach().requires_grad_()).float().sum().backward())
+        return with_adapter + alone.scaled(-1)
 
     small, large = run(8), run(16)
     per_token = (large + small.scaled(-1)).scaled(1 / 8)
