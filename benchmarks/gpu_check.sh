@@ -10,9 +10,15 @@
 # Steps (each with its own timeout, all within a 390 s budget; a failed step does not stop the rest):
 #   info        nvidia-smi, versions
 #   parity      benchmarks/gpu_parity.py: AdapterLinear on cuda vs the CPU (fp64/fp32 fail the run; bf16 reported);
-#               adapter.kernel auto = the fused Function wherever it runs (dense local experts)
+#               adapter.kernel auto = the fused Functions wherever they run: the whole layer (dense local experts)
+#               and, for the ``sparse`` cases, the routing and grouped-experts Functions that experts split
+#               over ranks run around their exchange (grouped_mm, bf16 r̄ padded to 16 numbers) — the
+#               expert-parallel kernels at ep=1 with the grouped path forced
 #   parity_ref  the same cases with adapter.kernel=reference (the parts)
-#   layer_ops   benchmarks/layer_ops.py on cuda, bf16: work ops and CUDA kernels per layer fwd+bwd, fused vs reference
+#   layer_ops   benchmarks/layer_ops.py on cuda, bf16: work ops and CUDA kernels per layer fwd+bwd, fused vs reference,
+#               with all experts local and on one rank of experts split over 2 (the exchange's local steps)
+# Not here: the tensor-parallel kernels and the all-to-all itself (they need two GPUs: NCCL takes one
+# device per rank); tests/test_fused_tensor_parallel.py holds them to the reference parts on gloo.
 #   train       launch/train.py under torch.distributed.run (torchrun), configs/tiny.yaml: NCCL + cuda,
 #               checkpoints at steps 4 and 8 (torch.distributed.checkpoint), adapter export
 #   resume      the same run resumed from step_8 to step 12 (checkpoint load, fused AdamW state on cuda)

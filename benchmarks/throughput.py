@@ -184,10 +184,12 @@ def _rss_mb() -> dict:
 def _run_config(spec: dict, adapter: dict, ep: int, placement: str, output_dir: str):
     from malora_dist.train.config import build_run_config
 
+    adapter = dict(adapter)
+    share_exchanges = adapter.pop("share_exchanges", True)  # a parallel key, carried by a variant's adapter keys
     return build_run_config({
         "model": copy.deepcopy(spec["model"]),
-        "adapter": dict(adapter),
-        "parallel": {"tp": 1, "ep": ep, "expert_placement": placement},
+        "adapter": adapter,
+        "parallel": {"tp": 1, "ep": ep, "expert_placement": placement, "share_exchanges": share_exchanges},
         "data": {"tasks": [{"name": t, "paths": f"synthetic:{t}", "limit": spec["data_limit"]} for t in TASKS],
                  "seq_len": spec["seq_len"], "packing": True},
         "train": {"output_dir": output_dir, "steps": spec["steps"], "global_batch_size": spec["global_batch_size"],
@@ -296,6 +298,7 @@ def _adapter_step(variant) -> dict:
     return {"forward_s": row["time_forward_s"], "backward_s": row["time_backward_s"],
             "optimizer_s": row["time_optimizer_s"], "step_s": row["time_step_s"],
             "tokens_per_s": row["tokens_per_s"], "a2a_bytes": row["a2a_bytes"], "a2a_remote_bytes": 2 * remote,
+            "a2a_collectives": row.get("a2a_collectives", 0), "a2a_host_reads": row.get("a2a_host_reads", 0),
             "loss": row["loss"]}
 
 

@@ -67,6 +67,7 @@ CASES = {
     # layout
     "tp does not divide world": ({"parallel": {"tp": 2}}, 3, ["parallel.tp"]),
     "tp zero": ({"parallel": {"tp": 0}}, 1, ["parallel.tp"]),
+    "share_exchanges not a bool": ({"parallel": {"share_exchanges": "yes"}}, 1, ["parallel.share_exchanges", "true or false"]),
     "ep does not divide dp": ({"parallel": {"ep": 4}}, 2, ["parallel.ep", "dp"]),
     "ep does not divide num_experts": ({"adapter": {"num_experts": 6}, "parallel": {"ep": 4}}, 4,
                                        ["parallel.ep", "adapter.num_experts"]),

@@ -180,3 +180,20 @@ def test_a_sibling_called_with_another_input_runs_on_it(world):
     for result in world:
         q_then_v, v_alone = result["other_input"]
         torch.testing.assert_close(q_then_v, v_alone, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_placement_prices_an_exchange_shared_by_its_siblings():
+    """The cost model splits a shared exchange's collectives over the layers that share it (q/k/v:
+    3, gate/up: 2, only those targeted); each layer still moves its own bytes."""
+    from malora_dist.adapters.siblings import exchange_members
+    from malora_dist.parallel.placement import LinkModel, placement_costs
+
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    assert [exchange_members(f"model.layers.0.x.{leaf}", targets) for leaf in targets] == [3, 3, 3, 2, 2, 1]
+    assert exchange_members("model.layers.0.self_attn.q_proj", ["q_proj", "down_proj"]) == 1
+    config = AdapterConfig(method="malora", rank=4, num_experts=4, top_k=2)
+    alone, shared = (placement_costs(config, 32, 32, 64, 2, 2, LinkModel(1e-3, 1e9), exchange_members=k)
+                     for k in (1, 3))
+    assert shared.exchange_terms.collectives * 3 == pytest.approx(alone.exchange_terms.collectives)
+    assert shared.exchange_terms.link_bytes == alone.exchange_terms.link_bytes
+    assert shared.exchange_s < alone.exchange_s

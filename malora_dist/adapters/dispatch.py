@@ -123,9 +123,10 @@ class AllToAllDispatch(GroupedDispatch):
         return back
 
     @staticmethod
-    def link_terms(slots: int, width: int, m: int, ep: int, bytes_per_number: int) -> CostTerms:
+    def link_terms(slots: int, width: int, m: int, ep: int, bytes_per_number: int, members: int = 1) -> CostTerms:
         """Per micro-batch of ``slots`` (token, expert) slots: the collectives, and the bytes that
         leave the rank (rows of ``width`` out and ``m`` back, forward and backward; ``m`` is d where
-        the shared S_B applies after the return)."""
-        return CostTerms(collectives=AllToAllDispatch.COLLECTIVES_PER_MICRO_BATCH,
+        the shared S_B applies after the return). ``members``: layers sharing the exchange
+        (``siblings.py``), which split its collectives; each still moves its own bytes."""
+        return CostTerms(collectives=AllToAllDispatch.COLLECTIVES_PER_MICRO_BATCH / members,
                          link_bytes=2 * slots * (width + m) * bytes_per_number * (ep - 1) / ep)

@@ -85,6 +85,16 @@ class SiblingExchange:
         return out, updates
 
 
+def exchange_members(name: str, targets) -> int:
+    """How many adapted layers would share the exchange of the layer ``name`` (itself included):
+    its targeted siblings (the placement cost model splits the exchange's collectives over them)."""
+    leaf = name.rsplit(".", 1)[-1]
+    for names in SIBLING_NAMES:
+        if leaf in names:
+            return max(1, len(set(names) & set(targets)))
+    return 1
+
+
 def group_siblings(model: nn.Module) -> int:
     """Give every set of sibling adapted linears whose experts travel by all-to-all one shared
     exchange; return the number of groups formed."""

@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..adapters.config import AdapterConfig
 from ..adapters.inject import inject_adapters
 from ..adapters.layout import AdapterLayout
+from ..adapters.siblings import exchange_members
 from ..logging_utils import get_logger
 from .groups import ParallelGroups
 from .placement import PLACEMENTS, LinkModel, placement_costs
@@ -26,12 +27,13 @@ from .placement import PLACEMENTS, LinkModel, placement_costs
 
 def build_adapters(model: nn.Module, config: AdapterConfig, groups: ParallelGroups, placement: str = "ep",
                    seed: int = 0, tokens_per_rank: Optional[int] = None, link: Optional[LinkModel] = None,
-                   micro_batches: int = 1, dtype: torch.dtype = torch.float32) -> dict:
+                   micro_batches: int = 1, dtype: torch.dtype = torch.float32, share_exchanges: bool = True) -> dict:
     """Inject ``config``'s adapters into ``model`` for ``groups``; return {MoE layer name: "ep" | "replicate"}.
 
     placement: ``ep`` splits experts across the EP group, ``replicate`` keeps all experts on every
     rank (no token exchange), ``auto`` picks per layer (needs ``tokens_per_rank`` per step, the
     step's ``micro_batches``, a measured ``link`` and the activations' ``dtype``).
+    share_exchanges: layers that read the same input share one exchange (``inject_adapters``).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"parallel.expert_placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -44,15 +46,16 @@ def build_adapters(model: nn.Module, config: AdapterConfig, groups: ParallelGrou
     def layout_for(name: str, base: nn.Module) -> AdapterLayout:
         choice = "replicate" if not config.is_moe or groups.ep == 1 else placement
         if choice == "auto":
+            members = exchange_members(name, config.target_modules) if share_exchanges else 1
             choice = placement_costs(config, base.in_features, base.out_features, tokens_per_rank, groups.dp,
-                                     groups.ep, link, micro_batches, dtype).choice
+                                     groups.ep, link, micro_batches, dtype, members).choice
         if config.is_moe:
             decisions[name] = "ep" if choice == "ep" else "replicate"
         if choice == "ep":
             return AdapterLayout(ep_group=groups.ep_group, ep_size=groups.ep, ep_rank=groups.ep_rank)
         return AdapterLayout()
 
-    inject_adapters(model, config, seed=seed, layout_for=layout_for)
+    inject_adapters(model, config, seed=seed, layout_for=layout_for, share_exchanges=share_exchanges)
     for note in config.ineffective_keys(experts_split="ep" in decisions.values()):
         get_logger().info("%s", note)
     return decisions

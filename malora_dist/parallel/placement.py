@@ -173,14 +173,15 @@ def _counted_work(config: AdapterConfig, n: int, m: int, ep: int, dtype: torch.d
 
 
 def placement_costs(config: AdapterConfig, n: int, m: int, tokens_per_rank: int, dp: int, ep: int, link: LinkModel,
-                    micro_batches: int = 1, dtype: torch.dtype = torch.float32) -> PlacementCosts:
+                    micro_batches: int = 1, dtype: torch.dtype = torch.float32, exchange_members: int = 1) -> PlacementCosts:
     """Predicted seconds per step of each placement for one layer (``n``, ``m``: full sizes);
-    ``tokens_per_rank``: per step, over its ``micro_batches``."""
+    ``tokens_per_rank``: per step, over its ``micro_batches``; ``exchange_members``: the adapted
+    layers that would share this layer's exchange (q/k/v: 3, gate/up: 2; ``siblings.py``)."""
     width = config.d if config.has_shared_projection else n  # what travels per slot
     back = config.d if config.has_shared_up else m  # what returns per slot (S_B applies after the return)
     tokens = max(tokens_per_rank // micro_batches, 1)
     bytes_per_number = torch.empty((), dtype=dtype).element_size()
-    exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, back, ep, bytes_per_number)
+    exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, back, ep, bytes_per_number, exchange_members)
                 + layer_work(config, n, m, ep, tokens, dtype)).scaled(micro_batches)
     expert_bytes = config.adapter_rank * (width + back) * 4  # fp32 master weights and gradients
     num, edp = config.num_experts, dp // ep

@@ -78,7 +78,7 @@ def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device)
     micro_batches = config.train.global_batch_size // (groups.dp * config.train.micro_batch_size)
     decisions = build_adapters(model, config.adapter, groups, placement, seed=config.train.seed,
                                tokens_per_rank=tokens_per_rank, link=link, micro_batches=micro_batches,
-                               dtype=DTYPES[config.model.dtype])
+                               dtype=DTYPES[config.model.dtype], share_exchanges=config.parallel.share_exchanges)
     if decisions:
         counts = {p: sum(1 for d in decisions.values() if d == p) for p in ("ep", "replicate")}
         get_logger().info("expert placement %s: %d layer(s) ep, %d replicated%s", placement, counts["ep"],

@@ -88,12 +88,16 @@ class ParallelConfig:
         layer, from a cost model with the link latency and bandwidth measured at start-up).
     timeout_s: collective timeout: a rank that dies outside torchrun's supervision makes the others
         fail after this long instead of hanging.
+    share_exchanges: adapted linears that read the same input (q/k/v; gate/up) and whose experts
+        travel by all-to-all share one exchange (one count exchange and one all-to-all each way for
+        the group); false gives each its own (the same results, more collectives: for measuring).
     """
 
     tp: int = 1
     ep: int = 1
     expert_placement: str = "ep"
     timeout_s: float = 600.0
+    share_exchanges: bool = True
 
     def __post_init__(self):
         for key in ("tp", "ep"):
@@ -102,6 +106,8 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{key} must be a positive integer, got {value!r}")
         if self.expert_placement not in ("ep", "replicate", "auto"):
             raise ValueError(f"parallel.expert_placement must be ep, replicate or auto, got {self.expert_placement!r}")
+        if not isinstance(self.share_exchanges, bool):
+            raise ValueError(f"parallel.share_exchanges must be true or false, got {self.share_exchanges!r}")
         _check_number(self.timeout_s, "parallel.timeout_s")
         if not self.timeout_s > 0:
             raise ValueError(f"parallel.timeout_s must be positive, got {self.timeout_s!r}")
