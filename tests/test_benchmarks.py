@@ -156,13 +156,16 @@ def test_crossover_cells(results):
         # placement_costs from the parts' own cost terms (MALoRA d=32, r̄=12, top-2, ep=2, one
         # micro-batch): the exchange's 5 collectives and 2·T·k·(d+m)·4·(ep−1)/ep bytes; replicate's
         # extra expert all-reduce; and the work counted from the kernels' ops, whose FLOPs must
-        # differ by what the dense kernel computes beyond routing, 6·T·(N−k)·r̄·(d+m).
+        # differ by what the dense kernel computes beyond routing, 6·T·(N−k)·r̄·(d+m), plus the
+        # fused dense kernel's gate gradients as one batched product, 2·T·N·r̄ (the grouped
+        # kernels form them in the combine's elementwise ops, which count no FLOPs).
         num, tokens = cell["num_experts"], cell["tokens_per_rank"]
         exchange, replicate = cell["predicted"]["exchange_terms"], cell["predicted"]["replicate_terms"]
         assert exchange["collectives"] == 5 and replicate["collectives"] == 0
         assert exchange["link_bytes"] == pytest.approx(2 * tokens * 2 * (32 + m) * 4 * 0.5, rel=1e-9)
         assert replicate["reduce_bytes"] == pytest.approx(2 * 0.5 * num * 12 * (32 + m) * 4, rel=1e-9)
-        assert replicate["flops"] - exchange["flops"] == pytest.approx(6 * tokens * (num - 2) * 12 * (32 + m), rel=1e-9)
+        assert replicate["flops"] - exchange["flops"] == pytest.approx(
+            6 * tokens * (num - 2) * 12 * (32 + m) + 2 * tokens * num * 12, rel=1e-9)
         assert exchange["ops"] > replicate["ops"] > 0 and exchange["copy_bytes"] > 0
         for side in ("exchange", "replicate"):
             terms = cell["predicted"][f"{side}_terms"]
