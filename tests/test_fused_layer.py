@@ -1,5 +1,7 @@
 """The fused adapted linear against the reference parts (fp64, CPU): outputs, router losses, every
-gradient; gradcheck of its hand-written backward; the predicate that picks it; training losses."""
+gradient; gradcheck of its hand-written backwards (the whole-layer Function, and the routing and
+grouped-experts Functions of the path where experts take rows); the predicate that picks them;
+training losses."""
 
 import dataclasses
 import itertools
@@ -16,6 +18,7 @@ from malora_dist.adapters.fused import FusedSpec, fused_adapter, fused_unsupport
 from malora_dist.adapters.inject import auxiliary_loss
 from malora_dist.adapters.experts import GroupedExperts
 from malora_dist.adapters.fused_experts import FusedGroupedExperts
+from malora_dist.adapters.fused_route import FusedRouteFunction, RouteSpec, prepare_route_weights
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
@@ -121,6 +124,43 @@ def test_gradcheck_of_the_hand_written_backward(method, dropout):
         return fn(x, *(next(it) if p is not None else None for p in (router, shared, down, up)))
     # top-k is piecewise constant: gradcheck's small steps do not cross a tie at these random logits
     assert torch.autograd.gradcheck(call, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,dropout", list(itertools.product(("molora", "malora"), ("off", "on"))))
+def test_gradcheck_of_the_routing_function(method, dropout):
+    """The routing Function of the grouped path: the base's output, z = S_A drop(x), the gates and the
+    router statistics, differentiated by hand."""
+    gen = torch.Generator().manual_seed(5)
+    x, w0, bias, router, shared, _, _ = gradcheck_inputs(method, gen)
+    keep = torch.rand(x.shape, generator=gen) >= 0.3 if dropout != "off" else None
+    spec = RouteSpec(top_k=2, scaling=1.5, z_loss=True, keep=keep, keep_scale=1 / 0.7)
+
+    def call(x, router, *rest):
+        shared = rest[0] if rest else None
+        weights = prepare_route_weights(router, shared, x.dtype)
+        out, z, gates, _, prob_sums, z_sum, _ = FusedRouteFunction.apply(spec, weights, x, w0, bias, router, shared)
+        return (out, gates, prob_sums, z_sum) + ((z,) if shared is not None else ())
+    inputs = (x, router) + ((shared,) if shared is not None else ())
+    assert torch.autograd.gradcheck(call, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_of_the_grouped_experts_function():
+    """Rows grouped per local expert (one expert with no rows), through down then up."""
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.tensor([3, 0, 4])
+    rows = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    batch = fused_experts.RowBatch(rows, counts)
+    spec = fused_experts.GroupedSpec(counts=fused_experts.HostCounts(batch), partial_h=False, partial_grad_h=False)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+
+    def call(rows, down, up):
+        weights = fused_experts.prepare_grouped_weights(down, up, rows.dtype)
+        return fused_experts.FusedGroupedExpertsFunction.apply(spec, weights, rows, offsets, down, up)
+    assert torch.autograd.gradcheck(call, (rows, down, up), eps=1e-6, atol=1e-6)
+    expected = torch.cat([rows[:3] @ down[0].t() @ up[0].t(), rows[3:] @ down[2].t() @ up[2].t()])
+    assert rel_err(call(rows, down, up), expected) <= 1e-12
 
 
 def test_bf16_base_stays_as_close_to_fp64_as_the_reference():
