@@ -106,16 +106,17 @@ class AllToAllDispatch(GroupedDispatch):
     COLLECTIVES_PER_MICRO_BATCH = COLLECTIVES_PER_EXCHANGE
 
     def __init__(self, num_experts: int, capacity_factor: Optional[float], group: Optional[dist.ProcessGroup],
-                 ep_size: int, ep_rank: int):
+                 ep_size: int, ep_rank: int, source_major: bool = False):
         super().__init__(num_experts, capacity_factor)
         self.exchange = ExpertExchange(group, ep_size, ep_rank, num_experts)
+        self.source_major = source_major  # the experts take the received rows as they arrived
 
     def _start(self, sent: SentRows) -> SentRows:
         flight = self.exchange.send([sent.plan], [sent.rows], [self.traffic])
         return SentRows(sent.plan, sent.gates, flight)
 
     def receive(self, sent: SentRows) -> RowBatch:
-        (batch,) = self.exchange.receive(sent.rows)
+        (batch,) = self.exchange.receive(sent.rows, [self.source_major])
         return batch
 
     def _return(self, rows: torch.Tensor, sent: SentRows) -> torch.Tensor:

@@ -11,6 +11,10 @@ do under grouped-query attention). The split sizes reach the host in **one** rea
 whatever the number of members: 3 collectives forward (counts, rows out, rows back) and the rows'
 2 backward mirrors, and 1 host read.
 
+Received rows arrive source-major; ``receive`` sorts a member's rows into expert-major order for
+experts that want one group per expert (the reference parts) and leaves them as they are for the
+fused grouped experts, which take the ep × E (source, expert) groups directly (``RowBatch.sources``).
+
 Every rank issues the same collectives in the same order whether or not it has rows; ``group`` None
 (with ep_size 1) runs the same local steps without communication.
 """
@@ -56,12 +60,18 @@ class TrafficCounter:
 
 @dataclass
 class RowBatch:
-    """Rows grouped by local expert, and the row count of each local expert, on the device
-    (``count_tensor``) and, where the host already has them, as a list (``host_counts``)."""
+    """Rows grouped by local expert, and the row count of each group, on the device
+    (``count_tensor``) and, where the host already has them, as a list (``host_counts``).
+
+    sources: 1 — one group per local expert (expert-major); s > 1 — the rows as they arrived from
+    the s ranks of the exchange, source-major: group g holds source g // E's rows for local expert
+    g % E (E local experts), so an experts kernel that takes groups in that order needs no
+    permutation of the rows either way."""
 
     rows: torch.Tensor
     count_tensor: torch.Tensor
     host_counts: Optional[list] = None
+    sources: int = 1
 
     @property
     def counts(self) -> list:
@@ -77,9 +87,10 @@ class InFlight:
     send_splits: list
     recv_splits: list
     local_counts: list
+    group_counts: list  # per member, received rows per (source rank, local expert), source-major
     recv_matrix: torch.Tensor  # (ep, members, local experts)
     widths: list
-    perms: list = field(default_factory=list)
+    perms: list = field(default_factory=list)  # per member, its expert-major order (None: kept source-major)
 
 
 class ExpertExchange:
@@ -108,11 +119,13 @@ class ExpertExchange:
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         # every size the exchange needs on the host, in one read
         sizes = torch.cat([send_counts.sum(2).t().reshape(-1), recv_counts.sum(2).t().reshape(-1),
-                           recv_counts.sum(0).reshape(-1)]).tolist()
+                           recv_counts.sum(0).reshape(-1), recv_counts.transpose(0, 1).reshape(-1)]).tolist()
         per_rank = [sizes[i * ep:(i + 1) * ep] for i in range(2 * members)]
         send_splits, recv_splits = per_rank[:members], per_rank[members:]
         offset = 2 * members * ep
         local_counts = [sizes[offset + s * local:offset + (s + 1) * local] for s in range(members)]
+        offset += members * local
+        group_counts = [sizes[offset + s * ep * local:offset + (s + 1) * ep * local] for s in range(members)]
         widths = [r.shape[-1] for r in rows]
         buffer = self._all_to_all(_pack(rows, send_splits, ep), _sizes(recv_splits, widths, members),
                                   _sizes(send_splits, widths, members))
@@ -126,14 +139,20 @@ class ExpertExchange:
         traffic[0].exchanges += 1
         traffic[0].collectives += COLLECTIVES_PER_EXCHANGE if self.group is not None else 0
         traffic[0].host_reads += 1
-        return InFlight(buffer, send_splits, recv_splits, local_counts, recv_counts, widths)
+        return InFlight(buffer, send_splits, recv_splits, local_counts, group_counts, recv_counts, widths)
 
-    def receive(self, flight: InFlight) -> list[RowBatch]:
-        """Each member's received rows, expert-major (they arrive source-major)."""
+    def receive(self, flight: InFlight, source_major: Optional[list] = None) -> list[RowBatch]:
+        """Each member's received rows: expert-major (they arrive source-major, and are sorted), or
+        as they arrived for the members whose ``source_major`` entry is true (experts that take the
+        ep × E groups in that order: ``fused_experts``)."""
         received = wait_tensor(flight.rows) if self.group is not None else flight.rows
         batches = []
         for s, rows in enumerate(_unpack(received, flight.recv_splits, flight.widths, self.ep_size)):
             counts = flight.recv_matrix[:, s].reshape(-1)
+            if source_major is not None and source_major[s] and self.ep_size > 1:
+                flight.perms.append(None)
+                batches.append(RowBatch(rows, counts, flight.group_counts[s], sources=self.ep_size))
+                continue
             expert_of_row = torch.repeat_interleave(  # output_size: no host sync on a GPU
                 torch.arange(self.num_local_experts, device=rows.device).repeat(self.ep_size), counts,
                 output_size=rows.shape[0])
@@ -146,7 +165,8 @@ class ExpertExchange:
     def give_back(self, results: list[torch.Tensor], flight: InFlight, traffic: list[TrafficCounter]) -> list[torch.Tensor]:
         """Send each member's expert outputs back to the ranks their tokens came from; each member's
         rows return in the order it sent them."""
-        source_major = [torch.empty_like(r).index_copy(0, perm, r) for r, perm in zip(results, flight.perms)]
+        source_major = [r if perm is None else torch.empty_like(r).index_copy(0, perm, r)
+                        for r, perm in zip(results, flight.perms)]
         widths = [r.shape[-1] for r in results]
         for s, counter in enumerate(traffic):
             width = widths[s] * results[s].element_size()

@@ -1,6 +1,10 @@
 """This rank's experts over rows grouped per local expert, as one autograd Function.
 
-The rows arrive grouped per local expert (from the all-to-all, or sorted on one rank); each expert t
+The rows arrive grouped: on one rank sorted per local expert; from the all-to-all as they arrived,
+source-major (ep × E groups: source rank, then local expert), with each expert's weights repeated
+once per source (a few small tensors, once per step) — so the rows are never permuted to
+expert-major and back, which saves the sort, two row gathers/scatters and their backward mirrors
+that the reference parts run per exchange. Each expert t
 computes ``y = (rows_t down_tᵀ) up_tᵀ`` — MALoRA's P_t then B̄_t on the d-wide rows S_A x, MoLoRA's
 A_t then B_t on the n-wide rows x. Forward and backward each run as grouped products (one call per
 projection, and per weight gradient, with the group offsets on the device) where
@@ -21,6 +25,7 @@ columns, so h's gradient is partial and is all-reduced backward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,7 +57,9 @@ def padded_rank(rank: int, dtype: torch.dtype) -> int:
     return -(-rank // per_16_bytes) * per_16_bytes
 
 
-def prepare_grouped_weights(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> GroupedWeights:
+def prepare_grouped_weights(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, sources: int = 1) -> GroupedWeights:
+    """``sources`` > 1: the stack repeated once per source rank, for rows left in the source-major
+    order they arrived in (``RowBatch.sources``): group g uses expert g % E."""
     with torch.no_grad():
         num, rank, width = down.shape
         padded = padded_rank(rank, dtype) if _grouped_dtype(dtype) else rank
@@ -60,6 +67,8 @@ def prepare_grouped_weights(down: torch.Tensor, up: torch.Tensor, dtype: torch.d
         down_p[:, :rank].copy_(down)
         up_p = torch.zeros((num, up.shape[1], padded), dtype=dtype, device=up.device)
         up_p[:, :, :rank].copy_(up)
+        if sources > 1:
+            down_p, up_p = down_p.repeat(sources, 1, 1), up_p.repeat(sources, 1, 1)
         return GroupedWeights(down_p.transpose(1, 2).contiguous(), down_p, up_p.transpose(1, 2).contiguous(), up_p,
                               rank)
 
@@ -126,6 +135,12 @@ class GroupedSpec:
     partial_h: bool  # h is a partial sum over tp (row base, MoLoRA's A_t): all-reduce forward
     partial_grad_h: bool  # h's gradient is partial over tp (column base): all-reduce backward
     tp_group: Optional[object] = None
+    sources: int = 1  # groups per local expert (source ranks of source-major rows): their gradients sum
+
+
+def _per_expert(grads: torch.Tensor, sources: int) -> torch.Tensor:
+    """(sources·E, …) per-group gradients → (E, …): each expert's groups summed."""
+    return grads if sources == 1 else grads.view(sources, -1, *grads.shape[1:]).sum(0)
 
 
 class FusedGroupedExpertsFunction(torch.autograd.Function):
@@ -154,9 +169,11 @@ class FusedGroupedExpertsFunction(torch.autograd.Function):
         grad_up = grad_down = grad_rows = None
         # in the parameters' own layouts, (E, m, r) and (E, r, w): no transposed copy to accumulate
         if needs[5]:
-            grad_up = weight_gradient(grad_y, h, offsets, counts)[:, :, :rank].to(ctx.param_dtypes[1])
+            grad_up = _per_expert(weight_gradient(grad_y, h, offsets, counts), spec.sources)[:, :, :rank]
+            grad_up = grad_up.to(ctx.param_dtypes[1])
         if needs[4]:
-            grad_down = weight_gradient(grad_h, rows, offsets, counts)[:, :rank].to(ctx.param_dtypes[0])
+            grad_down = _per_expert(weight_gradient(grad_h, rows, offsets, counts), spec.sources)[:, :rank]
+            grad_down = grad_down.to(ctx.param_dtypes[0])
         if needs[2]:
             grad_rows = rows_times(grad_h, weights.down, offsets, counts)
         return None, None, grad_rows, None, grad_down, grad_up
@@ -168,13 +185,15 @@ class FusedGroupedExperts(GroupedExperts):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cache = WeightCache(prepare_grouped_weights)
+        self.caches: dict = {}  # by the batches' ``sources``: one value per layer in practice
 
     def forward(self, batch: RowBatch, out: Optional[torch.Tensor]) -> torch.Tensor:
         rows = batch.rows
-        weights = self.cache.get((self.down, self.up), rows.dtype)
+        if batch.sources not in self.caches:
+            self.caches[batch.sources] = WeightCache(functools.partial(prepare_grouped_weights, sources=batch.sources))
+        weights = self.caches[batch.sources].get((self.down, self.up), rows.dtype)
         hooks = self.hooks
         spec = GroupedSpec(counts=HostCounts(batch), partial_h=self.contracts_n and hooks.mode == "row",
-                           partial_grad_h=hooks.mode == "column", tp_group=hooks.group)
+                           partial_grad_h=hooks.mode == "column", tp_group=hooks.group, sources=batch.sources)
         offsets = torch.cumsum(batch.count_tensor, 0).to(torch.int32)
         return FusedGroupedExpertsFunction.apply(spec, weights, rows.contiguous(), offsets, self.down, self.up)

@@ -111,7 +111,7 @@ class AdapterLinear(nn.Module):
             grouped = GroupedSubspaceExperts if per_expert else FusedGroupedExperts if fused else GroupedExperts
             self.experts = grouped(*experts_args)
             self.dispatcher = (AllToAllDispatch(self.num_experts, config.capacity_factor, layout.ep_group,
-                                                layout.ep_size, layout.ep_rank)
+                                                layout.ep_size, layout.ep_rank, source_major=fused)
                                if split else GroupedDispatch(self.num_experts, config.capacity_factor))
         self.shared_up = SharedUpProjection(hooks.shard(values["shared_up"], m_dim), hooks) if shared_up else None
         if self.shared_up is not None:

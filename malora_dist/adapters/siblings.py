@@ -71,7 +71,7 @@ class SiblingExchange:
         out = routed[self.members.index(leader)][2]
         if out is None:
             out = leader.base_layer(flat_x)  # while the rows travel
-        batches = self.exchange.receive(flight)
+        batches = self.exchange.receive(flight, [member.dispatcher.source_major for member in self.members])
         results = [member.experts(batch, None) for member, batch in zip(self.members, batches)]
         returned = self.exchange.give_back(results, flight, traffic)
         updates = {}
