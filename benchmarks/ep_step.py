@@ -101,8 +101,9 @@ def main(argv=None):
     spec = {"model": {**throughput.model_section(model), "dtype": "float32"}, "seq_len": seq_len, "global_batch_size": 4,
             "micro_batch_size": 2, "data_limit": 240, "steps": args.warmup + repeats, "profile": False,
             "profile_top": 0, "variants": variants([m for m in args.methods.split(",") if m])}
+    meta = throughput.machine_info()  # its load average is the one at the start
     ranks = throughput.run_world(2, 1, throughput.train_world, spec)
-    result = {"model": model, "seq_len": seq_len, "global_batch": 4, "micro_batch": 2, "meta": throughput.machine_info(),
+    result = {"model": model, "seq_len": seq_len, "global_batch": 4, "micro_batch": 2, "meta": meta,
               **summarize(ranks, args.warmup)}
     result["meta"]["load_average_end"] = list(os.getloadavg())
     print_table(result)

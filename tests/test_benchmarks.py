@@ -34,6 +34,7 @@ def results(tmp_path_factory):
         "throughput": [sys.executable, "benchmarks/throughput.py", "--quick", "--output-dir", out,
                        "--memory-variants", "malora-d32-r12", "--method", EXTRA],
         "crossover": [sys.executable, "benchmarks/crossover.py", "--quick", "--output-dir", out],
+        "ep_step": [sys.executable, "benchmarks/ep_step.py", "--quick", "--output", os.path.join(out, "ep_step_quick.json")],
     }
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -179,3 +180,20 @@ def test_crossover_cells(results):
     assert 0 <= result["agreement"] <= 1
     if importlib.util.find_spec("matplotlib") is not None:
         assert result["plots"] == ["crossover_quick.png"]
+
+
+def test_ep_step_counts_the_exchanges(results):
+    """benchmarks/ep_step.py --quick: six targets on 2 layers, one micro-batch per rank, ep=2 — one
+    exchange per layer is 6 × 2 exchanges (5 collectives, 1 host read each) per step, siblings share
+    3 × 2; the bytes do not depend on kernel or sharing; replicate exchanges nothing."""
+    rows = results["ep_step"]["variants"]
+    assert set(rows) == {"base", "malora before", "malora siblings", "malora fused", "malora fused+siblings",
+                         "malora replicate", "malora auto", "molora before", "molora fused+siblings"}
+    for method in ("malora", "molora"):
+        before, after = rows[f"{method} before"], rows[f"{method} fused+siblings"]
+        assert (before["a2a_collectives"], before["a2a_host_reads"]) == (6 * 2 * 5, 6 * 2)
+        assert (after["a2a_collectives"], after["a2a_host_reads"]) == (3 * 2 * 5, 3 * 2)
+        assert after["a2a_bytes"] == before["a2a_bytes"] > 0 and after["layers_ep"] == 2 * 6
+        assert before["speedup_wall"] == 1.0 and after["step_s"] > 0 and after["speedup_cpu"] > 0
+    assert rows["malora fused"]["a2a_collectives"] == 60 and rows["malora siblings"]["a2a_collectives"] == 30
+    assert rows["malora replicate"]["a2a_collectives"] == 0 and rows["malora replicate"]["layers_replicated"] == 12
