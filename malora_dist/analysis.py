@@ -215,6 +215,19 @@ def analyse(path: str, routing_examples: int = 0, delta: bool = False, seed: Opt
     return result
 
 
+def analyse_all(paths: list, routing_examples: int, delta: bool, seed: Optional[int], jobs: int) -> list:
+    """``analyse`` of every path, in order; ``jobs`` > 1: that many at once, each in a spawned process
+    (a fresh one, so a CUDA device or a process group of the parent is never inherited)."""
+    arguments = [(path, routing_examples, delta, seed) for path in paths]
+    if jobs == 1 or len(paths) == 1:
+        return [analyse(*a) for a in arguments]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(jobs, len(paths)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(analyse, *zip(*arguments)))
+
+
 def summary(results: dict) -> dict:
     """The results without their per-layer detail (per projection type, routing means)."""
     def brief(result: dict) -> dict:
@@ -413,6 +426,8 @@ def main(argv: Optional[list] = None) -> int:
                              "from the run's seed (RUN/config.yaml beside RUN/adapter or RUN/checkpoints)")
     parser.add_argument("--seed", type=int, help="with --delta: the train.seed of every input, for adapters "
                                                  "without their run's config")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="inputs analysed at once, each in a process of its own (routing runs the model)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else args.inputs
     if len(labels) != len(args.inputs):
@@ -423,8 +438,9 @@ def main(argv: Optional[list] = None) -> int:
             raise ValueError(f"--routing-examples must be 0 (off) or positive, got {args.routing_examples}")
         if args.seed is not None and not args.delta:
             raise ValueError("--seed gives the step-0 values of --delta: pass --delta with it")
-        results = {label: analyse(path, args.routing_examples, args.delta, args.seed)
-                   for label, path in zip(labels, args.inputs)}
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be positive, got {args.jobs}")
+        results = dict(zip(labels, analyse_all(args.inputs, args.routing_examples, args.delta, args.seed, args.jobs)))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
