@@ -23,7 +23,7 @@ from .train.config import load_run_config
 LORA_PREFIX = "base_model.model."
 # DoRA's magnitude starts at the norms of the base weights, which an adapter file does not hold:
 # it has no step-0 value here (the analysis does not read it).
-BASE_DEPENDENT = ("magnitude",)
+BASE_DEPENDENT = ("magnitude_vector",)
 
 
 def run_config_path(path: str) -> str:

@@ -144,3 +144,35 @@ def test_delta_needs_a_seed(tmp_path, capsys, trained_runs):
     assert "--seed" in capsys.readouterr().err
     assert main([str(adapter), "--out", str(tmp_path / "o"), "--seed", "0"]) == 2
     assert "pass --delta" in capsys.readouterr().err
+
+
+VARIANTS = {
+    "lora-dora": dict(method="lora", rank=2, dora=True),
+    "hydralora": dict(method="hydralora", rank=2, num_experts=4, top_k=2),
+    "malora-per-expert": dict(method="malora", rank=2, num_experts=4, top_k=2, lam=1.0, subspace="per_expert"),
+    "malora-shared-up": dict(method="malora", rank=2, num_experts=4, top_k=2, lam=1.0, shared_side="up"),
+    "molora-identical": dict(method="molora", rank=2, num_experts=4, top_k=2, identical_init=True),
+    "malora-frozen-down": dict(method="malora", rank=2, num_experts=4, top_k=2, lam=1.0, beta=2.0,
+                               freeze=["expert_down"]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_starts_where_it_is_recomputed(tmp_path, variant):
+    """The recomputed start of each layer variant equals its freshly built tensors exactly (DoRA's
+    magnitude, a function of the base weights, aside)."""
+    from malora_dist.adapters.config import AdapterConfig
+    from malora_dist.adapters.inject import inject_adapters
+    from malora_dist.initial_state import initial_adapter_state
+
+    config = AdapterConfig(**VARIANTS[variant])
+    tiny = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                intermediate_size=48, vocab_size=64, max_position_embeddings=32)
+    model = inject_adapters(build_tiny_causal_lm(tiny, seed=0), config, seed=7)
+    save_adapter(model, str(tmp_path / "adapter"), config)
+    state, read_config = read_adapter_state(str(tmp_path / "adapter"))
+    initial = initial_adapter_state(state, read_config, 7)
+    assert set(state) - set(initial) == ({k for k in state if k.endswith("magnitude_vector")} if config.dora else set())
+    for key, value in initial.items():
+        assert torch.equal(value, state[key]), key
+    assert any(not torch.equal(v, state[k]) for k, v in initial_adapter_state(state, read_config, 8).items())
