@@ -2,6 +2,7 @@
 
     python -m malora_dist.analysis RUN/adapter [OTHER ...] --out DIR [--labels a,b]
     python -m malora_dist.analysis RUN/checkpoints/step_N --out DIR      # a checkpoint of any layout
+    python -m malora_dist.analysis RUN/adapter --out DIR --delta         # also what training changed
 
 For every adapted linear (adapter files and checkpoints are layout-free, so any training layout
 reads the same):
@@ -23,10 +24,18 @@ reads the same):
   concatenated up matrices (columns side by side), as in Fig. 3, with their effective rank
   (exp of the entropy of the normalised spectrum).
 
+- **What training changed** (``--delta``): the same CCA and spectra of trained − step-0 values,
+  per expert (MALoRA's effective P_t S_A included), the step-0 values recomputed from the run's
+  seed (``RUN/config.yaml``, or ``--seed``), beside the present view (``delta_analysis.py``). A
+  relative change near √2 on every layer means the start is not the one that trained the adapter
+  (another seed, or a file from before the initial values were a function of (seed, layer, expert)).
+
 Summaries per projection type (q_proj, …) average over layers. Several inputs are put side by side
-(the paper's ST(S), ST(D) and MT settings are three runs). Writes ``analysis.json`` and, with
-matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png``, ``spectra.png`` and, with
-routing, ``routing.png``.
+(the paper's ST(S), ST(D) and MT settings are three runs). Writes ``analysis.json``, its summary
+without per-layer detail (``summary.json``), the tables (``tables.md``, also printed) and, with
+matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png``, ``spectra.png``,
+``cca_summary.png``, with routing ``routing.png``, with ``--delta`` ``cca_delta.png``,
+``spectra_delta.png`` and ``cca_summary_delta.png`` (present and change side by side).
 """
 
 from __future__ import annotations

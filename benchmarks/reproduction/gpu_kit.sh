@@ -7,10 +7,11 @@
 # `analysis --delta` with routing. Results come back in $OUT (at most 8 files): the table, the
 # analysis' tables and summaries, the Fig. 2 views, the timings, the log, and everything in one archive.
 #
-#   bash benchmarks/reproduction/gpu_kit.sh        # there, after the other parts' receive calls
+#   bash benchmarks/reproduction/gpu_kit.sh [--set model.dtype=bfloat16 ...]   # there, after the receive calls
 #
-# GPU_KIT_BUDGET_S (default 270): the points still running then are ended (table and analysis
-# follow with the finished ones), so the command ends inside its device time.
+# Arguments go to `gpu_kit.py study` (e.g. --set for every point). GPU_KIT_BUDGET_S (default 300):
+# the points still running then are ended (table and analysis follow with the finished ones), so
+# the command ends inside its device time.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/../.." || exit 1
@@ -38,7 +39,7 @@ python3 -c "import torch, transformers, megatron.core, malora_dist; print('torch
 STUDY=/tmp/gpu_kit_study
 rm -rf "$STUDY"
 python3 benchmarks/reproduction/gpu_kit.py study --scale gpu --out "$STUDY" --data "$KIT/payload/data/commonsense" \
-    --model "$KIT/payload/model.gguf" --budget-s "${GPU_KIT_BUDGET_S:-270}"
+    --model "$KIT/payload/model.gguf" --budget-s "${GPU_KIT_BUDGET_S:-300}" "$@"
 RC=$?
 cp "$STUDY/sweep/results.md" "$OUT/results.md" 2>/dev/null
 cp "$STUDY/analysis/tables.md" "$OUT/analysis_tables.md" 2>/dev/null
