@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .adapters.config import AdapterConfig
