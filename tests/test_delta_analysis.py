@@ -41,6 +41,7 @@ def _analyse(tmp_path, adapter, *extra):
         return json.load(f)["runs"]["x"], out
 
 
+@pytest.mark.slow  # the trained_runs fixture: a 2-process world
 @pytest.mark.parametrize("run", RUNS)
 def test_an_untrained_adapter_changed_by_exactly_nothing(trained_runs, tmp_path, run):
     adapter = _step_zero_run(os.path.join(trained_runs, run), str(tmp_path / "run"))
@@ -54,6 +55,7 @@ def test_an_untrained_adapter_changed_by_exactly_nothing(trained_runs, tmp_path,
         assert layer["change_down"] == 0.0 and layer["change_up"] is None  # the up side starts at zero
 
 
+@pytest.mark.slow  # the trained_runs fixture: a 2-process world
 def test_the_seed_decides_the_start(trained_runs, tmp_path):
     """Against another seed's start the same untrained adapter differs by two independent draws:
     ‖A − A'‖ / ‖A'‖ ≈ √2 (what an adapter analysed against the wrong start shows)."""
@@ -82,6 +84,7 @@ def _expert_matrices(state, name, method):
     return coefficients, up, None
 
 
+@pytest.mark.slow  # the trained_runs fixture: a 2-process world
 @pytest.mark.parametrize("run", RUNS)
 def test_the_learned_change_of_a_trained_run(trained_runs, tmp_path, run):
     """Trained at ep=2 (each rank built only its experts) or dp=2: the change is trained − the
@@ -126,6 +129,7 @@ def test_the_learned_change_of_a_trained_run(trained_runs, tmp_path, run):
             assert os.path.getsize(os.path.join(out, name)) > 1000
 
 
+@pytest.mark.slow  # the trained_runs fixture: a 2-process world
 def test_a_checkpoint_reads_its_seed_from_its_run(trained_runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(os.path.join(trained_runs, "molora_ep2"), run_dir)
@@ -137,6 +141,7 @@ def test_a_checkpoint_reads_its_seed_from_its_run(trained_runs, tmp_path):
     assert result["delta"]["seed"] == 5
 
 
+@pytest.mark.slow  # the trained_runs fixture: a 2-process world
 def test_delta_needs_a_seed(tmp_path, capsys, trained_runs):
     adapter = tmp_path / "adapter"
     shutil.copytree(os.path.join(trained_runs, "molora_ep2", "adapter"), adapter)
