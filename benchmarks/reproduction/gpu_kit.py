@@ -297,7 +297,8 @@ def study(scale: str, out: str, data_dir: str | None = None, model: str | None =
     analysis = _python("-m", "malora_dist.analysis", *adapters, "--out", os.path.join(out, "analysis"), "--delta",
                        "--routing-examples", str(size["routing_examples"]), "--labels", ",".join(labels),
                        "--jobs", str(size["analysis_jobs"]))
-    stage("analysis", lambda: subprocess.run(analysis, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL))
+    if adapters:  # none when the guard ended every point before its adapter was written
+        stage("analysis", lambda: subprocess.run(analysis, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL))
     timings["failed"] = jobs.failed
     timings["total_s"] = round(time.time() - start, 1)
     with open(os.path.join(out, "kit_timings.json"), "w") as f:
