@@ -2,6 +2,7 @@
 
     python -m malora_dist.analysis RUN/adapter [OTHER ...] --out DIR [--labels a,b]
     python -m malora_dist.analysis RUN/checkpoints/step_N --out DIR      # a checkpoint of any layout
+    python -m malora_dist.analysis RUN/adapter --out DIR --delta         # also what training changed
 
 For every adapted linear (adapter files and checkpoints are layout-free, so any training layout
 reads the same):
@@ -23,10 +24,18 @@ reads the same):
   concatenated up matrices (columns side by side), as in Fig. 3, with their effective rank
   (exp of the entropy of the normalised spectrum).
 
+- **What training changed** (``--delta``): the same CCA and spectra of trained − step-0 values,
+  per expert (MALoRA's effective P_t S_A included), the step-0 values recomputed from the run's
+  seed (``RUN/config.yaml``, or ``--seed``), beside the present view (``delta_analysis.py``). A
+  relative change near √2 on every layer means the start is not the one that trained the adapter
+  (another seed, or a file from before the initial values were a function of (seed, layer, expert)).
+
 Summaries per projection type (q_proj, …) average over layers. Several inputs are put side by side
-(the paper's ST(S), ST(D) and MT settings are three runs). Writes ``analysis.json`` and, with
-matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png``, ``spectra.png`` and, with
-routing, ``routing.png``.
+(the paper's ST(S), ST(D) and MT settings are three runs). Writes ``analysis.json``, its summary
+without per-layer detail (``summary.json``), the tables (``tables.md``, also printed) and, with
+matplotlib installed (``pip install 'malora_dist[plots]'``), ``cca.png``, ``spectra.png``,
+``cca_summary.png``, with routing ``routing.png``, with ``--delta`` ``cca_delta.png``,
+``spectra_delta.png`` and ``cca_summary_delta.png`` (present and change side by side).
 """
 
 from __future__ import annotations
@@ -136,24 +145,27 @@ def spectrum(matrix: torch.Tensor) -> dict:
     return {"singular_values": values.tolist(), "effective_rank": effective_rank(values)}
 
 
+def analyse_layer(down: list, up: list) -> dict:
+    """CCA between the experts of one layer (down_t: r × n, up_t: m × r), its random level, spectra."""
+    return {
+        # rows of down_t span a subspace of the input space: compare the columns of down_tᵀ
+        "cca_down": mean_pairwise(down, transpose=True) if len(down) > 1 else None,
+        "cca_up": mean_pairwise(up, transpose=False) if len(up) > 1 else None,
+        # what independent random subspaces of the experts' shapes would give
+        "cca_down_random": random_subspace_similarity(down[0].shape[1], min(down[0].shape)) if len(down) > 1 else None,
+        "cca_up_random": random_subspace_similarity(up[0].shape[0], min(up[0].shape)) if len(up) > 1 else None,
+        "spectrum_down": spectrum(torch.cat(down, dim=0)),
+        "spectrum_up": spectrum(torch.cat(up, dim=1)),
+    }
+
+
 def analyse_state(state: dict, method: str, num_experts: int) -> dict:
-    layers = {}
-    for prefix in layer_prefixes(state, method):
-        down, up = layer_experts(state, prefix, method, num_experts)
-        layers[prefix] = {
-            # rows of down_t span a subspace of the input space: compare the columns of down_tᵀ
-            "cca_down": mean_pairwise(down, transpose=True) if len(down) > 1 else None,
-            "cca_up": mean_pairwise(up, transpose=False) if len(up) > 1 else None,
-            # what independent random subspaces of the experts' shapes would give
-            "cca_down_random": random_subspace_similarity(down[0].shape[1], min(down[0].shape)) if len(down) > 1 else None,
-            "cca_up_random": random_subspace_similarity(up[0].shape[0], min(up[0].shape)) if len(up) > 1 else None,
-            "spectrum_down": spectrum(torch.cat(down, dim=0)),
-            "spectrum_up": spectrum(torch.cat(up, dim=1)),
-        }
+    layers = {prefix: analyse_layer(*layer_experts(state, prefix, method, num_experts))
+              for prefix in layer_prefixes(state, method)}
     return {"method": method, "num_experts": num_experts, "layers": layers, "by_projection": by_projection(layers)}
 
 
-def _mean_present(values) -> Optional[float]:
+def mean_present(values) -> Optional[float]:
     """The mean of the values that are not None; None if there are none."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -167,12 +179,12 @@ def by_projection(layers: dict) -> dict:
     out = {}
     for name, members in sorted(groups.items()):
         out[name] = {
-            "cca_down": _mean_present([m["cca_down"]["mean"] if m["cca_down"] else None for m in members]),
-            "cca_up": _mean_present([m["cca_up"]["mean"] if m["cca_up"] else None for m in members]),
-            "cca_down_random": _mean_present([m["cca_down_random"] for m in members]),
-            "cca_up_random": _mean_present([m["cca_up_random"] for m in members]),
-            "effective_rank_down": _mean_present([m["spectrum_down"]["effective_rank"] for m in members]),
-            "effective_rank_up": _mean_present([m["spectrum_up"]["effective_rank"] for m in members]),
+            "cca_down": mean_present([m["cca_down"]["mean"] if m["cca_down"] else None for m in members]),
+            "cca_up": mean_present([m["cca_up"]["mean"] if m["cca_up"] else None for m in members]),
+            "cca_down_random": mean_present([m["cca_down_random"] for m in members]),
+            "cca_up_random": mean_present([m["cca_up_random"] for m in members]),
+            "effective_rank_down": mean_present([m["spectrum_down"]["effective_rank"] for m in members]),
+            "effective_rank_up": mean_present([m["spectrum_up"]["effective_rank"] for m in members]),
             "layers": len(members),
         }
     return out
@@ -192,13 +204,50 @@ def read_adapter(path: str) -> tuple[dict, object]:
         return read_adapter_state(out)
 
 
-def analyse(path: str, routing_examples: int = 0) -> dict:
+def analyse(path: str, routing_examples: int = 0, delta: bool = False, seed: Optional[int] = None) -> dict:
+    """The analysis of one adapter; with ``delta`` also that of what training changed, from the
+    step-0 values of ``seed`` (default: the seed of the adapter's run, ``RUN/config.yaml``)."""
     state, config = read_adapter(path)
     num_experts = config.num_experts if config.is_moe else 1
     result = {"source": path, **analyse_state(state, config.method, num_experts)}
+    if delta:
+        # delta_analysis builds on this module's functions, so it is imported where it is used
+        from .delta_analysis import analyse_change, max_abs_change
+        from .initial_state import initial_adapter_state, seed_for
+
+        run_seed = seed_for(path, seed)
+        initial = initial_adapter_state(state, config, run_seed)
+        result["delta"] = {"seed": run_seed, "max_abs_change": max_abs_change(state, initial),
+                           **analyse_change(state, initial, config.method, num_experts)}
     if routing_examples:
         result["routing"] = routing_by_task(path, routing_examples)
     return result
+
+
+def analyse_all(paths: list, routing_examples: int, delta: bool, seed: Optional[int], jobs: int) -> list:
+    """``analyse`` of every path, in order; ``jobs`` > 1: that many at once, each in a spawned process
+    (a fresh one, so a CUDA device or a process group of the parent is never inherited)."""
+    arguments = [(path, routing_examples, delta, seed) for path in paths]
+    if jobs == 1 or len(paths) == 1:
+        return [analyse(*a) for a in arguments]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(jobs, len(paths)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(analyse, *zip(*arguments)))
+
+
+def summary(results: dict) -> dict:
+    """The results without their per-layer detail (per projection type, routing means)."""
+    def brief(result: dict) -> dict:
+        out = {k: v for k, v in result.items() if k not in ("layers", "delta", "routing")}
+        if result.get("delta"):
+            out["delta"] = {k: v for k, v in result["delta"].items() if k != "layers"}
+        if result.get("routing"):
+            out["routing"] = {k: result["routing"][k] for k in ("examples_per_task", "mean_load", "mean_entropy",
+                                                                 "mean_task_distance") if k in result["routing"]}
+        return out
+    return {"runs": {label: brief(r) for label, r in results.items()}}
 
 
 def plot_routing(results: dict, out_dir: str, plt) -> list[str]:
@@ -221,15 +270,44 @@ def plot_routing(results: dict, out_dir: str, plt) -> list[str]:
     return ["routing.png"]
 
 
-def plot(results: dict, out_dir: str) -> list[str]:
-    """cca.png (per layer, down and up side, one line per run) and spectra.png (normalised mean
-    spectra per run); nothing without matplotlib."""
+def _pyplot():
+    """matplotlib's pyplot without a display, or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    """cca.png (per layer, down and up side, one line per run), spectra.png (normalised mean
+    spectra per run), cca_summary.png and routing.png; with the learned changes (``--delta``) their
+    counterparts cca_delta.png, spectra_delta.png and cca_summary_delta.png; nothing without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return []
+    written = (plot_cca(results, os.path.join(out_dir, "cca.png"), "", plt)
+               + plot_spectra(results, os.path.join(out_dir, "spectra.png"), "", plt)
+               + plot_cca_summary(results, os.path.join(out_dir, "cca_summary.png"), plt)
+               + plot_routing(results, out_dir, plt))
+    changes = {label: r["delta"] for label, r in results.items() if r.get("delta")}
+    if changes:
+        # the present and the change of each run side by side: what training added to the start
+        beside = {}
+        for label, result in results.items():
+            beside[label] = result
+            if label in changes:
+                beside[f"{label} Δ"] = changes[label]
+        written += (plot_cca(changes, os.path.join(out_dir, "cca_delta.png"), "learned change, ", plt)
+                    + plot_spectra(changes, os.path.join(out_dir, "spectra_delta.png"), "learned change, ", plt)
+                    + plot_cca_summary(beside, os.path.join(out_dir, "cca_summary_delta.png"), plt,
+                                       "CCA between experts: present and learned change (Δ)"))
+    return written
+
+
+def plot_cca(results: dict, path: str, what: str, plt) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for label, result in results.items():
         names = list(result["layers"])
@@ -243,13 +321,17 @@ def plot(results: dict, out_dir: str) -> list[str]:
             ax.plot([v if v is not None else float("nan") for v in baseline], color="grey", linestyle=":",
                     label="random subspaces")
     for ax, title in zip(axes, ("down side (A_t / P_t S_A)", "up side (B_t / B̄_t)")):
-        ax.set_title(f"CCA similarity between experts, {title}")
+        ax.set_title(f"CCA similarity between experts, {what}{title}", fontsize="medium")
         ax.set_xlabel("adapted layer")
-        ax.legend()
+        ax.legend(fontsize="small")
     axes[0].set_ylabel("mean canonical correlation")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "cca.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [os.path.basename(path)]
+
+
+def plot_spectra(results: dict, path: str, what: str, plt) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, result in results.items():
         for ax, side in zip(axes, ("spectrum_down", "spectrum_up")):
@@ -258,25 +340,26 @@ def plot(results: dict, out_dir: str) -> list[str]:
             mean = torch.stack([s[:length] / s[:length].mean().clamp(min=1e-30) for s in spectra]).mean(0)
             ax.plot(mean.tolist(), label=label)
     for ax, title in zip(axes, ("concatenated down matrices", "concatenated up matrices")):
-        ax.set_title(f"singular values / their mean, {title}")
+        ax.set_title(f"singular values / their mean, {what}{title}", fontsize="medium")
         ax.set_xlabel("index")
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "spectra.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return ["cca.png", "spectra.png"] + plot_cca_summary(results, out_dir, plt) + plot_routing(results, out_dir, plt)
+    return [os.path.basename(path)]
 
 
-def plot_cca_summary(results: dict, out_dir: str, plt) -> list[str]:
-    """cca_summary.png, the view of the paper's Fig. 2: per run, the mean over layers of the down-side
-    and up-side similarity, with the random-subspace level of each drawn as a short black line."""
+def plot_cca_summary(results: dict, path: str, plt,
+                     title: str = "CCA similarity between experts (mean over layers)") -> list[str]:
+    """The view of the paper's Fig. 2: per run, the mean over layers of the down-side and up-side
+    similarity, with the random-subspace level of each drawn as a short black line."""
     rows = {label: [r["by_projection"][p] for p in r["by_projection"]] for label, r in results.items()}
     rows = {label: members for label, members in rows.items() if any(m["cca_down"] is not None for m in members)}
     if not rows:
         return []
 
     def mean(members, key):
-        value = _mean_present(m[key] for m in members)
+        value = mean_present(m[key] for m in members)
         return float("nan") if value is None else value
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(rows) + 1), 3.6))
@@ -289,24 +372,71 @@ def plot_cca_summary(results: dict, out_dir: str, plt) -> list[str]:
                       label="random subspaces" if i == 0 and side == "down" else None)
     ax.set_xticks(range(len(rows)), list(rows), rotation=20)
     ax.set_ylabel("mean canonical correlation")
-    ax.set_title("CCA similarity between experts (mean over layers)")
+    ax.set_title(title, fontsize="medium")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "cca_summary.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return ["cca_summary.png"]
+    return [os.path.basename(path)]
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def tables(results: dict) -> str:
+    """The per-projection tables in Markdown: the present values, the learned changes where
+    analysed, routing where measured."""
+    lines = ["| run | projection | CCA down (random) | CCA up (random) | eff. rank down | eff. rank up |",
+             "|---|---|---|---|---|---|"]
+    for label, result in results.items():
+        for name, row in result["by_projection"].items():
+            lines.append(f"| {label} | {name} | {_fmt(row['cca_down'])} ({_fmt(row['cca_down_random'])}) | "
+                         f"{_fmt(row['cca_up'])} ({_fmt(row['cca_up_random'])}) | "
+                         f"{row['effective_rank_down']:.1f} | {row['effective_rank_up']:.1f} |")
+    changes = {label: r["delta"] for label, r in results.items() if r.get("delta")}
+    if changes:
+        lines += ["", "Learned change (trained − step 0, from the run's seed); ‖Δ‖/‖X⁰‖: the down side's change "
+                  "relative to its start (the up side starts at zero); P_t: MALoRA's coefficients.", "",
+                  "| run | projection | ΔCCA down (random) | ΔCCA up (random) | eff. rank Δdown | eff. rank Δup | "
+                  "‖Δdown‖/‖down⁰‖ | ΔP_t CCA (random) | ‖ΔS_A‖/‖S_A⁰‖ |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, change in changes.items():
+            for name, row in change["by_projection"].items():
+                lines.append(f"| {label} | {name} | {_fmt(row['cca_down'])} ({_fmt(row['cca_down_random'])}) | "
+                             f"{_fmt(row['cca_up'])} ({_fmt(row['cca_up_random'])}) | "
+                             f"{row['effective_rank_down']:.1f} | {row['effective_rank_up']:.1f} | "
+                             f"{_fmt(row.get('change_down'))} | {_fmt(row.get('cca_coefficients'))} "
+                             f"({_fmt(row.get('cca_coefficients_random'))}) | {_fmt(row.get('change_shared'))} |")
+    routed = {label: r["routing"] for label, r in results.items() if r.get("routing")}
+    if routed:
+        lines += ["", "| run | task | load entropy (mean over layers) | mean load per expert |", "|---|---|---|---|"]
+        for label, routing in routed.items():
+            for task, entropy in routing["mean_entropy"].items():
+                load = " ".join(f"{v:.2f}" for v in routing["mean_load"][task])
+                lines.append(f"| {label} | {task} | {entropy:.3f} | {load} |")
+            lines.append(f"| {label} | (between tasks) | mean total-variation distance "
+                         f"{routing['mean_task_distance']:.3f} | |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m malora_dist.analysis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="adapter directories or checkpoint directories RUN/checkpoints/step_N")
-    parser.add_argument("--out", required=True, help="directory for analysis.json and the plots")
+    parser.add_argument("--out", required=True, help="directory for analysis.json, summary.json, tables.md and the plots")
     parser.add_argument("--labels", help="comma-separated names of the inputs (default: their paths)")
     parser.add_argument("--routing-examples", type=int, default=0, metavar="N",
                         help="routing by task from the first N held-out examples of each task of the "
                              "adapter's run (RUN/adapter with RUN/config.yaml); 0: off")
+    parser.add_argument("--delta", action="store_true",
+                        help="also analyse what training changed: trained minus the step-0 values, recomputed "
+                             "from the run's seed (RUN/config.yaml beside RUN/adapter or RUN/checkpoints)")
+    parser.add_argument("--seed", type=int, help="with --delta: the train.seed of every input, for adapters "
+                                                 "without their run's config")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="inputs analysed at once, each in a process of its own (routing runs the model)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else args.inputs
     if len(labels) != len(args.inputs):
@@ -315,7 +445,11 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if args.routing_examples < 0:
             raise ValueError(f"--routing-examples must be 0 (off) or positive, got {args.routing_examples}")
-        results = {label: analyse(path, args.routing_examples) for label, path in zip(labels, args.inputs)}
+        if args.seed is not None and not args.delta:
+            raise ValueError("--seed gives the step-0 values of --delta: pass --delta with it")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be positive, got {args.jobs}")
+        results = dict(zip(labels, analyse_all(args.inputs, args.routing_examples, args.delta, args.seed, args.jobs)))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -323,23 +457,12 @@ def main(argv: Optional[list] = None) -> int:
     plots = plot(results, args.out)
     with open(os.path.join(args.out, "analysis.json"), "w") as f:
         json.dump({"runs": results, "plots": plots}, f, indent=1)
-    print("| run | projection | CCA down (random) | CCA up (random) | eff. rank down | eff. rank up |")
-    print("|---|---|---|---|---|---|")
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    for label, result in results.items():
-        for name, row in result["by_projection"].items():
-            print(f"| {label} | {name} | {fmt(row['cca_down'])} ({fmt(row['cca_down_random'])}) | "
-                  f"{fmt(row['cca_up'])} ({fmt(row['cca_up_random'])}) | "
-                  f"{row['effective_rank_down']:.1f} | {row['effective_rank_up']:.1f} |")
-    routed = {label: r["routing"] for label, r in results.items() if r.get("routing")}
-    if routed:
-        print("\n| run | task | load entropy (mean over layers) | mean load per expert |")
-        print("|---|---|---|---|")
-        for label, routing in routed.items():
-            for task, entropy in routing["mean_entropy"].items():
-                load = " ".join(f"{v:.2f}" for v in routing["mean_load"][task])
-                print(f"| {label} | {task} | {entropy:.3f} | {load} |")
-            print(f"| {label} | (between tasks) | mean total-variation distance {routing['mean_task_distance']:.3f} | |")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary(results), f, indent=1)
+    text = tables(results)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
     return 0
 
 

@@ -2,8 +2,9 @@
 
     python -m malora_dist.sweep run --config BASE.yaml --out sweeps/ranks \\
         --grid adapter.method=molora,malora --grid adapter.rank=4,8 --grid train.seed=0,1,2 \\
-        [--set k=v ...] [--eval-limit 200] [--launcher "torchrun --nproc_per_node 2"]
+        [--set k=v ...] [--eval-limit 200] [--rows-per-batch 64] [--launcher "torchrun --nproc_per_node 2"]
     python -m malora_dist.sweep run --out sweeps/ranks          # resume: skips finished points
+    python -m malora_dist.sweep run --out sweeps/ranks --train-only   # the adapters, no evaluation
     python -m malora_dist.sweep table --out sweeps/ranks        # the aggregated table again
     sbatch --array=0-11 launch/slurm/sweep_array.sbatch sweeps/ranks   # one point per array task
 
@@ -112,24 +113,31 @@ def _module_command(spec: dict, *args: str) -> list[str]:
     return shlex.split(spec["launcher"]) + ["-m", "malora_dist.sweep", *args]
 
 
-def run_point(spec: dict, point: dict, out: str) -> None:
+def run_point(spec: dict, point: dict, out: str, train_only: bool = False) -> None:
     """Train (or continue) and evaluate one point; done when its eval.json exists. Without a
     launcher both run in this process (one process per point would spend most of a small sweep
-    starting Python); with one, each is its own launch."""
+    starting Python); with one, each is its own launch. ``train_only``: stop once the point's
+    adapter is written (for analyses of the adapters of a sweep whose table already exists)."""
     directory = os.path.join(out, "points", point["name"])
     result = os.path.join(directory, "eval.json")
-    if os.path.exists(result):
+    if os.path.exists(result) or (train_only and os.path.isdir(os.path.join(directory, "run", "adapter"))):
         return
     overrides = point_overrides(spec, point, out)
     run_dir = os.path.join(directory, "run")
     evaluate = ["--config", os.path.join(run_dir, "config.yaml"), "--adapter", os.path.join(run_dir, "adapter"),
                 "--output", result + ".tmp"] + (["--limit", str(spec["eval_limit"])] if spec.get("eval_limit") else [])
+    if spec.get("rows_per_batch"):  # wider forward passes: fewer launches on a GPU, the same scores
+        evaluate += ["--rows-per-batch", str(spec["rows_per_batch"])]
     if spec["launcher"]:
         sets = [a for o in overrides for a in ("--set", o)]
         subprocess.run(_module_command(spec, "train-point", "--config", spec["config"], *sets), check=True)
+        if train_only:
+            return
         subprocess.run(_module_command(spec, "eval-point", *evaluate), check=True)
     else:
         train_from_config(spec["config"], overrides)
+        if train_only:
+            return
         if evaluate_main(evaluate) != 0:
             raise ValueError(f"the evaluation of point {point['name']} failed (see above)")
     os.replace(result + ".tmp", result)  # written whole, so a half-done evaluation is re-run
@@ -240,7 +248,7 @@ def load_or_create(args) -> dict:
         raise ValueError(f"no sweep in {args.out!r} yet: pass --config and at least one --grid to start one")
     grid = parse_grid(args.grid)
     spec = {"config": os.path.abspath(args.config), "grid": grid, "set": args.set, "launcher": args.launcher,
-            "eval_limit": args.eval_limit, "points": expand(grid)}
+            "eval_limit": args.eval_limit, "rows_per_batch": args.rows_per_batch, "points": expand(grid)}
     for point in spec["points"]:  # every point's config must be valid before the first one trains
         load_run_config(spec["config"], point_overrides(spec, point, args.out))
     os.makedirs(args.out, exist_ok=True)
@@ -276,18 +284,22 @@ def main(argv: Optional[list] = None) -> int:
                         help="a key set for every point (repeatable)")
     parser.add_argument("--launcher", default="", help='prefix of each launch, e.g. "torchrun --nproc_per_node 2"')
     parser.add_argument("--eval-limit", type=int, help="evaluate each point on the first N held-out examples per task")
+    parser.add_argument("--rows-per-batch", type=int,
+                        help="packed rows per forward pass of each point's evaluation (launch/evaluate.py's)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the points (their adapters) and evaluate none; the table holds the evaluated ones")
     args = parser.parse_args(argv)
     try:
         spec = load_or_create(args)
         if args.command == "run-index":
             if args.index is None or not 0 <= args.index < len(spec["points"]):
                 raise ValueError(f"run-index needs a point index in [0, {len(spec['points'])})")
-            run_point(spec, spec["points"][args.index], args.out)
+            run_point(spec, spec["points"][args.index], args.out, args.train_only)
             return 0
         if args.command == "run":
             for point in spec["points"]:
                 print(f"[sweep] point {point['index'] + 1}/{len(spec['points'])}: {point['name']}", flush=True)
-                run_point(spec, point, args.out)
+                run_point(spec, point, args.out, args.train_only)
         write_table(spec, args.out)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -164,3 +164,14 @@ def test_routing_by_task_counts_the_routers_choices(tmp_path):
     assert main([str(run / "adapter"), "--out", out, "--routing-examples", "2", "--labels", "tiny"]) == 0
     written = json.load(open(os.path.join(out, "analysis.json")))
     assert written["runs"]["tiny"]["routing"]["examples_per_task"]["parity"] == 2
+
+
+def test_inputs_analysed_in_processes_of_their_own_give_the_same(tmp_path):
+    paths = [_saved_adapter(tmp_path, method)[0] for method in ("malora", "molora")]
+    outs = []
+    for jobs in ("1", "2"):
+        out = str(tmp_path / f"out{jobs}")
+        assert main([*paths, "--out", out, "--labels", "a,b", "--jobs", jobs]) == 0
+        outs.append(json.load(open(os.path.join(out, "analysis.json")))["runs"])
+    assert outs[0] == outs[1]
+    assert main([*paths, "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2

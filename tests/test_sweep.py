@@ -107,3 +107,26 @@ def test_sweep_with_a_launcher_and_an_array_task(tmp_path):
     assert table.returncode == 0 and json.load(open(os.path.join(out, "results.json")))["done"] == 2
     rows = [json.loads(line) for line in open(os.path.join(out, "points", "seed-0", "run", "metrics.jsonl"))]
     assert any(r.get("a2a_bytes", 0) > 0 for r in rows)  # the experts really were split over 2 ranks
+
+
+@pytest.mark.slow
+def test_train_only_then_evaluated_with_wider_batches(tmp_path):
+    """--train-only writes the adapter and scores nothing; the same sweep run again scores it, with
+    the spec's --rows-per-batch (the same scores as the default batches)."""
+    out = str(tmp_path / "sweep")
+    trained = sweep("run", "--out", out, "--config", TINY, "--grid", "train.seed=0", "--set", "train.steps=1",
+                    "--set", "data.eval_fraction=0.1", "--eval-limit", "4", "--rows-per-batch", "16", "--train-only")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    point = os.path.join(out, "points", "seed-0")
+    assert os.path.isdir(os.path.join(point, "run", "adapter")) and not os.path.exists(os.path.join(point, "eval.json"))
+    assert json.load(open(os.path.join(out, "results.json")))["done"] == 0
+    assert json.load(open(os.path.join(out, "sweep.json")))["rows_per_batch"] == 16
+    scored = sweep("run", "--out", out)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    wide = json.load(open(os.path.join(point, "eval.json")))["tasks"]
+    narrow = subprocess.run([sys.executable, "launch/evaluate.py", "--config", os.path.join(point, "run", "config.yaml"),
+                             "--adapter", os.path.join(point, "run", "adapter"), "--limit", "4",
+                             "--output", str(tmp_path / "narrow.json")], cwd=REPO, capture_output=True, text=True)
+    assert narrow.returncode == 0, narrow.stderr[-3000:]
+    narrow = json.load(open(tmp_path / "narrow.json"))["tasks"]
+    assert {t: e["accuracy"] for t, e in wide.items()} == {t: e["accuracy"] for t, e in narrow.items()}
