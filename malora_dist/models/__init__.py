@@ -10,6 +10,7 @@ from malora_dist.models.tp_causal_lm import (
     TPCausalLM,
     shard_causal_lm,
     shard_causal_lm_from_pretrained,
+    shard_causal_lm_skeleton,
 )
 from malora_dist.models.tp_linear import ColumnParallelBase, RowParallelBase, TensorParallelBase
 from malora_dist.models.tp_plan import check_plan, check_tp_divisibility
@@ -26,5 +27,6 @@ __all__ = [
     "load_tokenizer",
     "shard_causal_lm",
     "shard_causal_lm_from_pretrained",
+    "shard_causal_lm_skeleton",
     "smollm2_gguf_path",
 ]

@@ -133,7 +133,8 @@ class TPCausalLM(nn.Module):
 
 
 def _shard(hf_model: nn.Module, source, groups: ParallelGroups, dtype, device) -> TPCausalLM:
-    """Convert ``hf_model`` (real or on the meta device) in place and fill it from ``source``."""
+    """Convert ``hf_model`` (real or on the meta device) in place and fill it from ``source``
+    (None: a skeleton, left on the meta device with this rank's shapes)."""
     config = hf_model.config
     check_tp_divisibility(config, groups.tp)
     check_plan(config, groups.tp)
@@ -153,9 +154,11 @@ def _shard(hf_model: nn.Module, source, groups: ParallelGroups, dtype, device) -
             tied_to=tp_embedding if config.tie_word_embeddings else None,
         )
     )
-    _materialise(hf_model)
+    if source is not None:
+        _materialise(hf_model)
     model = TPCausalLM(hf_model, tp_group)
-    load_shards(model, source, model.tp_rank, model.tp_size)
+    if source is not None:
+        load_shards(model, source, model.tp_rank, model.tp_size)
     # The HF norms may be in another dtype: cast every parameter to the base's (a bf16 norm output
     # for the bf16 linears after it). Buffers (the rotary inv_freq) stay fp32, as in HF.
     for param in model.parameters():
@@ -191,6 +194,18 @@ def shard_causal_lm(
     dtype = dtype or next(hf_model.parameters()).dtype
     source = StateDictSource(hf_model.state_dict())  # holds the replaced tensors until copied
     return _shard(hf_model, source, groups, dtype, device)
+
+
+def shard_causal_lm_skeleton(config, groups: ParallelGroups, *, dtype: torch.dtype) -> TPCausalLM:
+    """This rank's sharded model from an HF config, every tensor on the meta device: the shapes and
+    dtypes a real build allocates, without weights (the planner, ``malora_dist.plan``)."""
+    from transformers import AutoModelForCausalLM
+
+    check_tp_divisibility(config, groups.tp)
+    check_plan(config, groups.tp)
+    with torch.device("meta"):  # megatron's layers allocate with torch.empty: meta too, here
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return _shard(hf_model.eval(), None, groups, dtype, None)
 
 
 def shard_causal_lm_from_pretrained(

@@ -77,11 +77,13 @@ class ParallelGroups:
 
     @classmethod
     def build(cls, tp: int = 1, ep: int = 1, num_experts: Optional[int] = None,
-              timeout_s: Optional[float] = None) -> "ParallelGroups":
+              timeout_s: Optional[float] = None, megatron_gloo_groups: bool = True) -> "ParallelGroups":
         """Create the groups through megatron-core on the already initialised default group.
 
         ``timeout_s`` is the collective timeout of the new groups: megatron otherwise gives them
         its own 30 minutes, and a frozen peer would hang every dp all-reduce that long.
+        ``megatron_gloo_groups``: megatron's CPU-side copies of its groups, which nothing here uses;
+        the planner's fake process group cannot create them (``malora_dist.plan.fake_world``).
         """
         from megatron.core import parallel_state as ps
 
@@ -92,7 +94,8 @@ class ParallelGroups:
         # megatron's default expert tensor parallelism (= tp) makes its expert groups follow our
         # rule: the EP group spans dp ranks that share a tp rank and the expert-dp group is dp / ep.
         timeout = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, **timeout)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                     create_gloo_process_groups=megatron_gloo_groups, **timeout)
 
         def group_or_none(size, group):
             return group if size > 1 else None

@@ -68,14 +68,19 @@ def load_hf_base(model: ModelConfig, seed: int) -> nn.Module:
     return load_hf_model(model.name_or_path, dtype=torch.float32)
 
 
+def placement_inputs(config: RunConfig, groups: ParallelGroups) -> tuple[int, int]:
+    """(tokens per rank per step, micro-batches per rank per step): what ``auto`` placement prices."""
+    tokens_per_rank = config.train.global_batch_size // groups.dp * config.data.seq_len
+    return tokens_per_rank, config.train.global_batch_size // (groups.dp * config.train.micro_batch_size)
+
+
 def build_model(config: RunConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:
     model = load_base(config.model, groups, device, config.train.seed)
     placement = config.parallel.expert_placement
     auto = placement == "auto" and config.adapter.is_moe and groups.ep > 1
     reduce_group = groups.dp_group if groups.dp > groups.ep else None  # else the same ranks as ep
     link = measure_link(groups.ep_group, device, reduce_group=reduce_group) if auto else None
-    tokens_per_rank = config.train.global_batch_size // groups.dp * config.data.seq_len
-    micro_batches = config.train.global_batch_size // (groups.dp * config.train.micro_batch_size)
+    tokens_per_rank, micro_batches = placement_inputs(config, groups)
     decisions = build_adapters(model, config.adapter, groups, placement, seed=config.train.seed,
                                tokens_per_rank=tokens_per_rank, link=link, micro_batches=micro_batches,
                                dtype=DTYPES[config.model.dtype], share_exchanges=config.parallel.share_exchanges)
