@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from malora_dist.local_world import run_local_world  # noqa: E402
 from malora_dist.plan.measure import calibrated_machine, measured_run  # noqa: E402
 
-PHASES = ("forward_s", "backward_s", "all_reduce_s", "optimizer_s", "step_s")
+# forward and backward include the exchange (it runs inside them); exchange is the part of the step
+# spent in its collectives (measured by the profiler on a step of its own, rank 0)
+PHASES = ("forward_s", "backward_s", "exchange_s", "all_reduce_s", "optimizer_s", "step_s")
 
 
 def calibrate_and_run(config: str, overrides: list, model_config, steps: int):
@@ -57,13 +59,14 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     out = compare(args.config, args.set, args.world_size, args.model_config, args.steps)
-    label = f"{os.path.basename(args.config)} {' '.join(args.set)} ×{args.world_size}"
+    label = f"{os.path.basename(args.config)} {' '.join(args.set)} ×{args.world_size} (load {os.getloadavg()[0]:.1f})"
     for phase in PHASES:
         p, m = out["predicted"][phase], out["measured"][phase]
         print(f"| {label} | {phase[:-2]} | {p * 1e3:.1f} | {m * 1e3:.1f} | {(p - m) / m:+.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"label": label, "predicted": out["predicted"], "measured": out["measured"],
+                   "measured_ranks": [r["times"] for r in out["measured_ranks"]],
                        "machine": out["machine"].to_dict()}, f, indent=1)
 
 

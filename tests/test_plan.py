@@ -39,6 +39,7 @@ def worlds():
     return {size: run_world(size, _calibrate_and_run, overrides) for size, overrides in LAYOUTS.items()}
 
 
+@pytest.mark.slow  # multi-process worlds
 @pytest.mark.parametrize("size", sorted(LAYOUTS))
 def test_planned_memory_is_what_a_real_build_allocates(worlds, size):
     machine = worlds[size][0][0]
@@ -56,6 +57,7 @@ def test_planned_memory_is_what_a_real_build_allocates(worlds, size):
         assert planned.activation_bytes == pytest.approx(measured["activation_bytes"], rel=ACTIVATION_TOLERANCE)
 
 
+@pytest.mark.slow  # multi-process worlds
 def test_predicted_step_is_within_the_band_of_the_measured_one(worlds):
     machine, measured = worlds[2][0]
     plan = plan_layout(plan_run_config(TINY, LAYOUTS[2]), 2, machine)

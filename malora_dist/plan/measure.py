@@ -60,6 +60,42 @@ def _autograd_op_s(repeats: int) -> float:
     return sorted(samples)[len(samples) // 2] / ops
 
 
+# The exchange's collectives as the profiler names them on the calling thread: the count exchange
+# (``c10d::alltoall_base_``), the rows' all-to-alls (functional, forward and backward) and the waits
+# on rows in flight. Each is counted where no other of them encloses it (the functional call runs
+# the c10d one inside).
+EXCHANGE_EVENTS = ("c10d::alltoall_base_", "_c10d_functional::all_to_all_single", "_c10d_functional::wait_tensor")
+
+
+def _exchange_seconds(step) -> float:
+    """Seconds one step spends in the exchange's collectives (a profiled step of its own: the
+    profiler's overhead stays out of the timed ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    total = 0.0
+    for event in prof.events():
+        if event.name not in EXCHANGE_EVENTS:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in EXCHANGE_EVENTS:
+            parent = parent.cpu_parent
+        if parent is None:
+            total += event.cpu_time_total
+    return total / 1e6
+
+
+def _one_step(model, config, generator, micro_batches, params, groups, optimizer) -> None:
+    for _ in range(micro_batches):
+        ids, positions = _batch(config, generator)
+        model.token_losses(model(ids, positions), ids).sum().backward()
+    reduce_gradients(params, groups)
+    clip_grad_norm_(params, 1.0, groups)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _batch(config, generator):
     b, s = config.train.micro_batch_size, config.data.seq_len
     ids = torch.randint(0, 1000, (b, s), generator=generator)
@@ -120,6 +156,7 @@ def measured_run(config_path: str, overrides: list, model_config=None, steps: in
             continue
         optimizer.zero_grad(set_to_none=True)
         phases.append(times)
+    exchange = _exchange_seconds(lambda: _one_step(model, config, generator, micro_batches, params, groups, optimizer))
     ids_trainable = {id(p) for p in params}
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
@@ -130,4 +167,5 @@ def measured_run(config_path: str, overrides: list, model_config=None, steps: in
         frozen_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids_trainable)
         + sum(b.numel() * b.element_size() for b in model.buffers()),
         trainable_bytes=sum(p.numel() * p.element_size() for p in params),
-        gradient_bytes=grads, optimizer_bytes=state, activation_bytes=sum(saved.values()), times=medians)
+        gradient_bytes=grads, optimizer_bytes=state, activation_bytes=sum(saved.values()),
+        times=dict(medians, exchange_s=exchange))

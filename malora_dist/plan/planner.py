@@ -38,12 +38,16 @@ def with_layout(config: RunConfig, tp: int, ep: int, placement: str) -> RunConfi
     return dataclasses.replace(config, parallel=parallel)
 
 
-def plan_layout(config: RunConfig, world_size: int, machine: Machine) -> LayoutPlan:
-    """Build each distinct rank position of ``config``'s layout; errors a launch would raise are kept."""
+def plan_layout(config: RunConfig, world_size: int, machine: Machine, every_position: bool = True) -> LayoutPlan:
+    """Build each distinct rank position of ``config``'s layout (``every_position`` False: rank 0's
+    alone — tp and ep split evenly, so every position holds the same shapes; the ranking uses that);
+    errors a launch would raise are kept."""
     par = config.parallel
     plan = LayoutPlan(par.tp, par.ep, par.expert_placement)
     try:
         positions = distinct_positions(world_size, par.tp, par.ep) if world_size % par.tp == 0 else {0: world_size}
+        if not every_position:
+            positions = {0: world_size}
         for rank, count in positions.items():
             experts = config.adapter.num_experts if config.adapter.is_moe else None
             with fake_rank(world_size, rank, par.tp, par.ep, experts) as groups:
@@ -87,7 +91,7 @@ def plan_layouts(config: RunConfig, world_size: int, machine: Machine, max_tp: O
                  layouts: Optional[list] = None) -> list[LayoutPlan]:
     """Every allowed layout planned, fastest first among those that build and fit the machine."""
     layouts = layouts or candidate_layouts(config, world_size)
-    plans = [plan_layout(with_layout(config, tp, ep, placement), world_size, machine)
+    plans = [plan_layout(with_layout(config, tp, ep, placement), world_size, machine, every_position=False)
              for tp, ep, placement in layouts if max_tp is None or tp <= max_tp]
     checkpointing = config.train.activation_checkpointing
 

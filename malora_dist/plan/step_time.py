@@ -14,7 +14,8 @@ Parts and where their costs come from:
   kernel (``parallel.placement.layer_work``), exactly as the ``auto`` placement prices them;
 - the gradient all-reduce: replicated trainable tensors over dp, ep-sharded experts over the
   expert-data-parallel group (``parallel.gradients.reduce_gradients``), plus the step's small
-  latency-bound reductions (token count, norm, statistics);
+  latency-bound reductions (token count, norm, statistics) and the norm and clipping's own ops
+  (counted on meta gradients);
 - the optimizer: fused AdamW reading and writing parameter, gradient and two moments.
 
 Overlap: none is assumed. The code runs every phase on the compute path except the forward
@@ -32,6 +33,8 @@ import torch
 from ..adapters.dispatch import AllToAllDispatch
 from ..adapters.inject import adapter_layers, adapter_parameters
 from ..adapters.tags import is_ep_sharded
+from ..parallel.gradients import clip_grad_norm_
+from ..parallel.groups import ParallelGroups
 from ..parallel.placement import LinkModel, layer_work
 from ..train.build import DTYPES, placement_inputs
 from .machine import Machine
@@ -132,14 +135,29 @@ def exchange_s(model, decisions: dict, config, groups, machine: Machine) -> floa
     return total * micro_batches
 
 
+def norm_and_clip_s(params: list, machine: Machine) -> float:
+    """The global norm and the clipping (``parallel.gradients.clip_grad_norm_``): ops per parameter,
+    counted on meta gradients with no group (its few collectives are priced with the reductions)."""
+    grads = [torch.empty_like(p, device="meta") for p in params]
+    stand_ins = [torch.empty_like(p, device="meta") for p in params]
+    for stand_in, grad in zip(stand_ins, grads):
+        stand_in.grad = grad
+    work = count_phase(lambda: clip_grad_norm_(stand_ins, 1.0, ParallelGroups()))
+    return work.seconds(machine.peak_flops, machine.memory_bytes_per_s, machine.op_s)
+
+
 def gradient_all_reduce_s(model, groups, machine: Machine) -> float:
+    """Gradient sums over dp / edp (each flattened into one bucket and copied back: 4 bytes moved per
+    byte reduced), the step's small reductions, and the norm and clipping."""
     params = adapter_parameters(model)
     spans = group_spans(groups)
     replicated = sum(p.numel() * 4 for p in params if not is_ep_sharded(p))
     experts = sum(p.numel() * 4 for p in params if is_ep_sharded(p))
     small = SMALL_REDUCTIONS_PER_STEP * machine.link(spans["dp"])[0] if groups.world > 1 else 0.0
+    flattened = (replicated if groups.dp > 1 else 0) + (experts if groups.edp > 1 else 0)
     return (all_reduce_s(machine, groups.dp, spans["dp"], replicated)
-            + all_reduce_s(machine, groups.edp, spans["edp"], experts) + small)
+            + all_reduce_s(machine, groups.edp, spans["edp"], experts) + small
+            + 4 * flattened / machine.memory_bytes_per_s + norm_and_clip_s(params, machine))
 
 
 def optimizer_s(model, machine: Machine) -> float:
