@@ -78,6 +78,10 @@ def plan_model_method(model_config: str, run_config: str, machine, tps, eps) -> 
     return rows
 
 
+def layout_name(r: dict) -> str:
+    return f"tp={r['tp']} ep={r['ep']}" + (f" {r['placement']}" if r["ep"] > 1 else "")
+
+
 def best(rows: list, world: int):
     fitting = [r for r in rows if r.get("world") == world and r["fits"]]
     return max(fitting, key=lambda r: r["tokens_per_s"]) if fitting else None
@@ -97,8 +101,44 @@ def markdown(results: dict) -> str:
                 ep_best = max(eps, key=lambda r: r["tokens_per_s"]) if eps else None
                 ep_text = (f"tp={ep_best['tp']} ep={ep_best['ep']}: {ep_best['tokens_per_s']:,.0f}, "
                            f"{ep_best['exchange_share']:.1%}") if ep_best else "–"
-                out.append(f"| {model} | {method} | {world} | tp={b['tp']} ep={b['ep']} {b['placement']} | "
+                out.append(f"| {model} | {method} | {world} | {layout_name(b)} | "
                            f"{b['memory_bytes'] / GIB:.1f} | {b['tokens_per_s']:,.0f} | {b['exchange_share']:.1%} | {ep_text} |")
+    return "\n".join(out)
+
+
+def paper_setting(results: dict) -> str:
+    """The paper's layout (4 GPUs, tp 1, ep 4, experts split) per model and method (LoRA: dp 4)."""
+    out = ["| model | method | layout | GiB per rank (experts) | step s | tokens/s | exchange share |", "|---|---|---|---|---|---|---|"]
+    for model, methods in results.items():
+        for method, rows in methods.items():
+            ep = 1 if method == "LoRA" else 4
+            for r in rows:
+                if r.get("world") == 4 and r["tp"] == 1 and r["ep"] == ep and r["placement"] == "ep":
+                    out.append(f"| {model} | {method} | tp=1 ep={ep} | {r['memory_bytes'] / GIB:.1f} "
+                               f"({r['memory']['expert_bytes'] / GIB:.2f}) | {r['step_s']:.3f} | "
+                               f"{r['tokens_per_s']:,.0f} | {r['exchange_share']:.1%} |")
+    return "\n".join(out)
+
+
+def malora_against_molora(results: dict) -> str:
+    """Per model and world: the best layout of each, and the exchange share at the same ep layout."""
+    out = ["| model | GPUs | best MALoRA | best MoLoRA | ep-split layout | MALoRA exchange share | MoLoRA exchange share |",
+           "|---|---|---|---|---|---|---|"]
+    for model, methods in results.items():
+        if "MALoRA" not in methods or "MoLoRA" not in methods:
+            continue
+        for world in WORLDS:
+            a, b = best(methods["MALoRA"], world), best(methods["MoLoRA"], world)
+            if a is None or b is None:
+                continue
+            split = [(ra, rb) for ra in methods["MALoRA"] for rb in methods["MoLoRA"]
+                     if ra.get("world") == world == rb.get("world") and ra["placement"] == rb["placement"] == "ep"
+                     and ra["ep"] > 1 and (ra["tp"], ra["ep"]) == (rb["tp"], rb["ep"]) and ra["fits"]]
+            if not split:
+                continue
+            ra, rb = max(split, key=lambda pair: pair[0]["tokens_per_s"])
+            out.append(f"| {model} | {world} | {layout_name(a)} | {layout_name(b)} | tp={ra['tp']} ep={ra['ep']} | "
+                       f"{ra['exchange_share']:.1%} | {rb['exchange_share']:.1%} |")
     return "\n".join(out)
 
 
@@ -125,6 +165,10 @@ def main() -> None:
                 with open(args.json, "w") as f:
                     json.dump({"machine": machine.to_dict(), "results": results}, f, indent=1)
     print(markdown(results))
+    print()
+    print(paper_setting(results))
+    print()
+    print(malora_against_molora(results))
 
 
 if __name__ == "__main__":

@@ -67,13 +67,16 @@ def _autograd_op_s(repeats: int) -> float:
 EXCHANGE_EVENTS = ("c10d::alltoall_base_", "_c10d_functional::all_to_all_single", "_c10d_functional::wait_tensor")
 
 
-def _exchange_seconds(step) -> float:
-    """Seconds one step spends in the exchange's collectives (a profiled step of its own: the
-    profiler's overhead stays out of the timed ones)."""
+def _exchange_share(step) -> float:
+    """The share of one step spent in the exchange's collectives, waits for the other ranks
+    included (a profiled step of its own: the profiler's overhead stays out of the timed ones and
+    cancels in the share)."""
     from torch.profiler import ProfilerActivity, profile
 
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
+    wall = time.perf_counter() - start
     total = 0.0
     for event in prof.events():
         if event.name not in EXCHANGE_EVENTS:
@@ -83,7 +86,7 @@ def _exchange_seconds(step) -> float:
             parent = parent.cpu_parent
         if parent is None:
             total += event.cpu_time_total
-    return total / 1e6
+    return total / 1e6 / wall
 
 
 def _one_step(model, config, generator, micro_batches, params, groups, optimizer) -> None:
@@ -106,7 +109,8 @@ def measured_run(config_path: str, overrides: list, model_config=None, steps: in
     """Build the run's model for real, then: the bytes it allocates (parameters, gradients, AdamW
     state after a step, the activations one micro-batch saves), and per-phase seconds of ``steps``
     steps after one warm-up step (medians): forward, backward, all-reduce (gradients and norm),
-    optimizer."""
+    optimizer, and the exchange within forward and backward (its share of a profiled step times
+    the median step)."""
     config = plan_run_config(config_path, overrides, model_config)
     _, device = pick_backend_and_device()
     groups = ParallelGroups.build(config.parallel.tp, config.parallel.ep,
@@ -156,7 +160,7 @@ def measured_run(config_path: str, overrides: list, model_config=None, steps: in
             continue
         optimizer.zero_grad(set_to_none=True)
         phases.append(times)
-    exchange = _exchange_seconds(lambda: _one_step(model, config, generator, micro_batches, params, groups, optimizer))
+    exchange_share = _exchange_share(lambda: _one_step(model, config, generator, micro_batches, params, groups, optimizer))
     ids_trainable = {id(p) for p in params}
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
@@ -168,4 +172,4 @@ def measured_run(config_path: str, overrides: list, model_config=None, steps: in
         + sum(b.numel() * b.element_size() for b in model.buffers()),
         trainable_bytes=sum(p.numel() * p.element_size() for p in params),
         gradient_bytes=grads, optimizer_bytes=state, activation_bytes=sum(saved.values()),
-        times=dict(medians, exchange_s=exchange))
+        times=dict(medians, exchange_s=exchange_share * medians["step_s"]))

@@ -11,7 +11,8 @@ Parts and where their costs come from:
   on the link its group spans (within a node or across);
 - the expert exchange of layers whose experts are split: the dispatcher's own terms
   (``AllToAllDispatch.link_terms``) and the grouped experts' extra local work over the dense local
-  kernel (``parallel.placement.layer_work``), exactly as the ``auto`` placement prices them;
+  kernel (``parallel.placement.layer_work``), exactly as the ``auto`` placement prices them: each
+  layer's exchange on its own (5 collectives), an upper bound where siblings share one;
 - the gradient all-reduce: replicated trainable tensors over dp, ep-sharded experts over the
   expert-data-parallel group (``parallel.gradients.reduce_gradients``), plus the step's small
   latency-bound reductions (token count, norm, statistics) and the norm and clipping's own ops
@@ -125,7 +126,7 @@ def exchange_s(model, decisions: dict, config, groups, machine: Machine) -> floa
     for name, layer in adapter_layers(model):
         if decisions.get(name) != "ep":
             continue
-        n, m = layer.in_features, layer.out_features
+        n, m = _local_sizes(layer, groups.tp)
         width = adapter.d if adapter.has_shared_projection else n
         back = adapter.d if adapter.has_shared_up else m
         terms = AllToAllDispatch.link_terms(tokens * adapter.top_k, width, back, groups.ep, element)
@@ -144,6 +145,14 @@ def norm_and_clip_s(params: list, machine: Machine) -> float:
         stand_in.grad = grad
     work = count_phase(lambda: clip_grad_norm_(stand_ins, 1.0, ParallelGroups()))
     return work.seconds(machine.peak_flops, machine.memory_bytes_per_s, machine.op_s)
+
+
+def _local_sizes(layer, tp: int) -> tuple[int, int]:
+    """(n, m) as this rank holds them: a column-parallel base's output and a row-parallel base's
+    input are split over tp, and so are the rows that travel (docs/ARCHITECTURE.md §3.5)."""
+    n, m = layer.in_features, layer.out_features
+    mode = getattr(layer.base_layer, "parallel_mode", None)
+    return (n // tp if mode == "row" else n), (m // tp if mode == "column" else m)
 
 
 def gradient_all_reduce_s(model, groups, machine: Machine) -> float:
