@@ -90,7 +90,8 @@ def build_rank_model(config: RunConfig, groups, link=None, placement: Optional[s
     tokens_per_rank, micro_batches = placement_inputs(config, groups)
     decisions = build_adapters(model, config.adapter, groups, placement, seed=config.train.seed,
                                tokens_per_rank=tokens_per_rank, link=link if auto else None,
-                               micro_batches=micro_batches, dtype=dtype)
+                               micro_batches=micro_batches, dtype=dtype,
+                               share_exchanges=config.parallel.share_exchanges)
     return model, decisions
 
 

@@ -11,8 +11,9 @@ Parts and where their costs come from:
   on the link its group spans (within a node or across);
 - the expert exchange of layers whose experts are split: the dispatcher's own terms
   (``AllToAllDispatch.link_terms``) and the grouped experts' extra local work over the dense local
-  kernel (``parallel.placement.layer_work``), exactly as the ``auto`` placement prices them: each
-  layer's exchange on its own (5 collectives), an upper bound where siblings share one;
+  kernel (``parallel.placement.layer_work``), exactly as the ``auto`` placement prices them, with
+  an exchange that siblings share (q/k/v, gate/up: ``adapters/siblings.py``) priced once for the
+  group — its collectives split over the layers that share it, as the built model groups them;
 - the gradient all-reduce: replicated trainable tensors over dp, ep-sharded experts over the
   expert-data-parallel group (``parallel.gradients.reduce_gradients``), plus the step's small
   latency-bound reductions (token count, norm, statistics) and the norm and clipping's own ops
@@ -129,7 +130,8 @@ def exchange_s(model, decisions: dict, config, groups, machine: Machine) -> floa
         n, m = _local_sizes(layer, groups.tp)
         width = adapter.d if adapter.has_shared_projection else n
         back = adapter.d if adapter.has_shared_up else m
-        terms = AllToAllDispatch.link_terms(tokens * adapter.top_k, width, back, groups.ep, element)
+        members = len(layer.siblings.members) if layer.siblings is not None else 1  # sharing one exchange
+        terms = AllToAllDispatch.link_terms(tokens * adapter.top_k, width, back, groups.ep, element, members)
         extra = layer_work(adapter, n, m, groups.ep, tokens, dtype).seconds(link) \
             - layer_work(adapter, n, m, 1, tokens, dtype).seconds(link)
         total += terms.seconds(link) + max(extra, 0.0)
