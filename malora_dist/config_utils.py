@@ -44,6 +44,19 @@ def load_json(path: str, what: str = "file") -> Any:
     return _parse_file(path, what, json.load, json.JSONDecodeError, "valid JSON")
 
 
+def load_hf_config_dict(path: str, what: str = "--model-config") -> dict:
+    """A Hugging Face ``config.json`` (the file, or a directory holding one) as a dict; a path that
+    is neither, or JSON without ``model_type``, is a ValueError naming ``what`` and the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} is neither a config.json file nor a directory holding one")
+    data = load_json(path, what)
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"{what} {path}: no 'model_type' key; is it a Hugging Face config.json?")
+    return data
+
+
 def read_text(path: str, what: str = "file") -> str:
     """The UTF-8 text of ``path``; a directory, a missing file or other bytes name the file."""
     return _parse_file(path, what, lambda f: f.read(), (), "")

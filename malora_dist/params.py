@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .adapters.config import AdapterConfig
+from .config_utils import load_hf_config_dict
 from .adapters.inject import adapter_layers, adapter_parameters, inject_adapters
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -55,13 +56,7 @@ def load_model_config(path: str):
 
     if os.path.isdir(path):
         return AutoConfig.from_pretrained(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"--model-config {path!r} is neither a config.json file nor a directory holding one")
-    with open(path) as f:
-        data = json.load(f)
-    if "model_type" not in data:
-        raise ValueError(f"{path} has no 'model_type' key: is it a Hugging Face config.json?")
-    return AutoConfig.for_model(**data)
+    return AutoConfig.for_model(**load_hf_config_dict(path))
 
 
 def parameter_report(model_config, adapter: AdapterConfig) -> dict:

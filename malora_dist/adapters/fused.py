@@ -229,6 +229,16 @@ def _sum_over_tp(parts: list, group) -> list:
     return [chunk.contiguous() for chunk in flat.split([p.shape[1] for p in parts], dim=1)]
 
 
+def logits_gradient(grad_probs: torch.Tensor, probs: torch.Tensor, lse: Optional[torch.Tensor],
+                    grad_z_sum: Optional[torch.Tensor]) -> torch.Tensor:
+    """The router logits' gradient from the probabilities' (through the softmax) and, with a z-loss
+    (``lse``: each token's logsumexp), from Σ logsumexp²'s."""
+    grad_logits = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+    if lse is not None and grad_z_sum is not None and grad_z_sum.numel():
+        grad_logits = grad_logits + (2 * grad_z_sum) * lse.unsqueeze(-1) * probs
+    return grad_logits
+
+
 class FusedAdapterFunction(torch.autograd.Function):
     """Outputs: the layer's output (T, m), the router's probability sums (N,), Σ logsumexp² (a scalar)
     and the routed slots per expert (N,) int64 (not differentiable); LoRA's and a disabled z-loss's
@@ -311,9 +321,7 @@ class FusedAdapterFunction(torch.autograd.Function):
                 grad_probs = torch.addcmul(grad_prob_sums.to(probs.dtype), grad_gates, chosen)
             else:
                 grad_probs = grad_gates * chosen
-            grad_logits = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            if spec.z_loss and grad_z_sum is not None and grad_z_sum.numel():
-                grad_logits = grad_logits + (2 * grad_z_sum) * lse.unsqueeze(-1) * probs
+            grad_logits = logits_gradient(grad_probs, probs, lse if spec.z_loss else None, grad_z_sum)
         else:
             grad_h = grad_gated * spec.scaling
             grad_logits = None

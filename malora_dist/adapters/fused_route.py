@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .fused import _sum_over_tp, wide_product
+from .fused import _sum_over_tp, logits_gradient, wide_product
 from .router import Routing
 from .routing import RouterStatistics, slot_counts
 
@@ -116,9 +116,7 @@ class FusedRouteFunction(torch.autograd.Function):
         grad_probs = torch.zeros_like(probs).scatter_(1, experts, grad_gates.to(probs.dtype) * spec.scaling)
         if grad_prob_sums is not None and grad_prob_sums.numel():  # the balance loss reads every prob
             grad_probs.add_(grad_prob_sums.to(probs.dtype))
-        grad_logits = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        if spec.z_loss and grad_z_sum is not None and grad_z_sum.numel():
-            grad_logits = grad_logits + (2 * grad_z_sum) * lse.unsqueeze(-1) * probs
+        grad_logits = logits_gradient(grad_probs, probs, lse, grad_z_sum)  # lse is None without a z-loss
         has_z = ctx.has_shared and grad_z is not None and grad_z.numel()
         grad_shared = None
         if has_z and keep is None:  # router and S_A at once, as in the forward

@@ -24,8 +24,6 @@ layers, each layer's input, and one layer's full activations during its recomput
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,7 +36,7 @@ from ..models import shard_causal_lm_skeleton
 from ..parallel.parallelize import build_adapters
 from ..train.build import DTYPES, enable_activation_checkpointing, placement_inputs
 from ..train.config import RunConfig, apply_overrides, build_run_config
-from ..config_utils import load_yaml
+from ..config_utils import load_hf_config_dict, load_yaml
 from ..train.validation import model_hf_config, validate_run
 
 
@@ -46,12 +44,7 @@ def plan_run_config(path: str, overrides: Optional[list] = None, model_config: O
     """The run config, with ``model_config`` (an HF config.json) standing in for the model's weights."""
     raw = apply_overrides(load_yaml(path), overrides or [])
     if model_config is not None:
-        if not os.path.isfile(model_config):
-            raise ValueError(f"--model-config {model_config!r} is not a file: give an HF config.json")
-        with open(model_config) as f:
-            hf = json.load(f)
-        if "model_type" not in hf:
-            raise ValueError(f"--model-config {model_config}: no 'model_type' key; is it an HF config.json?")
+        hf = load_hf_config_dict(model_config)
         dtype = (raw.get("model") or {}).get("dtype", "float32")
         raw["model"] = {"config": hf, "dtype": dtype}
     config = build_run_config(raw)
