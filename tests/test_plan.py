@@ -87,3 +87,24 @@ def test_a_machine_file_with_a_wrong_key_names_it(tmp_path):
     path.write_text("name: x\npeak_flop: 1\n")
     with pytest.raises(ValueError, match="peak_flop"):
         load_machine(str(path))
+
+
+def test_the_plan_command_ranks_layouts_against_the_memory_given(tmp_path, capsys):
+    """``launch/plan.py``'s flags: ``--all-layouts`` ranks every layout of the world, ``--machine``
+    and ``--gpu-memory-gib`` set what a rank holds (a tiny budget: nothing fits), ``--json`` writes
+    the plans; a bad world size is one line and exit 2."""
+    import json
+
+    from malora_dist.plan.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["--config", TINY, "--world-size", "2", "--all-layouts", "--machine", "h200",
+                 "--gpu-memory-gib", "0.001", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "H200" in printed and "DOES NOT FIT" in printed
+    plans = json.loads(out.read_text())
+    layouts = {(p["tp"], p["ep"], p["placement"]) for p in plans}
+    assert len(plans) == len(layouts) == len(candidate_layouts(plan_run_config(TINY), 2)) >= 2
+    assert all(p["error"] is None and p["peak_bytes"] > 0.001 * 2**30 for p in plans)
+    assert main(["--config", TINY, "--world-size", "0"]) == 2
+    assert "--world-size" in capsys.readouterr().err
