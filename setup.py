@@ -46,6 +46,7 @@ setup(
             "malora-lm-eval = malora_dist.lm_eval_harness:main",
             "malora-export = malora_dist.export:main",
             "malora-params = malora_dist.params:main",
+            "malora-plan = malora_dist.plan.cli:main",
         ],
     },
 )

@@ -86,5 +86,5 @@ def test_params_train_and_evaluate_from_the_wheel(installed):
     out = run([str(bin_dir / "malora-eval"), "--config", TINY, "--adapter", "run/adapter", "--task",
                "cap=synthetic:capitals", "--limit", "3", "--output", "eval.json"], cwd=work)
     assert "cap" in out and json.loads((work / "eval.json").read_text())["tasks"]["cap"]["n"] == 3
-    for command in ("malora-generate", "malora-lm-eval", "malora-export", "malora-params"):
+    for command in ("malora-generate", "malora-lm-eval", "malora-export", "malora-params", "malora-plan"):
         assert (bin_dir / command).exists(), command
