@@ -37,16 +37,19 @@ setup(
         "plots": ["matplotlib>=3.8"],
         "peft": ["peft>=0.21,<0.22"],  # malora_dist.peft_method: the mixtures as a PEFT method (tested on 0.21)
     },
-    # Each command is also a module (python -m ..., torchrun -m ...); launch/*.py are thin wrappers.
+    # Each command is also a module, malora_dist.commands.<name> (python -m ..., torchrun -m ...); launch/*.py
+    # are thin wrappers.
     entry_points={
         "console_scripts": [
-            "malora-train = malora_dist.train.cli:main",
-            "malora-eval = malora_dist.evaluation.cli:main",
-            "malora-generate = malora_dist.generate:main",
-            "malora-lm-eval = malora_dist.lm_eval_harness:main",
-            "malora-export = malora_dist.export:main",
-            "malora-params = malora_dist.params:main",
-            "malora-plan = malora_dist.plan.cli:main",
+            "malora-train = malora_dist.commands.train:main",
+            "malora-eval = malora_dist.commands.evaluate:main",
+            "malora-generate = malora_dist.commands.generate:main",
+            "malora-lm-eval = malora_dist.commands.lm_eval:main",
+            "malora-export = malora_dist.commands.export:main",
+            "malora-params = malora_dist.commands.params:main",
+            "malora-sweep = malora_dist.commands.sweep:main",
+            "malora-analyze = malora_dist.commands.analyze:main",
+            "malora-plan = malora_dist.commands.plan:main",
         ],
     },
 )

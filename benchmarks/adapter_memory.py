@@ -17,7 +17,6 @@ import os
 import sys
 
 import psutil
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,11 +27,11 @@ ADAPTER = dict(method="malora", rank=8, num_experts=8, top_k=2)
 
 
 def measure(ep: int) -> dict:
-    from malora_dist.adapters.config import AdapterConfig
     from malora_dist.adapters.inject import adapter_layers
+    from malora_dist.config.adapter import AdapterConfig
     from malora_dist.models import build_tiny_causal_lm
-    from malora_dist.parallel.groups import ParallelGroups
     from malora_dist.parallel.parallelize import build_adapters
+    from malora_dist.runtime.groups import ParallelGroups
 
     groups = ParallelGroups.build(tp=1, ep=ep) if ep > 1 else ParallelGroups.single()
     model = build_tiny_causal_lm(SMOLLM2, seed=0)
@@ -51,7 +50,7 @@ def measure(ep: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from malora_dist.local_world import run_local_world
+    from malora_dist.runtime.local_world import run_local_world
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])

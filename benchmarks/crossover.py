@@ -33,9 +33,8 @@ import statistics
 import sys
 import time
 
-import torch
-
 import throughput
+import torch
 from throughput import machine_info, run_world
 
 METHODS = {
@@ -49,9 +48,9 @@ def _layer(adapter, num_experts, n, m, device, groups=None, placement="replicate
     """The layer of one cell, built for ``placement`` on ``groups`` (one process if None)."""
     import torch.nn as nn
 
-    from malora_dist.adapters.config import AdapterConfig
-    from malora_dist.parallel.groups import ParallelGroups
+    from malora_dist.config.adapter import AdapterConfig
     from malora_dist.parallel.parallelize import build_adapters
+    from malora_dist.runtime.groups import ParallelGroups
 
     torch.manual_seed(0)
     model = nn.ModuleDict({"proj": nn.Linear(n, m, bias=False).to(device)})
@@ -88,11 +87,11 @@ def _step(layer, optimizer, params, groups, x, grad, device) -> dict:
 def crossover_world(spec: dict) -> dict:
     import torch.distributed as dist
 
-    from malora_dist.adapters.config import AdapterConfig
     from malora_dist.adapters.inject import adapter_parameters
-    from malora_dist.parallel.groups import ParallelGroups
+    from malora_dist.config.adapter import AdapterConfig
     from malora_dist.parallel.placement import measure_link, placement_costs
-    from malora_dist.runtime import pick_backend_and_device
+    from malora_dist.runtime.distributed import pick_backend_and_device
+    from malora_dist.runtime.groups import ParallelGroups
     from malora_dist.train.optim import build_optimizer
 
     _, device = pick_backend_and_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.parallel.groups import ParallelGroups
+from malora_dist.config.adapter import AdapterConfig
 from malora_dist.parallel.parallelize import build_adapters
+from malora_dist.runtime.groups import ParallelGroups
 
 METHODS = {"molora": dict(method="molora", rank=8, num_experts=8, top_k=2),
            "malora": dict(method="malora", rank=8, num_experts=8, top_k=2, lam=0.5)}

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from malora_dist.local_world import run_local_world
 from malora_dist.models import load_hf_model, load_tokenizer, shard_causal_lm, smollm2_gguf_path
-from malora_dist.parallel.groups import ParallelGroups
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.runtime.local_world import run_local_world
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 

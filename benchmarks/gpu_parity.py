@@ -31,9 +31,9 @@ import time
 import torch
 import torch.nn as nn
 
-from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import auxiliary_loss
 from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.config.adapter import AdapterConfig
 
 SHAPES = {  # (n, m, rank, num_experts, tokens)
     "mid": (256, 384, 8, 8, 1024),

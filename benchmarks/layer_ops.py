@@ -16,8 +16,8 @@ import argparse
 import json
 
 import torch
-
 from layer_speed import PAPER_METHODS, build
+
 from malora_dist.adapters.cost import WorkCounter
 
 METHODS = {"base": None, **{name: PAPER_METHODS[name] for name in (

@@ -26,9 +26,9 @@ import time
 import torch
 import torch.nn as nn
 
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.layout import AdapterLayout
 from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layout import AdapterLayout
+from malora_dist.config.adapter import AdapterConfig
 from malora_dist.train.optim import build_optimizer
 
 PAPER_METHODS = {

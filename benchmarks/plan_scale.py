@@ -22,13 +22,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from malora_dist.parallel.groups import ParallelGroups, validate_layout  # noqa: E402
 from malora_dist.plan.fake_world import fake_rank  # noqa: E402
 from malora_dist.plan.machine import load_machine  # noqa: E402
 from malora_dist.plan.planner import with_layout  # noqa: E402
-from malora_dist.plan.rank_build import (build_rank_model, local_experts_model, plan_run_config,  # noqa: E402
-                                         rank_memory)
+from malora_dist.plan.rank_build import build_rank_model, local_experts_model, plan_run_config, rank_memory  # noqa: E402
 from malora_dist.plan.step_time import count_micro_batch, predict_step  # noqa: E402
+from malora_dist.runtime.groups import ParallelGroups, validate_layout  # noqa: E402
 
 MODELS = {"7B": "configs/models/llama2-7b.json", "13B": "configs/models/llama2-13b.json",
           "70B": "configs/models/llama2-70b.json"}

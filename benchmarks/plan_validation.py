@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from malora_dist.local_world import run_local_world  # noqa: E402
 from malora_dist.plan.measure import calibrated_machine, measured_run  # noqa: E402
+from malora_dist.runtime.local_world import run_local_world  # noqa: E402
 
 # forward and backward include the exchange (it runs inside them); exchange is the part of the step
 # spent in its collectives (measured by the profiler on a step of its own, rank 0)

@@ -13,7 +13,7 @@ Methods: the paper's configurations — LoRA r=64, MoLoRA r=8 N=8 top-2, MALoRA 
 (b) Full training steps through the library's own ``Trainer`` and ``build_model`` on the real model:
     one process, and two processes with ``parallel.ep=2`` under each expert placement (``ep``,
     ``auto``, ``replicate``; LoRA, which has no experts, runs data-parallel there). Device and backend
-    come from ``malora_dist.runtime`` (NCCL on GPUs, gloo on CPUs); the two-process part needs two
+    come from ``malora_dist.runtime.distributed`` (NCCL on GPUs, gloo on CPUs); the two-process part needs two
     GPUs when CUDA is present.
 
 How (b) is measured, and why:
@@ -57,11 +57,10 @@ import sys
 import tempfile
 import time
 
+import layer_speed
 import torch
 
-import layer_speed
-
-from malora_dist.local_world import run_local_world
+from malora_dist.runtime.local_world import run_local_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = {
@@ -113,7 +112,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
     """``name:key=value,key=value`` → (name, AdapterConfig keys); values are read as YAML."""
     import yaml
 
-    from malora_dist.adapters.config import AdapterConfig
+    from malora_dist.config.adapter import AdapterConfig
 
     if ":" not in spec:
         raise argparse.ArgumentTypeError(f"--method {spec!r}: write NAME:key=value,... (e.g. m4:method=malora,num_experts=4,lam=1.0)")
@@ -182,7 +181,7 @@ def _rss_mb() -> dict:
 
 
 def _run_config(spec: dict, adapter: dict, ep: int, placement: str, output_dir: str):
-    from malora_dist.train.config import build_run_config
+    from malora_dist.config.run import build_run_config
 
     adapter = dict(adapter)
     share_exchanges = adapter.pop("share_exchanges", True)  # a parallel key, carried by a variant's adapter keys
@@ -309,13 +308,13 @@ def train_world(spec: dict) -> dict:
     import torch.distributed as dist
 
     from malora_dist.data.pipeline import build_multitask_data
-    from malora_dist.logging_utils import setup_logging
-    from malora_dist.parallel.groups import ParallelGroups
     from malora_dist.parallel.placement import measure_link
-    from malora_dist.runtime import pick_backend_and_device
+    from malora_dist.runtime.distributed import pick_backend_and_device
+    from malora_dist.runtime.groups import ParallelGroups
+    from malora_dist.runtime.log import setup_logging
     from malora_dist.train import build
+    from malora_dist.train.preflight import validate_run
     from malora_dist.train.trainer import Trainer
-    from malora_dist.train.validation import validate_run
 
     world = dist.get_world_size()
     setup_logging(dist.get_rank())

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
-    from malora_dist.train.config import load_run_config
+    from malora_dist.config.run import load_run_config
 
     output_dir = load_run_config(os.path.join(REPO, args.config), args.set).train.output_dir
     output_dir = output_dir if os.path.isabs(output_dir) else os.path.join(REPO, output_dir)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a base model or base + adapter: see ``malora_dist/evaluation/cli.py`` (``--help``).
+"""Evaluate a base model or base + adapter: see ``malora_dist/commands/evaluate.py`` (``--help``).
 
 ``python launch/evaluate.py --config CFG [--adapter DIR] [--task NAME=PATH[:style] ...] [--limit N]
 [--output FILE] [--set k=v ...]``, or under torchrun / srun for tp, ep and dp.
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from malora_dist.evaluation.cli import main  # noqa: E402
+from malora_dist.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

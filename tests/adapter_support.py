@@ -2,13 +2,13 @@
 independent reference of the evaluation, generation and lm-eval tests)."""
 
 import torch
-
-from malora_dist.adapters.inject import adapter_layers, inject_adapters
-from malora_dist.adapters.io import load_adapter, save_adapter
-from malora_dist.models import build_tiny_causal_lm
-from malora_dist.train.config import load_run_config
 from reference import randomize_adapter_
 from training_support import TINY
+
+from malora_dist.adapters.inject import adapter_layers, inject_adapters
+from malora_dist.config.run import load_run_config
+from malora_dist.models import build_tiny_causal_lm
+from malora_dist.parallel.adapter_files import load_adapter, save_adapter
 
 
 def tiny(*overrides):

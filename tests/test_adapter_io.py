@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
-
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.inject import adapter_layers, adapter_parameters, inject_adapters
-from malora_dist.adapters.io import load_adapter, save_adapter
-from malora_dist.params import parameter_report, load_model_config
 from reference import randomize_adapter_
 from tiny_models import tiny_llama
+
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters, inject_adapters
+from malora_dist.adapters.parameter_count import parameter_report
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.models.loading import load_model_config
+from malora_dist.parallel.adapter_files import load_adapter, save_adapter
 
 IDS = torch.tensor([[1, 5, 9, 33, 7, 2, 100, 64]])
 
@@ -122,7 +123,7 @@ def test_parameter_report_matches_closed_form(adapter, expected, percent):
 def test_parameter_report_cli_reads_a_training_config(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("adapter:\n  method: malora\n  rank: 8\n  num_experts: 8\n")
-    out = subprocess.run([sys.executable, "-m", "malora_dist.params", "--model-config", LLAMA2_7B,
+    out = subprocess.run([sys.executable, "-m", "malora_dist.commands.params", "--model-config", LLAMA2_7B,
                           "--adapter-config", str(cfg)], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     assert report["trainable_params"] == 158_859_264 == closed_form("malora")

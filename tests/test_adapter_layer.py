@@ -5,12 +5,12 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
 
-from malora_dist.adapters.config import AdapterConfig
+from malora_dist.adapters.gating import balance_loss, plan_slots
 from malora_dist.adapters.inject import auxiliary_loss
 from malora_dist.adapters.layer import AdapterLinear
-from malora_dist.adapters.routing import balance_loss, plan_slots
-from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
+from malora_dist.config.adapter import AdapterConfig
 
 SHAPES = [  # (n, m, rank, num_experts, tokens)
     (16, 24, 4, 4, 13),
@@ -233,7 +233,7 @@ def test_fp32_router_keeps_no_fp32_copy_of_bf16_input(method, kernel):
 
 
 def test_auto_kernel_is_dense_up_to_the_limit_then_sparse():
-    from malora_dist.adapters.config import DENSE_KERNEL_MAX_EXPERTS as limit
+    from malora_dist.config.adapter import DENSE_KERNEL_MAX_EXPERTS as limit
 
     assert make_layer("molora", 16, 16, 2, limit, 2).kernel == "dense"
     many = make_layer("molora", 16, 16, 2, 2 * limit, 2)

@@ -4,12 +4,12 @@ PEFT's DoRA, the rest against the einsum reference, and frozen parts that are re
 import pytest
 import torch
 import torch.nn as nn
-
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.inject import adapter_layers, adapter_parameters, inject_adapters
-from malora_dist.adapters.io import load_adapter, save_adapter
-from malora_dist.adapters.layer import AdapterLinear
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
+
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters, inject_adapters
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.parallel.adapter_files import load_adapter, save_adapter
 
 N_IN, M_OUT, TOKENS = 16, 24, 13
 
@@ -253,8 +253,8 @@ def test_per_expert_subspaces_are_each_experts_own_svd():
 def test_analysis_reads_each_methods_down_projections(tmp_path):
     """The analysis composes an expert's down-projection in the input space: P_t S_A, B_t's shared A
     (HydraLoRA), P_t S_t (per-expert subspaces)."""
-    from malora_dist.adapters.io import adapter_state
-    from malora_dist.analysis import layer_experts
+    from malora_dist.analysis.subspaces import layer_experts
+    from malora_dist.parallel.adapter_files import adapter_state
 
     for keys in (dict(method="hydralora", rank=4), dict(method="malora", rank=4, subspace="per_expert"),
                  dict(method="malora", rank=4, shared_side="up")):

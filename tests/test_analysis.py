@@ -11,12 +11,14 @@ import pytest
 import torch
 import yaml
 
-from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers, inject_adapters
-from malora_dist.adapters.io import save_adapter
-from malora_dist.analysis import analyse, canonical_correlations, cca_similarity, main, random_subspace_similarity
-from malora_dist.routing_analysis import summarise
+from malora_dist.analysis.experts import analyse
+from malora_dist.analysis.routing import summarise
+from malora_dist.analysis.subspaces import canonical_correlations, cca_similarity, random_subspace_similarity
+from malora_dist.commands.analyze import main
+from malora_dist.config.adapter import AdapterConfig
 from malora_dist.models import build_tiny_causal_lm
+from malora_dist.parallel.adapter_files import save_adapter
 
 TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
             intermediate_size=48, vocab_size=64, max_position_embeddings=32)
@@ -125,7 +127,7 @@ def test_routing_by_task_counts_the_routers_choices(tmp_path):
     """The held-out pass through the run's model, against top-k of softmax(W_g x) computed here from
     the input of the first adapted layer (taken by a hook; fused or reference path alike)."""
     from malora_dist.adapters.layer import AdapterLinear
-    from malora_dist.routing_analysis import routing_by_task
+    from malora_dist.analysis.routing import routing_by_task
 
     seen = {}
 

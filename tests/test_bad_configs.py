@@ -14,11 +14,11 @@ import subprocess
 import sys
 
 import pytest
-
-from malora_dist.config_utils import load_yaml
-from malora_dist.train.config import apply_overrides, build_run_config, load_run_config
-from malora_dist.train.validation import validate_run
 from training_support import REPO, TINY
+
+from malora_dist.config.loading import load_yaml
+from malora_dist.config.run import apply_overrides, build_run_config, load_run_config
+from malora_dist.train.preflight import validate_run
 
 BASE = load_yaml(TINY)
 

@@ -18,13 +18,13 @@ import subprocess
 import sys
 
 import pytest
+from training_support import REPO, TINY
 
+from malora_dist.config.run import load_run_config
 from malora_dist.data import DataConfig, DataError, Example, build_multitask_data, tokenize_examples
 from malora_dist.data.records import BadRecords
 from malora_dist.data.synthetic import write_synthetic
 from malora_dist.train.build import load_run_tokenizer
-from malora_dist.train.config import load_run_config
-from training_support import REPO, TINY
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ this process: the message is all it prints.
 from __future__ import annotations
 
 import pytest
-
-from malora_dist.evaluation import cli as evaluate_cli
-from malora_dist.generate import main as generate_main
-from malora_dist.train import cli as train_cli
 from training_support import REPO, TINY
+
+from malora_dist.commands import evaluate as evaluate_cli
+from malora_dist.commands import train as train_cli
+from malora_dist.commands.generate import main as generate_main
 
 
 def _files(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from malora_dist.data import (
     TaskConfig,
     build_multitask_data,
     build_prompt,
-    encode_prompts,
     format_instruction,
     option_continuations,
     parse_multiple_choice,
@@ -34,7 +32,8 @@ from malora_dist.data import (
 )
 from malora_dist.data.mixing import GlobalBatchSampler, allocate
 from malora_dist.data.records import BadRecords
-from malora_dist.data.synthetic import TASKS, main as synthetic_main, synthetic_records, write_synthetic
+from malora_dist.data.synthetic import TASKS, synthetic_records, write_synthetic
+from malora_dist.data.synthetic import main as synthetic_main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMONSENSE = REPO / "tests" / "fixtures" / "commonsense"

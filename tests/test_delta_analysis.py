@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from malora_dist.adapters.io import read_adapter_state, save_adapter
-from malora_dist.analysis import main, random_subspace_similarity
+from malora_dist.analysis.subspaces import random_subspace_similarity
+from malora_dist.commands.analyze import main
+from malora_dist.config.run import load_run_config
 from malora_dist.models import build_tiny_causal_lm
-from malora_dist.parallel.groups import ParallelGroups
+from malora_dist.parallel.adapter_files import read_adapter_state, save_adapter
 from malora_dist.parallel.parallelize import build_adapters
-from malora_dist.train.config import load_run_config
+from malora_dist.runtime.groups import ParallelGroups
 
 RUNS = ("malora_ep2", "molora_ep2", "lora_dp2")  # training_support.TRAINED_RUNS
 
@@ -166,9 +167,9 @@ VARIANTS = {
 def test_every_variant_starts_where_it_is_recomputed(tmp_path, variant):
     """The recomputed start of each layer variant equals its freshly built tensors exactly (DoRA's
     magnitude, a function of the base weights, aside)."""
-    from malora_dist.adapters.config import AdapterConfig
     from malora_dist.adapters.inject import inject_adapters
-    from malora_dist.initial_state import initial_adapter_state
+    from malora_dist.analysis.initial_state import initial_adapter_state
+    from malora_dist.config.adapter import AdapterConfig
 
     config = AdapterConfig(**VARIANTS[variant])
     tiny = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from malora_dist.data import TaskConfig, record_to_example
+from malora_dist.evaluation.answer_metrics import final_number, gsm8k_correct, rouge_l, score_answer
 from malora_dist.evaluation.code_execution import code_complete, completion_code, run_completion
-from malora_dist.evaluation.metrics import final_number, gsm8k_correct, rouge_l, score_answer
 from malora_dist.evaluation.report import task_entry
 from malora_dist.evaluation.sandbox import TIMEOUT_S, run_program
 from malora_dist.evaluation.scoring import ItemResult, make_item
@@ -299,7 +299,7 @@ def test_stop_when_reads_the_new_tokens_text():
     """The stopping criterion decodes only the tokens after the prompt (real SmolLM2 tokenizer)."""
     import torch
 
-    from malora_dist.generation import StopWhen
+    from malora_dist.inference.decoding import StopWhen
     from malora_dist.models import load_tokenizer, smollm2_gguf_path
 
     tok = load_tokenizer(*os.path.split(smollm2_gguf_path()))

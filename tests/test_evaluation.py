@@ -1,4 +1,4 @@
-"""Evaluation (launch/evaluate.py, malora_dist.evaluation) and checkpoint export (malora_dist.export).
+"""Evaluation (launch/evaluate.py, malora_dist.evaluation) and checkpoint export (malora_dist.export.checkpoint).
 
 Scores are checked against an independent reference: the plain Hugging Face model (with the
 adapter loaded by ``load_adapter``), one forward pass per (prompt, option) and a log_softmax sum,
@@ -14,13 +14,13 @@ import sys
 
 import pytest
 import torch
-
 from adapter_support import tiny, tiny_hf, write_random_adapter
-from malora_dist.data.synthetic import synthetic_records
-from malora_dist.models import load_tokenizer, smollm2_gguf_path
-from malora_dist.train.config import load_run_config
 from training_support import REPO, TINY
 from world import run_world
+
+from malora_dist.config.run import load_run_config
+from malora_dist.data.synthetic import synthetic_records
+from malora_dist.models import load_tokenizer, smollm2_gguf_path
 
 LIMIT = 5
 # name -> (synthetic task, style)
@@ -176,7 +176,7 @@ def test_config_heldout_sets_split_over_dp(evaluated, tokenizer):
     ("x=:label", "names no file"),
 ])
 def test_bad_task_spec_names_the_argument(spec, message, capsys):
-    from malora_dist.evaluation.cli import main
+    from malora_dist.commands.evaluate import main
 
     assert main(["--config", TINY, "--task", spec]) == 2
     err = capsys.readouterr().err
@@ -196,8 +196,8 @@ def test_task_errors_name_the_argument(tokenizer, tmp_path):
 
 
 def test_training_layout_is_fitted_to_the_world():
-    from malora_dist.adapters.config import AdapterConfig
-    from malora_dist.evaluation.model import fit_eval_layout
+    from malora_dist.config.adapter import AdapterConfig
+    from malora_dist.inference.model import fit_eval_layout
 
     moe = AdapterConfig(method="malora", rank=4, num_experts=4, lam=1.0)
     lora = AdapterConfig(method="lora", rank=4)
@@ -215,7 +215,7 @@ def test_cli_adapts_a_training_layout_but_refuses_one_asked_for(tmp_path, capsys
     """A config trained at ep=2 evaluates in one process; ``--set parallel.ep=2`` is refused."""
     import yaml
 
-    from malora_dist.evaluation.cli import main
+    from malora_dist.commands.evaluate import main
 
     write_random_adapter(str(tmp_path / "adapter"))
     config = tiny("parallel.ep=2").to_dict()
@@ -236,8 +236,8 @@ def test_cli_adapts_a_training_layout_but_refuses_one_asked_for(tmp_path, capsys
 
 @pytest.mark.slow
 def test_layout_errors_name_the_key(evaluated):
-    from malora_dist.adapters.io import read_adapter_config
     from malora_dist.evaluation import validate_eval_layout
+    from malora_dist.parallel.adapter_files import read_adapter_config
 
     with pytest.raises(ValueError, match=r"parallel.ep=2 needs a mixture-of-experts adapter.*no --adapter"):
         validate_eval_layout(tiny("parallel.ep=2"), 2, None)
@@ -247,7 +247,7 @@ def test_layout_errors_name_the_key(evaluated):
 
 @pytest.mark.slow
 def test_export_from_ep2_checkpoint_matches_final_adapter(trained_runs, tmp_path):
-    from malora_dist.export import main
+    from malora_dist.commands.export import main
 
     run = os.path.join(trained_runs, "malora_ep2")
     out = str(tmp_path / "exported")
@@ -269,7 +269,7 @@ def test_export_from_ep2_checkpoint_matches_final_adapter(trained_runs, tmp_path
 
 @pytest.mark.slow
 def test_export_errors(trained_runs, tmp_path, capsys):
-    from malora_dist.export import main
+    from malora_dist.commands.export import main
 
     run = os.path.join(trained_runs, "malora_ep2")
     step = os.path.join(run, "checkpoints", "step_4")
@@ -285,7 +285,7 @@ def test_export_errors(trained_runs, tmp_path, capsys):
 def test_lora_export_loads_in_peft(trained_runs, tmp_path):
     from peft import PeftModel
 
-    from malora_dist.export import export_checkpoint
+    from malora_dist.export.checkpoint import export_checkpoint
 
     run = os.path.join(trained_runs, "lora_dp2")
     out = str(tmp_path / "lora")

@@ -9,7 +9,6 @@ micro-batch over the ranks (its counts all-reduced over them, as a layout that s
 would), against the single-process layer on the whole batch at once.
 """
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,20 +17,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from reference import adapter_params, randomize_adapter_, rel_err
+from world import run_world
 
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.inject import adapter_layers
-from malora_dist.adapters.io import adapter_state, load_adapter_state
+from malora_dist.adapters.gating import finish_router_losses
 from malora_dist.adapters.layer import AdapterLinear
-from malora_dist.adapters.routing import finish_router_losses
 from malora_dist.adapters.tags import is_ep_sharded
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.parallel.adapter_files import adapter_state, load_adapter_state
 from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
-from malora_dist.parallel.groups import ParallelGroups
 from malora_dist.parallel.parallelize import build_adapters
 from malora_dist.parallel.placement import measure_link
 from malora_dist.parallel.sharding import full_tensor
-from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
-from world import run_world
+from malora_dist.runtime.groups import ParallelGroups
 
 pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
 

@@ -10,18 +10,18 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
 
 from malora_dist.adapters import fused_experts
-from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
-from malora_dist.adapters.fused import FusedSpec, fused_adapter, fused_unsupported_reason, use_fused
-from malora_dist.adapters.inject import auxiliary_loss
 from malora_dist.adapters.experts import GroupedExperts
+from malora_dist.adapters.fused import FusedSpec, fused_adapter, fused_unsupported_reason, use_fused
 from malora_dist.adapters.fused_experts import FusedGroupedExperts
 from malora_dist.adapters.fused_route import FusedRouteFunction, RouteSpec, prepare_route_weights
+from malora_dist.adapters.inject import auxiliary_loss
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
-from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
+from malora_dist.config.adapter import AdapterConfig
 
 N_IN, M_OUT, TOKENS = 24, 20, 14
 CASES = [  # method, top_k, dropout, z-loss, base bias
@@ -296,10 +296,11 @@ def test_grouped_experts_pad_bf16_rank_for_grouped_mm(monkeypatch):
 
 # ---- training: the fused path's losses equal the reference path's -------------------------------
 def train_both(root):
-    from malora_dist.train.config import build_run_config
-    from malora_dist.train.metrics import read_metrics
-    from malora_dist.train.run import run_training
     from training_support import synthetic_dir, tiny_config
+
+    from malora_dist.config.run import build_run_config
+    from malora_dist.train.metrics_log import read_metrics
+    from malora_dist.train.run import run_training
 
     data = synthetic_dir(root)
     losses = {}

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
-from malora_dist.adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss, inject_adapters
-from malora_dist.adapters.io import adapter_state, load_adapter_state
-from malora_dist.models import build_tiny_causal_lm, shard_causal_lm
-from malora_dist.parallel.groups import ParallelGroups
-from malora_dist.parallel.parallelize import build_adapters
 from reference import rel_err
 from world import run_world
+
+from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss, inject_adapters
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.models import build_tiny_causal_lm, shard_causal_lm
+from malora_dist.parallel.adapter_files import adapter_state, load_adapter_state
+from malora_dist.parallel.parallelize import build_adapters
+from malora_dist.runtime.groups import ParallelGroups
 
 pytestmark = pytest.mark.slow  # a multi-process world
 

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-
 from adapter_support import tiny_hf, write_random_adapter
-from malora_dist.generate import main
-from malora_dist.models import load_tokenizer, smollm2_gguf_path
-from malora_dist.runtime import free_port
 from training_support import REPO, TINY
+
+from malora_dist.commands.generate import main
+from malora_dist.models import load_tokenizer, smollm2_gguf_path
+from malora_dist.runtime.distributed import free_port
 
 PROMPTS = ["What is the capital of France?", "hello there", "Question: 12 + 7 =\nAnswer:"]
 NEW_TOKENS = 6

@@ -10,7 +10,6 @@ import tarfile
 
 import pytest
 import yaml
-
 from training_support import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks", "reproduction"))

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from malora_dist.launch_env import expand_nodelist, resolve_launch_env
 from training_support import REPO, synthetic_dir, tiny_config
-from malora_dist.runtime import free_port
+
+from malora_dist.runtime.distributed import free_port
+from malora_dist.runtime.launch_env import expand_nodelist, resolve_launch_env
 
 SLURM_DIR = os.path.join(REPO, "launch", "slurm")
 TEMPLATES = ["torchrun_multinode.sbatch", "srun_ranks.sbatch"]

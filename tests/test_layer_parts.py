@@ -4,12 +4,12 @@ model, and the notices for keys that have no effect."""
 import pytest
 import torch
 import torch.nn as nn
+from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
 
-from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.cost import count_work
 from malora_dist.adapters.dropout import DropoutContext, LayoutFreeDropout, keep_mask, set_dropout_context, token_places
 from malora_dist.adapters.layer import AdapterLinear
-from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
+from malora_dist.config.adapter import AdapterConfig
 
 P = 0.3
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from adapter_support import write_random_adapter
 from training_support import REPO, TINY
 
@@ -55,7 +54,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The adapter, evaluate.py's report on LIMIT capitals items, and lm-eval tasks of the same items."""
-    from malora_dist.evaluation.cli import main
+    from malora_dist.commands.evaluate import main
 
     root = tmp_path_factory.mktemp("lm_eval")
     adapter = str(root / "adapter")
@@ -83,7 +82,7 @@ def run_lm_eval(setup, name, launcher, tasks=("malora_mc", "malora_gen")):
     root, adapter, _ = setup
     out = root / name
     done = subprocess.run(
-        launcher + ["-m", "malora_dist.lm_eval_harness", "--model", "malora", "--model_args",
+        launcher + ["-m", "malora_dist.commands.lm_eval", "--model", "malora", "--model_args",
                     f"config={TINY},adapter={adapter}", "--tasks", ",".join(tasks), "--include_path",
                     str(root / "tasks"), "--batch_size", "4", "--log_samples", "--output_path", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, **OFFLINE})
@@ -135,7 +134,7 @@ def test_shipped_demo_capitals_task_runs_and_matches(setup):
 
 
 def test_bad_model_args_name_the_key(tmp_path):
-    from malora_dist.lm_eval_harness import MaloraLM
+    from malora_dist.evaluation.lm_eval_model import MaloraLM
 
     with pytest.raises(ValueError, match=r"adapter='/nonexistent' \(--model_args\) is not a directory"):
         MaloraLM(config=TINY, adapter="/nonexistent")

@@ -1,4 +1,4 @@
-"""The model card the export writes beside an adapter (``malora_dist.model_card``).
+"""The model card the export writes beside an adapter (``malora_dist.export.model_card``).
 
 The run directory is the v0.1 fixture's (its config and step-2 checkpoint), with the files a run
 and an evaluation leave beside them: ``metrics.jsonl`` with held-out losses, the final adapter and
@@ -12,11 +12,11 @@ import re
 import shutil
 
 import torch
-
 from adapter_support import tiny
-from malora_dist.export import main
-from malora_dist.params import parameter_report
-from malora_dist.train.validation import model_hf_config
+
+from malora_dist.adapters.parameter_count import parameter_report
+from malora_dist.commands.export import main
+from malora_dist.train.preflight import model_hf_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_tiny")
 
@@ -64,7 +64,7 @@ def test_export_writes_the_model_card(tmp_path):
         "| 1 | 8.2500 |\n| 2 | 7.5000 |",
         f"Evaluation of this run's final adapter (`{os.path.join(str(tmp_path), 'point', 'eval.json')}`)",
         "| cap | multiple_choice | 8 | 0.6250 |",
-        "python -m malora_dist.export " + " ".join(args),
+        "python -m malora_dist.commands.export " + " ".join(args),
     ]:
         assert expected in card, expected
     assert "| other |" not in card and report["trainable_params"] == 37_376
@@ -92,15 +92,15 @@ def test_an_earlier_step_gets_no_final_evaluation_and_no_later_losses(tmp_path):
 def test_a_base_named_by_its_directory_loads_as_the_card_says(tmp_path):
     """A base given by ``model.name_or_path`` alone: the card's lines are transformers' and PEFT's,
     run here as written, and give the package's model."""
+    from reference import randomize_adapter_
+    from tiny_models import tiny_llama
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import AutoConfig, PreTrainedTokenizerFast
 
     from malora_dist.adapters.inject import adapter_layers, inject_adapters
-    from malora_dist.adapters.io import load_adapter, save_adapter
-    from malora_dist.model_card import write_model_card
-    from reference import randomize_adapter_
-    from tiny_models import tiny_llama
+    from malora_dist.export.model_card import write_model_card
+    from malora_dist.parallel.adapter_files import load_adapter, save_adapter
 
     base_dir, out = str(tmp_path / "base"), str(tmp_path / "adapter")
     tiny_llama(seed=1).save_pretrained(base_dir)

@@ -6,10 +6,10 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from malora_dist.adapters.io import adapter_state, load_adapter
-from malora_dist.export import export_checkpoint
+from malora_dist.config.run import load_run_config
+from malora_dist.export.checkpoint import export_checkpoint
 from malora_dist.models import build_tiny_causal_lm
-from malora_dist.train.config import load_run_config
+from malora_dist.parallel.adapter_files import adapter_state, load_adapter
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_tiny")
 

@@ -16,7 +16,6 @@ import sysconfig
 import zipfile
 
 import pytest
-
 from training_support import REPO, TINY
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -76,7 +75,7 @@ def test_the_wheel_is_what_is_imported(installed):
 def test_params_train_and_evaluate_from_the_wheel(installed):
     venv, _, work = installed
     bin_dir = venv / "bin"
-    report = json.loads(run([str(bin_dir / "python"), "-m", "malora_dist.params", "--model-config",
+    report = json.loads(run([str(bin_dir / "python"), "-m", "malora_dist.commands.params", "--model-config",
                              os.path.join(CONFIGS, "models", "llama2-7b.json"), "--adapter-config",
                              os.path.join(CONFIGS, "adapters", "malora.yaml")], cwd=work))
     assert report["trainable_params"] > 0

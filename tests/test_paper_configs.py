@@ -14,7 +14,7 @@ import re
 import pytest
 import yaml
 
-from malora_dist.adapters.config import AdapterConfig
+from malora_dist.config.adapter import AdapterConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(REPO, "tests", "fixtures", "paper_tables.md")

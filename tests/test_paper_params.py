@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from malora_dist.params import PAPER_ROWS, paper_table
+from malora_dist.analysis.parameters import PAPER_ROWS, paper_table
 
 LAYERS = 32
 SIX_TARGETS = [(4096, 4096)] * 3 + [(4096, 11008)] * 2 + [(11008, 4096)]  # (n, m): q k v gate up down
@@ -95,12 +95,12 @@ def test_table3_molora_r12_is_the_percent_of_the_base(table):
 
 @pytest.mark.slow  # a second full table in a subprocess
 def test_paper_cli_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "malora_dist.params", "--paper", "--json"],
+    out = subprocess.run([sys.executable, "-m", "malora_dist.commands.params", "--paper", "--json"],
                          capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
     assert [r["row"] for r in rows] == [label for label, _, _, _ in PAPER_ROWS]
 
 
 def test_params_cli_without_arguments_says_what_to_give():
-    out = subprocess.run([sys.executable, "-m", "malora_dist.params"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "malora_dist.commands.params"], capture_output=True, text=True)
     assert out.returncode == 2 and "--paper" in out.stderr

@@ -1,6 +1,6 @@
 """Trained adapters outside the trainer: the session's short runs (``trained_runs``: MALoRA and
 MoLoRA at ep=2, LoRA at dp=2, two real processes on gloo) exported with ``python -m
-malora_dist.export`` load with ``PeftModel.from_pretrained`` in a fresh Python process that imports
+malora_dist.commands.export`` load with ``PeftModel.from_pretrained`` in a fresh Python process that imports
 only transformers, peft and malora_dist (``peft_fresh_process.py``), into the base saved with
 ``save_pretrained`` and read back with ``AutoModelForCausalLM.from_pretrained``.
 
@@ -16,13 +16,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from malora_dist.adapters.io import adapter_state, load_adapter
-from malora_dist.export import main as export_main
-from malora_dist.models import build_tiny_causal_lm
-from malora_dist.train.config import load_run_config
 from training_support import TRAINED_RUNS
 from world import run_world
+
+from malora_dist.commands.export import main as export_main
+from malora_dist.config.run import load_run_config
+from malora_dist.models import build_tiny_causal_lm
+from malora_dist.parallel.adapter_files import adapter_state, load_adapter
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,8 +37,8 @@ def package_outputs(runs, adapters, generated):
     """In a one-process world (the evaluation model's tensor-parallel base needs process groups):
     per run, ``launch/evaluate.py``'s model's logits on the probe, with and without the adapter,
     and its greedy choice after each prefix of PEFT's generated sequence."""
-    from malora_dist.evaluation.model import build_eval_model
-    from malora_dist.parallel.groups import ParallelGroups
+    from malora_dist.inference.model import build_eval_model
+    from malora_dist.runtime.groups import ParallelGroups
 
     groups = ParallelGroups.build(1, 1)
     out = {}

@@ -15,15 +15,15 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from reference import dense_adapter_output, randomize_adapter_
 from safetensors.torch import load_file
+from tiny_models import tiny_llama
 
 import malora_dist.peft_method  # noqa: F401  (registers the method)
-from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.inject import adapter_layers, inject_adapters
-from malora_dist.adapters.io import adapter_state, load_adapter, read_adapter_state, save_adapter
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.parallel.adapter_files import adapter_state, load_adapter, read_adapter_state, save_adapter
 from malora_dist.peft_method import MaloraDistConfig, MaloraDistLayer, register
-from reference import dense_adapter_output, randomize_adapter_
-from tiny_models import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 33, 7, 2, 100, 64, 3, 17]])
 MOE = dict(rank=2, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
@@ -192,7 +192,7 @@ def test_registration_is_idempotent_and_the_package_import_does_not_load_peft():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["MALORA_DIST"] is MaloraDistConfig
     assert isinstance(MaloraDistConfig(method="molora").peft_type, PeftType)
     # training and export write the PEFT form without importing PEFT
-    code = "import sys, malora_dist, malora_dist.export; assert 'peft' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, malora_dist, malora_dist.export.checkpoint; assert 'peft' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
 
 

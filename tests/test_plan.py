@@ -6,7 +6,6 @@ One gloo world per world size (2: ep = 2; 4: tp = 2, ep = 2), several checks ins
 """
 
 import pytest
-
 from world import run_world
 
 from malora_dist.plan.fake_world import distinct_positions, fake_rank
@@ -95,7 +94,7 @@ def test_the_plan_command_ranks_layouts_against_the_memory_given(tmp_path, capsy
     the plans; a bad world size is one line and exit 2."""
     import json
 
-    from malora_dist.plan.cli import main
+    from malora_dist.commands.plan import main
 
     out = tmp_path / "plan.json"
     assert main(["--config", TINY, "--world-size", "2", "--all-layouts", "--machine", "h200",

@@ -21,11 +21,11 @@ import time
 
 import pytest
 import torch
-
-from malora_dist.runtime import free_port
-from malora_dist.train.metrics import read_metrics
 from training_support import REPO, TINY
 from world import run_world
+
+from malora_dist.runtime.distributed import free_port
+from malora_dist.train.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
 
@@ -220,8 +220,8 @@ NONFINITE = {
 
 
 def world_main(root):
+    from malora_dist.config.run import load_run_config
     from malora_dist.train import run as run_module
-    from malora_dist.train.config import load_run_config
     from malora_dist.train.trainer import NonFiniteError
 
     # Loading the tokenizer takes seconds and every run here uses the same one.

@@ -34,14 +34,14 @@ import shutil
 
 import pytest
 import yaml
-
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.train import cli
-from malora_dist.train.config import build_run_config
-from malora_dist.train.metrics import read_metrics
-from malora_dist.train.run import run_training
 from training_support import Record
 from world import run_world
+
+from malora_dist.commands import train as cli
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.config.run import build_run_config
+from malora_dist.train.metrics_log import read_metrics
+from malora_dist.train.run import run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))

@@ -17,14 +17,14 @@ import zlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from world import run_world
 
-from malora_dist.adapters.config import AdapterConfig
 from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
 from malora_dist.adapters.inject import adapter_layers, auxiliary_loss
+from malora_dist.config.adapter import AdapterConfig
 from malora_dist.models import build_tiny_causal_lm, shard_causal_lm
-from malora_dist.parallel.groups import ParallelGroups
 from malora_dist.parallel.parallelize import build_adapters
-from world import run_world
+from malora_dist.runtime.groups import ParallelGroups
 
 pytestmark = pytest.mark.slow  # a multi-process world
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from skip_policy import GPU_SKIP_REASON
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -12,6 +12,7 @@ import importlib.util
 import pytest
 import torch
 import torch.distributed as dist
+from world import run_world
 
 from malora_dist.models import (
     check_tp_divisibility,
@@ -20,8 +21,7 @@ from malora_dist.models import (
     shard_causal_lm,
     smollm2_gguf_path,
 )
-from malora_dist.parallel.groups import ParallelGroups
-from world import run_world
+from malora_dist.runtime.groups import ParallelGroups
 
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 8

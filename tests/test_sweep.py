@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
-from malora_dist.sweep import expand, parse_grid
 from training_support import REPO, TINY
+
+from malora_dist.sweep.runner import expand, parse_grid
 
 GRID = ["adapter.method=lora,malora", "adapter.rank=2,4", "train.seed=0,1"]
 
@@ -36,7 +36,7 @@ def test_linked_keys_vary_together():
 
 def test_table_reads_reports_from_before_the_metric_key(tmp_path):
     """A sweep resumed across versions: an older point's eval.json has accuracy and no score."""
-    from malora_dist.sweep import aggregate
+    from malora_dist.sweep.runner import aggregate
 
     spec = {"config": TINY, "grid": {"train.seed": [0, 1]}, "points": expand(parse_grid(["train.seed=0,1"]))}
     for point, report in zip(spec["points"], ({"accuracy": 0.5}, {"accuracy": 0.75, "score": 0.75})):
@@ -47,7 +47,7 @@ def test_table_reads_reports_from_before_the_metric_key(tmp_path):
 
 
 def sweep(*args):
-    return subprocess.run([sys.executable, "-m", "malora_dist.sweep", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "malora_dist.commands.sweep", *args], cwd=REPO, capture_output=True, text=True)
 
 
 @pytest.mark.slow

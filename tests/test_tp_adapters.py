@@ -20,18 +20,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss, inject_adapters
-from malora_dist.adapters.io import adapter_state, load_adapter_state
-from malora_dist.models import build_tiny_causal_lm, shard_causal_lm
-from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
-from malora_dist.parallel.groups import ParallelGroups
-from malora_dist.parallel.parallelize import build_adapters
-from malora_dist.parallel.sharding import full_tensor
-from malora_dist.train.build import enable_activation_checkpointing
 from reference import rel_err
 from world import run_world
+
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss, inject_adapters
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.models import build_tiny_causal_lm, shard_causal_lm
+from malora_dist.parallel.adapter_files import adapter_state, load_adapter_state
+from malora_dist.parallel.gradients import global_grad_norm, reduce_gradients
+from malora_dist.parallel.parallelize import build_adapters
+from malora_dist.parallel.sharding import full_tensor
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.train.build import enable_activation_checkpointing
 
 pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
 

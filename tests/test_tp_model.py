@@ -18,19 +18,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from world import run_world
 
+from malora_dist.evaluation.packing import OptionTree, tree_batches
+from malora_dist.evaluation.scoring import score_batch
 from malora_dist.models import (
     build_tiny_causal_lm,
-    check_tp_divisibility,
     check_plan,
+    check_tp_divisibility,
     load_hf_model,
     shard_causal_lm,
     shard_causal_lm_from_pretrained,
 )
-from malora_dist.evaluation.packing import OptionTree, tree_batches
-from malora_dist.evaluation.scoring import score_batch
-from malora_dist.parallel.groups import ParallelGroups
-from world import run_world
+from malora_dist.runtime.groups import ParallelGroups
 
 TOL = 1e-5
 WORLD_SIZES = (1, 2)

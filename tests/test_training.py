@@ -16,14 +16,14 @@ import warnings
 
 import pytest
 import torch
-
-from malora_dist.adapters.io import load_adapter
-from malora_dist.models import build_tiny_causal_lm
-from malora_dist.train.config import build_run_config
-from malora_dist.train.metrics import read_metrics
-from malora_dist.train.run import run_training
 from training_support import Record, StopAfter, synthetic_dir, tiny_config
 from world import run_world
+
+from malora_dist.config.run import build_run_config
+from malora_dist.models import build_tiny_causal_lm
+from malora_dist.parallel.adapter_files import load_adapter
+from malora_dist.train.metrics_log import read_metrics
+from malora_dist.train.run import run_training
 
 pytestmark = pytest.mark.slow  # multi-process worlds (the fast tier: pytest -m "not slow")
 

@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 import yaml
-
-from malora_dist.adapters.config import AdapterConfig
-from malora_dist.adapters.io import read_adapter_state
-from malora_dist.train.config import build_run_config
-from malora_dist.train.metrics import read_metrics
-from malora_dist.train.run import run_training
 from training_support import REPO, Record, synthetic_dir, tiny_config
 from world import run_world
+
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.config.run import build_run_config
+from malora_dist.parallel.adapter_files import read_adapter_state
+from malora_dist.train.metrics_log import read_metrics
+from malora_dist.train.run import run_training
 
 pytestmark = pytest.mark.slow  # a process world and a dozen short trainings
 

@@ -6,8 +6,8 @@ import os
 import torch
 import yaml
 
-from malora_dist.adapters.io import adapter_state
 from malora_dist.data.synthetic import write_synthetic
+from malora_dist.parallel.adapter_files import adapter_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -125,7 +125,7 @@ TRAINED_RUNS = {
 
 def train_runs(root):
     """Every rank of the world: train ``TRAINED_RUNS`` under ``root`` (checkpoints every 2 steps)."""
-    from malora_dist.train.config import load_run_config
+    from malora_dist.config.run import load_run_config
     from malora_dist.train.run import run_training
 
     for name, overrides in TRAINED_RUNS.items():

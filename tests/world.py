@@ -4,7 +4,7 @@ Tests start one world per world size and run many cases inside it: spawning is t
 2 cores, so a module-scoped fixture calls ``run_world`` once and the test functions check its results.
 """
 
-from malora_dist.local_world import run_local_world
+from malora_dist.runtime.local_world import run_local_world
 
 
 def run_world(world_size: int, fn, *args):

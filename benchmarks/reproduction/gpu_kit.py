@@ -19,7 +19,7 @@ once all are there, checks the archive's sha256 and unpacks it.
 ``study`` runs the sweep as the CPU study does, at the scale's size: the sweep's spec first (every
 point's config checked), then the points on ``workers`` processes at once (each trains with
 ``sweep run-index --train-only`` and scores its held-out sets with ``launch/evaluate.py``), the
-base model's scores beside them, the sweep's table, and ``malora_dist.analysis --delta`` of the
+base model's scores beside them, the sweep's table, and ``malora_dist.analysis.experts --delta`` of the
 mixtures. On a GPU the points are launch-bound (tens of thousands of small kernels per step, not
 FLOPs), so running them side by side is what fills the device. ``kit_timings.json`` records each
 stage's wall time and each point's, the measurement the next estimate starts from.
@@ -272,7 +272,7 @@ def study(scale: str, out: str, data_dir: str | None = None, model: str | None =
         print(f"gpu_kit: {name} in {timings['stages'][name]} s (t={time.time() - start:.0f} s)", flush=True)
 
     # the spec (every point's config checked) before any point starts
-    stage("spec", lambda: subprocess.run(_python("-m", "malora_dist.sweep", "table", "--out", sweep_dir,
+    stage("spec", lambda: subprocess.run(_python("-m", "malora_dist.commands.sweep", "table", "--out", sweep_dir,
                                                  "--config", config, *spec), cwd=REPO, env=env, check=True,
                                          stdout=subprocess.DEVNULL))
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
@@ -280,7 +280,7 @@ def study(scale: str, out: str, data_dir: str | None = None, model: str | None =
     jobs = Jobs(size["workers"], env, os.path.join(out, "logs"))
     limit = ["--limit", str(size["eval_limit"])] if size["eval_limit"] else []
     # each point trains and scores its held-out sets in one process (sweep run-index)
-    work = [(p["name"], [_python("-m", "malora_dist.sweep", "run-index", str(p["index"]), "--out", sweep_dir)])
+    work = [(p["name"], [_python("-m", "malora_dist.commands.sweep", "run-index", str(p["index"]), "--out", sweep_dir)])
             for p in points]
     work.append(("base", [_python("launch/evaluate.py", "--config", config, *[a for o in overrides for a in ("--set", o)],
                                   "--rows-per-batch", str(size["rows_per_batch"]), *limit,
@@ -288,13 +288,13 @@ def study(scale: str, out: str, data_dir: str | None = None, model: str | None =
     # the points first, the base model's scoring last: it needs no training and fills the tail
     stage("points", lambda: jobs.run(work, deadline))
     timings["jobs"] = jobs.times
-    stage("table", lambda: subprocess.run(_python("-m", "malora_dist.sweep", "table", "--out", sweep_dir), cwd=REPO,
+    stage("table", lambda: subprocess.run(_python("-m", "malora_dist.commands.sweep", "table", "--out", sweep_dir), cwd=REPO,
                                           env=env, check=True))
     mixtures = [p for p in points if p["values"]["adapter.method"] != "lora"
                 and os.path.isdir(os.path.join(sweep_dir, "points", p["name"], "run", "adapter"))]
     labels = [f"{p['values']['adapter.method']}_s{p['values']['train.seed']}" for p in mixtures]
     adapters = [os.path.join(sweep_dir, "points", p["name"], "run", "adapter") for p in mixtures]
-    analysis = _python("-m", "malora_dist.analysis", *adapters, "--out", os.path.join(out, "analysis"), "--delta",
+    analysis = _python("-m", "malora_dist.commands.analyze", *adapters, "--out", os.path.join(out, "analysis"), "--delta",
                        "--routing-examples", str(size["routing_examples"]), "--labels", ",".join(labels),
                        "--jobs", str(size["analysis_jobs"]))
     if adapters:  # none when the guard ended every point before its adapter was written

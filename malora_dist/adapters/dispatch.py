@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .accumulate import add_rows
-from .cost import CostTerms
-from .exchange import COLLECTIVES_PER_EXCHANGE, ExpertExchange, RowBatch, TrafficCounter
-from .router import Routing
-from .routing import SlotPlan, plan_slots
+from malora_dist.adapters.accumulate import add_rows
+from malora_dist.adapters.cost import CostTerms
+from malora_dist.adapters.exchange import COLLECTIVES_PER_EXCHANGE, ExpertExchange, RowBatch, TrafficCounter
+from malora_dist.adapters.gating import SlotPlan, plan_slots
+from malora_dist.adapters.router import Routing
 
 __all__ = ["AllToAllDispatch", "DenseBatch", "DenseDispatch", "GroupedDispatch", "RowBatch", "SentRows",
            "TrafficCounter", "gated_rows_into"]

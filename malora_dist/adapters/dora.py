@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.tensor_parallel import TensorParallelHooks
 
 
 class DoraMagnitude(nn.Module):

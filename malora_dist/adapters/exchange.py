@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from .routing import SlotPlan
+from malora_dist.adapters.gating import SlotPlan
 
 # count exchange, rows out, rows back (forward), and the rows' two backward mirrors
 COLLECTIVES_PER_EXCHANGE = 5

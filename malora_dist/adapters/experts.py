@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from torch.nn.functional import grouped_mm
 
-from .accumulate import add_product
-from .dispatch import DenseBatch, RowBatch
-from .tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.accumulate import add_product
+from malora_dist.adapters.dispatch import DenseBatch, RowBatch
+from malora_dist.adapters.tensor_parallel import TensorParallelHooks
 
 
 class _Experts(nn.Module):

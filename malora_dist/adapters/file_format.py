@@ -1,6 +1,6 @@
 """What an adapter directory's ``adapter_config.json`` says and what its tensors are called.
 
-Three forms, all read by ``malora_dist.adapters.io``:
+Three forms, all read by ``malora_dist.parallel.adapter_files``:
 
 - PEFT's LoRA (``peft_type: LORA``), written for method ``lora``: PEFT's own LoRA loads it;
 - the PEFT mixture method (``peft_type: MALORA_DIST``), written for molora, malora and hydralora:
@@ -16,7 +16,7 @@ loading PEFT.
 
 from __future__ import annotations
 
-from .config import AdapterConfig
+from malora_dist.config.adapter import AdapterConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

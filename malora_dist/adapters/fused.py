@@ -52,9 +52,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .config import AdapterConfig
-from .layout import AdapterLayout
-from .routing import RouterStatistics
+from malora_dist.adapters.gating import RouterStatistics
+from malora_dist.adapters.layout import AdapterLayout
+from malora_dist.config.adapter import AdapterConfig
 
 KERNELS = ("auto", "fused", "reference")
 # The config keys the fused Function implements (each, at any value it accepts). A key added to

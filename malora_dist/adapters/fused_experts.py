@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.functional import grouped_mm
 
-from .exchange import RowBatch
-from .experts import GroupedExperts
-from .fused import WeightCache
+from malora_dist.adapters.exchange import RowBatch
+from malora_dist.adapters.experts import GroupedExperts
+from malora_dist.adapters.fused import WeightCache
 
 
 @dataclass

@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from .fused import _sum_over_tp, logits_gradient, wide_product
-from .router import Routing
-from .routing import RouterStatistics, slot_counts
+from malora_dist.adapters.fused import _sum_over_tp, logits_gradient, wide_product
+from malora_dist.adapters.gating import RouterStatistics, slot_counts
+from malora_dist.adapters.router import Routing
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig
-from .layer import AdapterLinear
-from .layout import SINGLE_PROCESS, AdapterLayout
-from .routing import finish_router_losses
-from .siblings import group_siblings
+from malora_dist.adapters.gating import finish_router_losses
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
+from malora_dist.adapters.siblings import group_siblings
+from malora_dist.config.adapter import AdapterConfig
 
 
 def _is_linear_like(module: nn.Module) -> bool:

@@ -25,24 +25,32 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .accumulate import add_into
-from .config import AdapterConfig
-from .dispatch import AllToAllDispatch, DenseBatch, DenseDispatch, GroupedDispatch
-from .dora import DoraMagnitude
-from .dropout import LayoutFreeDropout
-from .experts import DenseExperts, GroupedExperts
-from .fused import WeightCache, fused_layer_forward, use_fused
-from .fused_experts import FusedGroupedExperts
-from .fused_route import fused_route, prepare_route_weights
-from .init import (identity_coefficients, lora_down_init, malora_coefficients_init, malora_expert_subspace_init,
-                   malora_shared_init, malora_shared_up_init, malora_up_coefficients_init, router_init)
-from .layout import SINGLE_PROCESS, AdapterLayout
-from .projection import SharedProjection
-from .router import SingleExpert, TopKRouter
-from .shared_up import SharedUpProjection
-from .subspace_experts import DenseSubspaceExperts, GroupedSubspaceExperts
-from .tags import tag
-from .tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.accumulate import add_into
+from malora_dist.adapters.dispatch import AllToAllDispatch, DenseBatch, DenseDispatch, GroupedDispatch
+from malora_dist.adapters.dora import DoraMagnitude
+from malora_dist.adapters.dropout import LayoutFreeDropout
+from malora_dist.adapters.experts import DenseExperts, GroupedExperts
+from malora_dist.adapters.fused import WeightCache, fused_layer_forward, use_fused
+from malora_dist.adapters.fused_experts import FusedGroupedExperts
+from malora_dist.adapters.fused_route import fused_route, prepare_route_weights
+from malora_dist.adapters.init import (
+    identity_coefficients,
+    lora_down_init,
+    malora_coefficients_init,
+    malora_expert_subspace_init,
+    malora_shared_init,
+    malora_shared_up_init,
+    malora_up_coefficients_init,
+    router_init,
+)
+from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
+from malora_dist.adapters.projection import SharedProjection
+from malora_dist.adapters.router import SingleExpert, TopKRouter
+from malora_dist.adapters.shared_up import SharedUpProjection
+from malora_dist.adapters.subspace_experts import DenseSubspaceExperts, GroupedSubspaceExperts
+from malora_dist.adapters.tags import tag
+from malora_dist.adapters.tensor_parallel import TensorParallelHooks
+from malora_dist.config.adapter import AdapterConfig
 
 
 def expert_kernel(config: AdapterConfig, experts_split: bool) -> str:

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .dropout import LayoutFreeDropout
-from .tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.dropout import LayoutFreeDropout
+from malora_dist.adapters.tensor_parallel import TensorParallelHooks
 
 
 class _UpcastProduct(torch.autograd.Function):

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .routing import RouterStatistics, router_statistics, top_k_gates
-from .tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.gating import RouterStatistics, router_statistics, top_k_gates
+from malora_dist.adapters.tensor_parallel import TensorParallelHooks
 
 
 @dataclass

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .accumulate import add_product
-from .tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.accumulate import add_product
+from malora_dist.adapters.tensor_parallel import TensorParallelHooks
 
 
 class SharedUpProjection(nn.Module):

@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .dispatch import AllToAllDispatch, gated_rows_into
-from .layer import AdapterLinear
-from .routing import plan_slots
+from malora_dist.adapters.dispatch import AllToAllDispatch, gated_rows_into
+from malora_dist.adapters.gating import plan_slots
+from malora_dist.adapters.layer import AdapterLinear
 
 SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .dispatch import RowBatch
-from .experts import DenseExperts, GroupedExperts
+from malora_dist.adapters.dispatch import RowBatch
+from malora_dist.adapters.experts import DenseExperts, GroupedExperts
 
 
 class DenseSubspaceExperts(DenseExperts):

@@ -14,8 +14,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
-                                           reduce_from_tensor_model_parallel_region)
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
 
 
 class TensorParallelHooks:

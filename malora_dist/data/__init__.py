@@ -7,21 +7,26 @@ evaluation builds its prompts with ``build_prompt`` / ``option_continuations`` a
 with ``encode_prompts`` / ``encode_continuations``, exactly as training does.
 """
 
-from .batches import BATCH_KEYS, PackedSequences, pack_examples, segment_causal_mask
-from .config import DataConfig, TaskConfig
-from .mixing import GlobalBatchSampler, mixing_probabilities
-from .pipeline import MultiTaskData, TaskStats, build_multitask_data
-from .prompts import (
+from malora_dist.config.data import DataConfig, TaskConfig
+from malora_dist.data.batches import BATCH_KEYS, PackedSequences, pack_examples, segment_causal_mask
+from malora_dist.data.errors import DataError
+from malora_dist.data.items import MultipleChoice, format_instruction
+from malora_dist.data.mixing import GlobalBatchSampler, mixing_probabilities
+from malora_dist.data.pipeline import MultiTaskData, TaskStats, build_multitask_data
+from malora_dist.data.prompts import (
     Example,
-    MultipleChoice,
     build_prompt,
-    format_instruction,
     option_continuations,
     parse_multiple_choice,
     record_to_example,
 )
-from .records import DataError
-from .tokenize import IGNORE_INDEX, TokenizedExample, encode_continuations, encode_prompts, tokenize_examples
+from malora_dist.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    encode_continuations,
+    encode_prompts,
+    tokenize_examples,
+)
 
 __all__ = [
     "BATCH_KEYS", "DataConfig", "DataError", "Example", "GlobalBatchSampler", "IGNORE_INDEX",

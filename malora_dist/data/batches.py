@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .tokenize import IGNORE_INDEX, TokenizedExample
+from malora_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids", "task_ids")
 PAD_SEGMENT = 0

@@ -13,13 +13,12 @@ lacks a field raises ``DataError`` naming the field, so a wrong ``format`` fails
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .prompts import MultipleChoice, optional_text, required_field, required_text
-from .records import DataError
-
-MULTIPLE_CHOICE, GENERATION = "multiple_choice", "generation"
+from malora_dist.config.data import FORMAT_SPECS
+from malora_dist.data.errors import DataError
+from malora_dist.data.items import Generation, MultipleChoice, optional_text, required_field, required_text
 
 # How a model's final answer is marked in math solutions: MetaMathQA's responses end with it, and
 # the GSM8K targets are rewritten to it, so a model trained on one answers the other in kind.
@@ -30,25 +29,6 @@ _METAMATH_FINAL = re.compile(r"The answer is:?\s*(?P<answer>.+?)\s*$", re.DOTALL
 PHRASEBANK_LABELS = ("negative", "neutral", "positive")
 PHRASEBANK_QUESTION = "What is the sentiment of this financial news sentence? {sentence}"
 E2E_INSTRUCTION = "Write a one-sentence description of the restaurant from its attributes."
-
-
-@dataclass
-class Generation:
-    """A free-form item: the prompt is ``instruction`` (then ``input`` after a blank line), the
-    training target ``output``.
-
-    reference: what the metric compares a generated answer with: ``answer`` (the final number,
-        math), ``references`` (texts, ROUGE-L), ``problem`` (HumanEval's prompt, test and entry
-        point, pass@1).
-    continues_prompt: the output continues the prompt's last line exactly (code completion:
-        HumanEval's body after its signature), so no space is put between them.
-    """
-
-    instruction: str
-    output: str
-    input: str = ""
-    reference: dict = field(default_factory=dict)
-    continues_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,21 +164,12 @@ def e2e_nlg(record: dict) -> Generation:
                       reference={"references": [reference]})
 
 
-FORMATS = {f.name: f for f in (
-    Format("commonsense", MULTIPLE_CHOICE, "(the project's instruction/input/output/answer files)", "multiple_choice", None),
-    Format("arc", MULTIPLE_CHOICE, "allenai/ai2_arc", "multiple_choice", arc),
-    Format("openbookqa", MULTIPLE_CHOICE, "allenai/openbookqa", "multiple_choice", openbookqa),
-    Format("boolq", MULTIPLE_CHOICE, "google/boolq", "multiple_choice", boolq),
-    Format("piqa", MULTIPLE_CHOICE, "ybisk/piqa", "multiple_choice", piqa),
-    Format("medmcqa", MULTIPLE_CHOICE, "openlifescienceai/medmcqa", "multiple_choice", medmcqa),
-    Format("phrasebank", MULTIPLE_CHOICE, "takala/financial_phrasebank", "multiple_choice", phrasebank),
-    Format("gsm8k", GENERATION, "openai/gsm8k", "gsm8k", gsm8k),
-    Format("metamathqa", GENERATION, "meta-math/MetaMathQA", "gsm8k", metamathqa),
-    Format("magicoder", GENERATION, "ise-uiuc/Magicoder-OSS-Instruct-75K", "rouge_l", magicoder),
-    Format("humaneval", GENERATION, "openai/openai_humaneval", "pass_at_1", humaneval),
-    Format("alpaca", GENERATION, "vicgalle/alpaca-gpt4, gbharti/finance-alpaca", "rouge_l", alpaca),
-    Format("e2e_nlg", GENERATION, "tuetschek/e2e_nlg", "rouge_l", e2e_nlg),
-)}
+# Each format's mapping; FORMAT_SPECS (the config's view: kind, hub, default metric) names them.
+_MAPPINGS = {"commonsense": None, "arc": arc, "openbookqa": openbookqa, "boolq": boolq, "piqa": piqa,
+             "medmcqa": medmcqa, "phrasebank": phrasebank, "gsm8k": gsm8k, "metamathqa": metamathqa,
+             "magicoder": magicoder, "humaneval": humaneval, "alpaca": alpaca, "e2e_nlg": e2e_nlg}
+assert set(_MAPPINGS) == set(FORMAT_SPECS), "every format in config.data.FORMAT_SPECS needs a mapping here"
+FORMATS = {name: Format(name, spec.kind, spec.hub, spec.metric, _MAPPINGS[name]) for name, spec in FORMAT_SPECS.items()}
 
 
 def map_record(record: dict, format_name: str) -> "MultipleChoice | Generation":

@@ -9,12 +9,12 @@ from typing import Any, Optional
 
 import torch
 
-from .batches import PackedSequences, pack_examples
-from .config import DataConfig, TaskConfig
-from .mixing import GlobalBatchSampler, mixing_probabilities, seeded_generator, sequence_shares
-from .prompts import Example, record_to_example
-from .records import BadRecords, DataError, Record, read_task_records
-from .tokenize import eos_id, tokenize_examples
+from malora_dist.config.data import DataConfig, TaskConfig
+from malora_dist.data.batches import PackedSequences, pack_examples
+from malora_dist.data.mixing import GlobalBatchSampler, mixing_probabilities, seeded_generator, sequence_shares
+from malora_dist.data.prompts import Example, record_to_example
+from malora_dist.data.records import BadRecords, DataError, Record, read_task_records
+from malora_dist.data.tokenize import eos_id, tokenize_examples
 
 log = logging.getLogger(__name__)
 

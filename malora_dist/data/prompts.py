@@ -33,60 +33,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import TaskConfig
-from .records import DataError
-
-GENERATION_ANSWER = "the correct answer is {label}"
-BOOLEAN_LABELS = ["true", "false"]
+from malora_dist.config.data import TaskConfig
+from malora_dist.data.errors import DataError
+from malora_dist.data.formats import map_record
+from malora_dist.data.items import (
+    BOOLEAN_LABELS,
+    GENERATION_ANSWER,
+    Generation,
+    MultipleChoice,
+    optional_text,
+    required_field,
+    required_text,
+    with_passage,
+)
 
 _ANSWER_FORMAT = re.compile(r"\s*Answer format:\s*(?P<labels>\S+)\s*$")
 _LABEL = re.compile(r"[a-z]+\d+")
 _PREFIX = re.compile(r"^Please (?:choose|answer|select)\b.*?\bquestion:\s*", re.DOTALL)
-
-
-@dataclass
-class MultipleChoice:
-    """One multiple-choice item.
-
-    question: the question alone (without the instruction's "Please choose …" prefix).
-    options: the options' own texts; ``["true", "false"]`` for true/false items.
-    labels: the options' labels as the instruction names them (``answer1`` … or ``true``/``false``).
-    gold_index: the index of the correct option.
-    context: a passage that goes with the question (the record's ``input``), or "".
-    instruction: the full instruction the ``label``/``generation`` styles show (with the passage
-        after it); built in the commonsense format when the item did not come with one.
-    """
-
-    question: str
-    options: list[str]
-    labels: list[str]
-    gold_index: int
-    context: str = ""
-    instruction: str = field(default="")
-
-    def __post_init__(self):
-        if len(self.options) != len(self.labels) or len(self.options) < 2:
-            raise DataError(f"a multiple-choice item needs ≥ 2 options, one label each: {self.options} {self.labels}")
-        if not 0 <= self.gold_index < len(self.options):
-            raise DataError(f"gold_index {self.gold_index} is out of range for {len(self.options)} options")
-        if not self.instruction:
-            self.instruction = _with_passage(format_instruction(self.question, self.options, self.labels), self.context)
-
-
-def format_instruction(question: str, options: list[str], labels: list[str]) -> str:
-    """The commonsense-format instruction of an item (what ``parse_multiple_choice`` reads back).
-
-    labels ``true/false`` give the BoolQ layout, ``solution1…`` the PIQA layout (one block per
-    option), anything else the ARC/OBQA layout (options on one line).
-    """
-    answer_format = f"Answer format: {'/'.join(labels)}"
-    if labels == BOOLEAN_LABELS:
-        return f"Please answer the following question with true or false, question: {question}\n\n{answer_format}"
-    marked = [f"{label[0].upper()}{label[1:]}: {option}" for label, option in zip(labels, options)]
-    if labels[0].startswith("solution"):
-        body = "\n\n".join(marked)
-        return f"Please choose the correct solution to the question: {question}\n\n{body}\n\n{answer_format}"
-    return f"Please choose the correct answer to the question: {question}\n\n{' '.join(marked)}\n\n{answer_format}"
 
 
 def parse_multiple_choice(record: dict, task: Optional[TaskConfig] = None) -> MultipleChoice:
@@ -117,7 +80,7 @@ def parse_multiple_choice(record: dict, task: Optional[TaskConfig] = None) -> Mu
         labels=labels,
         gold_index=gold.index(answer.lower()),
         context=context,
-        instruction=_with_passage(instruction, context),
+        instruction=with_passage(instruction, context),
     )
 
 
@@ -232,17 +195,16 @@ class Example:
 def record_to_example(record: dict, task: TaskConfig, task_id: int, where: str, chat_tokenizer: Any = None) -> Example:
     """The example of a record in its task's format and style. Raises ``DataError`` (without ``where``)."""
     if task.format != "commonsense":
-        from .formats import Generation, map_record  # formats builds on this module's MultipleChoice
 
         item = map_record(record, task.format)
         if isinstance(item, Generation):
             space = "" if chat_tokenizer is not None or item.continues_prompt else " "
-            prompt = wrap_chat(_with_passage(item.instruction, item.input), chat_tokenizer)
+            prompt = wrap_chat(with_passage(item.instruction, item.input), chat_tokenizer)
             return Example(task_id, prompt, space + item.output, where, reference=item.reference)
         return _multiple_choice_example(item, task.style, task_id, where, chat_tokenizer)
     if task.style != "generation":
         return _multiple_choice_example(parse_multiple_choice(record, task), task.style, task_id, where, chat_tokenizer)
-    instruction = _with_passage(required_text(record, "instruction"), optional_text(record, "input"))
+    instruction = with_passage(required_text(record, "instruction"), optional_text(record, "input"))
     output = required_text(record, "output").strip()
     try:
         mc = parse_multiple_choice(record, task)
@@ -255,33 +217,6 @@ def record_to_example(record: dict, task: TaskConfig, task_id: int, where: str, 
 def _multiple_choice_example(mc: MultipleChoice, style: str, task_id: int, where: str, chat_tokenizer: Any) -> Example:
     target = option_continuations(mc, style, chat_tokenizer)[mc.gold_index]
     return Example(task_id, build_prompt(mc, style, chat_tokenizer), target, where, mc)
-
-
-def required_field(record: dict, name: str) -> Any:
-    value = record.get(name)
-    if value is None:
-        raise DataError(f"missing field {name!r} (the record has {sorted(k for k, v in record.items() if v is not None)})")
-    return value
-
-
-def required_text(record: dict, name: str) -> str:
-    value = required_field(record, name)
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"field {name!r} must be non-empty text, got {value!r}")
-    return value
-
-
-def optional_text(record: dict, name: str) -> str:
-    value = record.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"field {name!r} must be text, got {type(value).__name__}")
-    return value.strip()
-
-
-def _with_passage(instruction: str, passage: str) -> str:
-    return f"{instruction}\n\n{passage}" if passage else instruction
 
 
 def _with_passage_before(text: str, passage: str) -> str:

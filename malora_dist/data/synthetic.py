@@ -35,7 +35,7 @@ import os
 import random
 from typing import Callable, Optional
 
-from .prompts import BOOLEAN_LABELS, GENERATION_ANSWER, format_instruction
+from malora_dist.data.items import BOOLEAN_LABELS, GENERATION_ANSWER, format_instruction
 
 COUNTRIES = {
     "Veldoria": "Kramsk", "Ostravia": "Pellin", "Zunmark": "Tavros", "Quelland": "Morvik",

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .prompts import Example
-from .records import BadRecords
+from malora_dist.data.prompts import Example
+from malora_dist.data.records import BadRecords
 
 IGNORE_INDEX = -100
 

@@ -7,12 +7,12 @@ Prompts and continuations come from ``malora_dist.data`` (``build_prompt`` / ``o
 ``encode_prompts`` / ``encode_continuations``), so scoring sees the token sequences training saw.
 """
 
-from .model import build_eval_model, validate_eval_layout
-from .packing import OptionTree, TreeBatch, tree_batches
-from .report import format_table
-from .run import evaluate, evaluate_run
-from .scoring import generate_answers, option_logprobs, score_multiple_choice
-from .tasks import EvalTask, load_eval_tasks, parse_task_spec, task_configs_from_specs
+from malora_dist.evaluation.packing import OptionTree, TreeBatch, tree_batches
+from malora_dist.evaluation.report import format_table
+from malora_dist.evaluation.run import evaluate, evaluate_run
+from malora_dist.evaluation.scoring import generate_answers, option_logprobs, score_multiple_choice
+from malora_dist.evaluation.tasks import EvalTask, load_eval_tasks, parse_task_spec, task_configs_from_specs
+from malora_dist.inference.model import build_eval_model, validate_eval_layout
 
 __all__ = [
     "EvalTask", "OptionTree", "TreeBatch", "build_eval_model", "evaluate", "evaluate_run", "format_table",

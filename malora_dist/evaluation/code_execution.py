@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .sandbox import TIMEOUT_S, SandboxResult, run_program
+from malora_dist.evaluation.sandbox import TIMEOUT_S, SandboxResult, run_program
 
 _FENCED = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(?P<code>.*?)(?:\n[ \t]*```|$)", re.DOTALL | re.IGNORECASE)
 _OPENING_FENCE = re.compile(r"```[ \t]*(?:python|py)\b", re.IGNORECASE)

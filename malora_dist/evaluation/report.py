@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from .metrics import ACCURACY_METRICS, score_answer
-from .scoring import Item, ItemResult
+import json
+import os
+
+from malora_dist.evaluation.answer_metrics import ACCURACY_METRICS, score_answer
+from malora_dist.evaluation.scoring import Item, ItemResult
 
 
 def example_entry(item: Item, result: ItemResult) -> dict:
@@ -47,3 +50,10 @@ def format_table(report: dict) -> str:
         mean = sum(e["score"] for e in tasks.values()) / len(tasks)
         lines.append(f"{'mean':<{width}}  {'':<10}  {sum(e['n'] for e in tasks.values()):>5}  {mean:.4f}")
     return "\n".join(lines)
+
+
+def write_report(report: dict, path: str) -> None:
+    """The JSON report at ``path`` (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)

@@ -8,17 +8,19 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from ..adapters.io import read_adapter_config
-from ..logging_utils import setup_logging
-from ..parallel.groups import ParallelGroups
-from ..runtime import pick_backend_and_device
-from ..train.build import load_run_tokenizer
-from ..train.config import RunConfig
-from .model import build_eval_model, validate_eval_layout
-from .report import task_entry
-from .scoring import generate_answers, make_item, score_multiple_choice
-from .tasks import EvalTask, load_eval_tasks
+from malora_dist.config.run import RunConfig, load_run_config
+from malora_dist.evaluation.report import task_entry
+from malora_dist.evaluation.scoring import generate_answers, make_item, score_multiple_choice
+from malora_dist.evaluation.tasks import EvalTask, load_eval_tasks, task_configs_from_specs
+from malora_dist.inference.model import build_eval_model, fit_eval_layout, validate_eval_layout
+from malora_dist.parallel.adapter_files import read_adapter_config
+from malora_dist.runtime.distributed import init_distributed, pick_backend_and_device, shutdown_distributed
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.runtime.launch_env import resolve_launch_env
+from malora_dist.runtime.log import setup_logging
+from malora_dist.train.build import load_run_tokenizer
 
 # A row holds several examples' token trees; a forward takes a few rows. Short rows keep the
 # attention (quadratic in the row, and computed across the examples it then masks) small
@@ -34,7 +36,6 @@ def evaluate(model, tasks: list[EvalTask], tokenizer: Any, chat: bool, max_len: 
     dp rank r scores examples r, r + dp, … of the list of all tasks' examples; tp peers score the
     same ones. ``max_len`` caps prompt + continuation tokens (prompts are cut from the left).
     """
-    from tqdm import tqdm
 
     chat_tokenizer = tokenizer if chat else None
     items = [make_item((t, i), example, task.style, task.metric, chat_tokenizer)
@@ -92,3 +93,35 @@ def evaluate_run(config: RunConfig, task_configs: Optional[list] = None, adapter
         "max_len": config.data.seq_len,
         "wall_s": round(time.time() - start, 2),
     }
+
+
+def pinned_keys(overrides: list) -> frozenset:
+    """The config keys that ``--set section.key=value`` overrides name."""
+    return frozenset(o.partition("=")[0].strip() for o in overrides)
+
+
+def evaluate_from_config(config_path: str, overrides: list, adapter_dir: Optional[str] = None,
+                         task_specs: Optional[list] = None, limit: Optional[int] = None,
+                         row_tokens: int = ROW_TOKENS, rows_per_batch: int = ROWS_PER_BATCH) -> Optional[dict]:
+    """Start the process group this launch describes, score, stop it; rank 0 returns the report.
+
+    ``task_specs``: ``NAME=PATH[:STYLE|:FORMAT]`` strings instead of the config's tasks. Bad input
+    (a flag, the config, the adapter directory, the launch environment) raises ``ValueError``
+    before any process group starts.
+    """
+    for flag, value in (("--limit", limit), ("--row-tokens", row_tokens), ("--rows-per-batch", rows_per_batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    config = load_run_config(config_path, overrides)
+    task_configs = task_configs_from_specs(task_specs) if task_specs else None
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise ValueError(f"--adapter {adapter_dir!r} is not a directory")
+    launch = resolve_launch_env(os.environ)  # a broken launch environment fails before any process group
+    setup_logging(launch.rank)
+    adapter = read_adapter_config(adapter_dir) if adapter_dir is not None else None
+    config = fit_eval_layout(config, launch.world_size, adapter, pinned_keys(overrides))
+    init_distributed(config.parallel.timeout_s)
+    try:
+        return evaluate_run(config, task_configs, adapter_dir, limit, row_tokens, rows_per_batch)
+    finally:
+        shutdown_distributed()

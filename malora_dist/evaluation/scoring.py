@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data import build_prompt, encode_continuations, encode_prompts, option_continuations
-from ..data.records import DataError
-from ..data.tokenize import eos_id
-from ..parallel.groups import ParallelGroups
-from ..generation import StopWhen
-from .code_execution import code_complete
-from .metrics import MAX_NEW_TOKENS
-from .packing import OptionTree, TreeBatch, tree_batches
+from malora_dist.data import build_prompt, encode_continuations, encode_prompts, option_continuations
+from malora_dist.data.records import DataError
+from malora_dist.data.tokenize import eos_id
+from malora_dist.evaluation.answer_metrics import MAX_NEW_TOKENS
+from malora_dist.evaluation.code_execution import code_complete
+from malora_dist.evaluation.packing import OptionTree, TreeBatch, tree_batches
+from malora_dist.inference.decoding import StopWhen
+from malora_dist.runtime.groups import ParallelGroups
 
 # Tokens a greedy answer may run past its target's length before it is cut off (it is wrong then).
 GENERATION_SLACK = 4

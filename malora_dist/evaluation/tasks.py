@@ -12,12 +12,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..data import DataConfig, Example, TaskConfig
-from ..data.pipeline import build_eval_examples
-from ..data.records import names_records
-from ..data.config import STYLES
-from ..data.formats import FORMATS
-from ..logging_utils import get_logger
+from malora_dist.config.data import STYLES
+from malora_dist.data import DataConfig, Example, TaskConfig
+from malora_dist.data.formats import FORMATS
+from malora_dist.data.pipeline import build_eval_examples
+from malora_dist.data.records import names_records
+from malora_dist.runtime.log import get_logger
 
 
 @dataclass

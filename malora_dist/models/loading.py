@@ -12,6 +12,9 @@ import os
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from malora_dist.config.loading import load_hf_config_dict
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -76,14 +79,12 @@ def load_hf_model(name_or_path: str, gguf_file: str | None = None, dtype: torch.
     ``name_or_path`` may itself be a ``.gguf`` path; ``gguf_file`` may be a path or a file name
     inside the directory (or hub repository) ``name_or_path``.
     """
-    from transformers import AutoModelForCausalLM
 
     return _from_pretrained(AutoModelForCausalLM, name_or_path, gguf_file, dtype=dtype).eval()
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     """The tokenizer that belongs to ``load_hf_model(name_or_path, gguf_file)``."""
-    from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, name_or_path, gguf_file)
 
@@ -94,7 +95,6 @@ def build_tiny_causal_lm(config: dict[str, Any], seed: int = 0, dtype: torch.dty
     ``config`` holds HF config fields plus ``model_type`` (default "llama"); unknown keys are
     rejected. The draw depends only on ``seed`` (the global RNG state is left untouched).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(config)
     model_type = fields.pop("model_type", "llama")
@@ -110,3 +110,11 @@ def build_tiny_causal_lm(config: dict[str, Any], seed: int = 0, dtype: torch.dty
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     return model.eval()
+
+
+def load_model_config(path: str):
+    """An HF ``config.json`` file or a directory holding one."""
+
+    if os.path.isdir(path):
+        return AutoConfig.from_pretrained(path)
+    return AutoConfig.for_model(**load_hf_config_dict(path))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from malora_dist.models.tp_linear import all_gather_last_dim, megatron_config, resolve_tp_group
 from malora_dist.models.tp_plan import (
@@ -35,7 +36,7 @@ from malora_dist.models.tp_plan import (
 )
 from malora_dist.models.tp_vocab import VocabParallelHead, vocab_parallel_embedding
 from malora_dist.models.tp_weights import SafetensorsSource, StateDictSource, load_shards
-from malora_dist.parallel.groups import ParallelGroups
+from malora_dist.runtime.groups import ParallelGroups
 
 IGNORE_INDEX = -100
 
@@ -199,7 +200,6 @@ def shard_causal_lm(
 def shard_causal_lm_skeleton(config, groups: ParallelGroups, *, dtype: torch.dtype) -> TPCausalLM:
     """This rank's sharded model from an HF config, every tensor on the meta device: the shapes and
     dtypes a real build allocates, without weights (the planner, ``malora_dist.plan``)."""
-    from transformers import AutoModelForCausalLM
 
     check_tp_divisibility(config, groups.tp)
     check_plan(config, groups.tp)
@@ -217,7 +217,6 @@ def shard_causal_lm_from_pretrained(
 ) -> TPCausalLM:
     """Build the sharded model from a local HF safetensors directory, reading only this rank's
     slices: the HF model is built on the meta device, so the full model is never materialised."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     check_tp_divisibility(config, groups.tp)

@@ -26,7 +26,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from malora_dist.parallel.groups import ParallelGroups
+from malora_dist.runtime.groups import ParallelGroups
 
 
 def megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:
@@ -55,7 +55,7 @@ def resolve_tp_group(groups: ParallelGroups) -> dist.ProcessGroup:
     if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
         raise ValueError(
             "the tensor-parallel model needs process groups, also in one process: call "
-            "malora_dist.runtime.init_distributed() and then ParallelGroups.build(tp=...) first"
+            "malora_dist.runtime.distributed.init_distributed() and then ParallelGroups.build(tp=...) first"
         )
     global_group = ps.get_tensor_model_parallel_group()
     group = groups.tp_group if groups.tp_group is not None else global_group

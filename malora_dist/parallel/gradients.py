@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..adapters.tags import is_ep_sharded, tp_dim
-from .groups import ParallelGroups
+from malora_dist.adapters.tags import is_ep_sharded, tp_dim
+from malora_dist.runtime.groups import ParallelGroups
 
 
 def _all_reduce_flat(grads: list, group: Optional[dist.ProcessGroup]) -> None:

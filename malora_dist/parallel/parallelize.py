@@ -16,13 +16,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..adapters.config import AdapterConfig
-from ..adapters.inject import inject_adapters
-from ..adapters.layout import AdapterLayout
-from ..adapters.siblings import exchange_members
-from ..logging_utils import get_logger
-from .groups import ParallelGroups
-from .placement import PLACEMENTS, LinkModel, placement_costs
+from malora_dist.adapters.inject import inject_adapters
+from malora_dist.adapters.layout import AdapterLayout
+from malora_dist.adapters.siblings import exchange_members
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.parallel.placement import PLACEMENTS, LinkModel, placement_costs
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.runtime.log import get_logger
 
 
 def build_adapters(model: nn.Module, config: AdapterConfig, groups: ParallelGroups, placement: str = "ep",

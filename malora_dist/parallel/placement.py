@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..adapters.config import AdapterConfig
-from ..adapters.cost import CostTerms, count_work
-from ..adapters.dispatch import AllToAllDispatch
-from ..adapters.layer import AdapterLinear
-from ..adapters.layout import AdapterLayout
+from malora_dist.adapters.cost import CostTerms, count_work
+from malora_dist.adapters.dispatch import AllToAllDispatch
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layout import AdapterLayout
+from malora_dist.config.adapter import AdapterConfig
 
 PLACEMENTS = ("ep", "replicate", "auto")
 

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..adapters.tags import is_ep_sharded, tp_dim
-from .groups import ParallelGroups
+from malora_dist.adapters.tags import is_ep_sharded, tp_dim
+from malora_dist.runtime.groups import ParallelGroups
 
 
 def local_slice(full: torch.Tensor, param: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

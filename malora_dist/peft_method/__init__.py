@@ -18,10 +18,10 @@ try:
 except ImportError as err:  # PEFT is an extra: say which
     raise ImportError("malora_dist.peft_method needs PEFT: pip install 'malora_dist[peft]'") from err
 
-from .config import MaloraDistConfig  # noqa: E402
-from .layer import MaloraDistLayer  # noqa: E402
-from .model import MaloraDistModel  # noqa: E402
-from .registration import register  # noqa: E402
+from malora_dist.peft_method.config import MaloraDistConfig  # noqa: E402
+from malora_dist.peft_method.layer import MaloraDistLayer  # noqa: E402
+from malora_dist.peft_method.model import MaloraDistModel  # noqa: E402
+from malora_dist.peft_method.registration import register  # noqa: E402
 
 register()
 

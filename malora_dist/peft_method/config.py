@@ -11,8 +11,8 @@ import dataclasses
 
 from peft import PeftConfig
 
-from ..adapters.config import AdapterConfig
-from .peft_type import mixture_peft_type
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.peft_method.peft_type import mixture_peft_type
 
 
 def _adapter_fields() -> list:
@@ -45,5 +45,5 @@ MaloraDistConfig = dataclasses.make_dataclass(
     "MaloraDistConfig", _adapter_fields(), bases=(PeftConfig,),
     namespace={"__post_init__": _post_init, "adapter_config": adapter_config, "__module__": __name__,
                "__doc__": "A MoLoRA, MALoRA or HydraLoRA adapter of malora_dist as a PEFT config; the keys are "
-                          "malora_dist.adapters.config.AdapterConfig's (method, rank, num_experts, top_k, ...)."},
+                          "malora_dist.config.adapter.AdapterConfig's (method, rank, num_experts, top_k, ...)."},
 )

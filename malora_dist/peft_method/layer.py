@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..adapters.config import AdapterConfig
-from ..adapters.file_format import ADAPTER_ATTR
-from ..adapters.layer import AdapterLinear
+from malora_dist.adapters.file_format import ADAPTER_ATTR
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.config.adapter import AdapterConfig
 
 MERGE_REFUSED = (
     "a mixture of LoRA experts cannot be merged into the base weights: each token's update goes through "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner
 
-from ..adapters.file_format import ADAPTER_ATTR, PEFT_PREFIX
-from .layer import MERGE_REFUSED, MaloraDistLayer
+from malora_dist.adapters.file_format import ADAPTER_ATTR, PEFT_PREFIX
+from malora_dist.peft_method.layer import MERGE_REFUSED, MaloraDistLayer
 
 
 class MaloraDistModel(BaseTuner):

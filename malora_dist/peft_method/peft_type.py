@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from peft.utils import PeftType
 
-from ..adapters.file_format import PEFT_TYPE
+from malora_dist.adapters.file_format import PEFT_TYPE
 
 
 def mixture_peft_type() -> PeftType:

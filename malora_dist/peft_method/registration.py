@@ -5,10 +5,10 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-from ..adapters.file_format import PEFT_METHOD, PEFT_PREFIX
-from .config import MaloraDistConfig
-from .model import MaloraDistModel
-from .peft_type import mixture_peft_type
+from malora_dist.adapters.file_format import PEFT_METHOD, PEFT_PREFIX
+from malora_dist.peft_method.config import MaloraDistConfig
+from malora_dist.peft_method.model import MaloraDistModel
+from malora_dist.peft_method.peft_type import mixture_peft_type
 
 
 def register() -> PeftType:

@@ -11,14 +11,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ..parallel.groups import ParallelGroups
+from malora_dist.runtime.groups import ParallelGroups
 
 
 @contextmanager
 def fake_rank(world_size: int, rank: int, tp: int, ep: int, num_experts):
     """``ParallelGroups`` of ``rank`` in a fake world of ``world_size``; torn down on exit."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("the planner builds its own fake world: run it outside a started process group")

@@ -10,16 +10,18 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
-from ..adapters.inject import adapter_parameters
-from ..parallel.gradients import clip_grad_norm_, reduce_gradients
-from ..parallel.groups import ParallelGroups
-from ..parallel.placement import measure_compute, measure_link
-from ..runtime import pick_backend_and_device
-from ..train.build import build_model
-from ..train.optim import build_optimizer
-from .machine import Machine
-from .rank_build import plan_run_config
+from malora_dist.adapters.cost import count_work
+from malora_dist.adapters.inject import adapter_parameters
+from malora_dist.parallel.gradients import clip_grad_norm_, reduce_gradients
+from malora_dist.parallel.placement import measure_compute, measure_link
+from malora_dist.plan.machine import Machine
+from malora_dist.plan.rank_build import plan_run_config
+from malora_dist.runtime.distributed import pick_backend_and_device
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.train.build import build_model
+from malora_dist.train.optim import build_optimizer
 
 
 def calibrated_machine(repeats: int = 10) -> Machine:
@@ -41,7 +43,6 @@ def calibrated_machine(repeats: int = 10) -> Machine:
 def _autograd_op_s(repeats: int) -> float:
     """Seconds per ATen op of a small module chain run forward and backward: a training step's ops
     carry autograd's and the modules' bookkeeping, which a bare op in a loop does not."""
-    from ..adapters.cost import count_work
 
     layers = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU()) for _ in range(16)])
     x = torch.randn(4, 8)
@@ -71,7 +72,6 @@ def _exchange_share(step) -> float:
     """The share of one step spent in the exchange's collectives, waits for the other ranks
     included (a profiled step of its own: the profiler's overhead stays out of the timed ones and
     cancels in the share)."""
-    from torch.profiler import ProfilerActivity, profile
 
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

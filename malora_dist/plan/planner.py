@@ -7,11 +7,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..train.config import RunConfig
-from .fake_world import distinct_positions, fake_rank
-from .machine import Machine
-from .rank_build import RankMemory, build_rank_model, local_experts_model, rank_memory
-from .step_time import StepPrediction, count_micro_batch, link_model, predict_step
+from malora_dist.config.run import RunConfig
+from malora_dist.plan.fake_world import distinct_positions, fake_rank
+from malora_dist.plan.machine import Machine
+from malora_dist.plan.rank_build import build_rank_model, local_experts_model, rank_memory
+from malora_dist.plan.step_time import StepPrediction, count_micro_batch, link_model, predict_step
 
 
 @dataclass

@@ -30,14 +30,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..adapters.inject import adapter_layers, adapter_parameters
-from ..adapters.tags import is_expert
-from ..models import shard_causal_lm_skeleton
-from ..parallel.parallelize import build_adapters
-from ..train.build import DTYPES, enable_activation_checkpointing, placement_inputs
-from ..train.config import RunConfig, apply_overrides, build_run_config
-from ..config_utils import load_hf_config_dict, load_yaml
-from ..train.validation import model_hf_config, validate_run
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters
+from malora_dist.adapters.tags import is_expert
+from malora_dist.config.loading import load_hf_config_dict, load_yaml
+from malora_dist.config.run import RunConfig, apply_overrides, build_run_config
+from malora_dist.models import shard_causal_lm_skeleton
+from malora_dist.parallel.parallelize import build_adapters
+from malora_dist.train.build import DTYPES, enable_activation_checkpointing, placement_inputs
+from malora_dist.train.preflight import model_hf_config, validate_run
 
 
 def plan_run_config(path: str, overrides: Optional[list] = None, model_config: Optional[str] = None) -> RunConfig:

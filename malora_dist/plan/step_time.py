@@ -32,16 +32,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.dispatch import AllToAllDispatch
-from ..adapters.inject import adapter_layers, adapter_parameters
-from ..adapters.tags import is_ep_sharded
-from ..parallel.gradients import clip_grad_norm_
-from ..parallel.groups import ParallelGroups
-from ..parallel.placement import LinkModel, layer_work
-from ..train.build import DTYPES, placement_inputs
-from .machine import Machine
-from .rank_build import meta_batch, micro_batch_loss
-from .work import PhaseWork, count_phase
+from malora_dist.adapters.dispatch import AllToAllDispatch
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters
+from malora_dist.adapters.tags import is_ep_sharded
+from malora_dist.parallel.gradients import clip_grad_norm_
+from malora_dist.parallel.placement import LinkModel, layer_work
+from malora_dist.plan.machine import Machine
+from malora_dist.plan.rank_build import meta_batch, micro_batch_loss
+from malora_dist.plan.work import PhaseWork, count_phase
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.train.build import DTYPES, placement_inputs
 
 # the trainer's small all-reduces per step: token count, statistics, gradient norm (tp and ep parts)
 SMALL_REDUCTIONS_PER_STEP = 4

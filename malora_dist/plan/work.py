@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..adapters.cost import _FREE, _MATMULS
+from malora_dist.adapters.cost import _FREE, _MATMULS
 
 
 def _bytes(tensors) -> int:

@@ -14,13 +14,19 @@ import os
 import torch
 import torch.nn as nn
 
-from ..models import (build_tiny_causal_lm, load_hf_model, load_tokenizer, shard_causal_lm,
-                      shard_causal_lm_from_pretrained, smollm2_gguf_path)
-from ..parallel.groups import ParallelGroups
-from ..logging_utils import get_logger
-from ..parallel.parallelize import build_adapters
-from ..parallel.placement import measure_link
-from .config import ModelConfig, RunConfig
+from malora_dist.config.run import ModelConfig, RunConfig
+from malora_dist.models import (
+    build_tiny_causal_lm,
+    load_hf_model,
+    load_tokenizer,
+    shard_causal_lm,
+    shard_causal_lm_from_pretrained,
+    smollm2_gguf_path,
+)
+from malora_dist.parallel.parallelize import build_adapters
+from malora_dist.parallel.placement import measure_link
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.runtime.log import get_logger
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,6 +1,6 @@
 """Sharded, layout-independent checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
-Keys are the adapter file keys of ``malora_dist.adapters.io`` (experts under their global index,
+Keys are the adapter file keys of ``malora_dist.parallel.adapter_files`` (experts under their global index,
 tp-sharded tensors gathered to full size), for the parameters and for AdamW's moments. Each rank
 offers the experts it owns; replicas are deduplicated by DCP. So a checkpoint written at one
 (tp, ep, dp) loads at any other: each rank reads the keys of the experts it owns there and slices
@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from ..adapters.inject import adapter_layers
-from ..adapters.io import _file_keys, _is_stacked
-from ..adapters.tags import is_expert
-from ..config_utils import field_default, without_defaults
-from ..logging_utils import get_logger
-from ..parallel.sharding import gather_tp, slice_tp
-from . import balance_record
+from malora_dist.adapters.inject import adapter_layers
+from malora_dist.adapters.tags import is_expert
+from malora_dist.config.loading import field_default, without_defaults
+from malora_dist.parallel.adapter_files import _file_keys, _is_stacked
+from malora_dist.parallel.sharding import gather_tp, slice_tp
+from malora_dist.runtime.log import get_logger
+from malora_dist.train import balance_record
 
 MARKER = "COMPLETE"
 META = "meta.json"

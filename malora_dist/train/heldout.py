@@ -8,9 +8,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..data.batches import pack_examples
-from ..data.records import BadRecords
-from ..data.tokenize import eos_id, tokenize_examples
+from malora_dist.data.batches import pack_examples
+from malora_dist.data.records import BadRecords
+from malora_dist.data.tokenize import eos_id, tokenize_examples
 
 
 class HeldOutSet:

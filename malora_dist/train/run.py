@@ -6,21 +6,27 @@ import json
 import os
 import platform
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..adapters.io import save_adapter
-from ..launch_env import resolve_launch_env
-from ..logging_utils import setup_logging
-from ..parallel.groups import ParallelGroups
-from ..runtime import init_distributed, pick_backend_and_device, shutdown_distributed
-from .build import build_model, load_run_tokenizer
-from .config import RunConfig, load_run_config
-from .trainer import STOP_EVENT, Trainer
-from .validation import validate_run
+from malora_dist.config.run import RunConfig, load_run_config
+from malora_dist.data.pipeline import build_multitask_data
+from malora_dist.parallel.adapter_files import save_adapter
+from malora_dist.runtime.distributed import init_distributed, pick_backend_and_device, shutdown_distributed
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.runtime.launch_env import resolve_launch_env
+from malora_dist.runtime.log import setup_logging
+from malora_dist.train.build import build_model, load_run_tokenizer
+from malora_dist.train.checkpoint import CheckpointManager
+from malora_dist.train.heldout import HeldOutSet
+from malora_dist.train.preflight import validate_run
+from malora_dist.train.trainer import STOP_EVENT, Trainer
 
 
 def _git_commit() -> Optional[str]:
@@ -33,7 +39,6 @@ def _git_commit() -> Optional[str]:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for name in ("torch", "megatron-core", "transformers", "datasets", "peft", "malora_dist"):
@@ -57,7 +62,6 @@ def write_run_info(config: RunConfig, output_dir: str, groups: ParallelGroups) -
 def prepare_data(config: RunConfig):
     """Tokenizer and tokenised data: the same on every rank and needs no process group, so bad
     data (a malformed line, an empty task) is reported before any collective could hang."""
-    from ..data.pipeline import build_multitask_data
 
     tokenizer = load_run_tokenizer(config.model)
     return tokenizer, build_multitask_data(config.data, tokenizer, config.train.seed)
@@ -97,10 +101,7 @@ def run_training(config: RunConfig, hooks=None, prepared=None) -> str:
 
 
 def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log, hooks, prepared) -> str:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .checkpoint import CheckpointManager
 
     train = config.train
     output_dir = train.output_dir
@@ -114,7 +115,6 @@ def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log,
     model = build_model(config, groups, device)
     trainer = Trainer(config, groups, device, model, data, total_steps, output_dir)
     if train.eval_interval:
-        from .heldout import HeldOutSet
 
         trainer.heldout = HeldOutSet(data, tokenizer, config, groups)
     checkpoints = CheckpointManager(config, groups, trainer)

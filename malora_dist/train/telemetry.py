@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import torch
 
 
@@ -61,7 +62,6 @@ class Telemetry:
             self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(index)
 
     def read(self) -> dict:
-        import psutil
 
         out = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
         if self._nvml_handle is not None:

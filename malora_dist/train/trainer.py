@@ -17,22 +17,22 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..adapters.dropout import DropoutContext, set_dropout_context, token_places
-from ..adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss
-from ..logging_utils import get_logger
-from ..parallel.gradients import clip_grad_norm_, reduce_gradients
-from ..parallel.groups import ParallelGroups
-from .config import RunConfig
-from .heldout import record_best
-from .metrics import MetricsWriter
-from .optim import build_optimizer, build_scheduler
-from .telemetry import PhaseTimer, Telemetry
+from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
+from malora_dist.adapters.inject import adapter_layers, adapter_parameters, auxiliary_loss
+from malora_dist.config.run import RunConfig
+from malora_dist.parallel.gradients import clip_grad_norm_, reduce_gradients
+from malora_dist.runtime.groups import ParallelGroups
+from malora_dist.runtime.log import get_logger
+from malora_dist.train.heldout import record_best
+from malora_dist.train.metrics_log import MetricsWriter
+from malora_dist.train.optim import build_optimizer, build_scheduler
+from malora_dist.train.telemetry import PhaseTimer, Telemetry
 
 IGNORE_INDEX = -100
 # Set by the SIGTERM handler of launch/train.py (what SLURM sends before a time limit).
@@ -71,7 +71,6 @@ def enter_training_mode(model: nn.Module) -> None:
     model.eval()
     for _, layer in adapter_layers(model):
         layer.train()
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
