@@ -53,8 +53,10 @@ from malora_dist.analysis.plots import plot
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="malora-analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="adapter directories or checkpoint directories RUN/checkpoints/step_N")
-    parser.add_argument("--out", required=True, help="directory for analysis.json, summary.json, tables.md and the plots")
+    parser.add_argument("inputs", nargs="+",
+                        help="adapter directories or checkpoint directories RUN/checkpoints/step_N")
+    parser.add_argument("--out", required=True,
+                        help="directory for analysis.json, summary.json, tables.md and the plots")
     parser.add_argument("--labels", help="comma-separated names of the inputs (default: their paths)")
     parser.add_argument("--routing-examples", type=int, default=0, metavar="N",
                         help="routing by task from the first N held-out examples of each task of the "

@@ -1,4 +1,5 @@
-"""``malora-eval`` / ``launch/evaluate.py``: score a base model, or base + adapter, on multiple-choice and generation tasks.
+"""``malora-eval`` / ``launch/evaluate.py``: score a base model, or base + adapter, on multiple-choice and
+generation tasks.
 
     python launch/evaluate.py --config CONFIG [--adapter DIR] [--task NAME=PATH[:style|:format] ...]
                               [--limit N] [--output FILE] [--set section.key=value ...]

@@ -2,7 +2,8 @@
 
     malora-generate --config CONFIG [--adapter DIR] [--prompts FILE] [--max-new-tokens 64]
                     [--temperature T --top-p P --seed S] [--chat | --no-chat] [--output FILE.jsonl]
-    echo '"Question: In which city is the government of Ermania seated?\\nAnswer:"' | malora-generate --config configs/demo.yaml --adapter runs/demo/adapter
+    echo '"Question: In which city is the government of Ermania seated?\\nAnswer:"' \\
+        | malora-generate --config configs/demo.yaml --adapter runs/demo/adapter
     torchrun --nproc_per_node 2 launch/generate.py --config CONFIG --adapter DIR --prompts FILE
 
 Prompts: one per line of ``--prompts`` (or of stdin without it, read by rank 0); blank lines are
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="decode against the KV cache (default); --no-cache recomputes the whole sequence per token")
+                        help="decode against the KV cache (default); --no-cache recomputes the whole sequence "
+                             "per token")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap prompts in the chat template (default: the config's data.use_chat_template)")
     parser.add_argument("--output", help="write the answers as JSON lines to this file")

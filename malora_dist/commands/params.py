@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                         help="YAML with the adapter keys at top level, or a training config with an 'adapter:' section")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's methods (its shipped configs) on LLaMA-2-7B beside its 'params' figures")
-    parser.add_argument("--configs-dir", default=str(CONFIGS), help="where --paper finds the configs (default: %(default)s)")
+    parser.add_argument("--configs-dir", default=str(CONFIGS),
+                        help="where --paper finds the configs (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="--paper as JSON instead of a table")
     args = parser.parse_args(argv)
     if not args.paper and not (args.model_config and args.adapter_config):

@@ -1,7 +1,8 @@
 """``python -m malora_dist.commands.plan`` / ``launch/plan.py``: plan a run at N ranks before it starts.
 
     python launch/plan.py --config configs/paper_inter_malora.yaml --model-config configs/models/llama2-7b.json \\
-        --world-size 64 --set train.global_batch_size=64 [--machine h100|h200|FILE] [--gpu-memory-gib 80] [--all-layouts]
+        --world-size 64 --set train.global_batch_size=64 [--machine h100|h200|FILE] [--gpu-memory-gib 80] \\
+        [--all-layouts]
 
 Builds each distinct rank position of the config's layout on the meta device under a fake process
 group and prints its memory; with ``--all-layouts`` every (tp, ep, placement) the world size allows
@@ -41,7 +42,8 @@ def _prediction_row(plan, checkpointing: bool) -> str:
     share = p.exchange_s / p.step_s
     return (f"{plan.name:<24} {p.step_s:>9.4f} {p.tokens_per_s:>11.0f} {p.forward_s:>8.4f} {p.backward_s:>8.4f} "
             f"{p.exchange_s:>8.4f} {p.all_reduce_s:>8.4f} {p.optimizer_s:>8.4f} {share:>6.1%} "
-            f"{plan.peak_bytes(checkpointing) / GIB:>8.2f} {plan.placements.get('ep', 0):>4}/{plan.placements.get('replicate', 0):<4}")
+            f"{plan.peak_bytes(checkpointing) / GIB:>8.2f} "
+            f"{plan.placements.get('ep', 0):>4}/{plan.placements.get('replicate', 0):<4}")
 
 
 PREDICTION_HEADER = (f"{'layout':<24} {'step s':>9} {'tokens/s':>11} {'fwd':>8} {'bwd':>8} {'exch':>8} "

@@ -15,8 +15,9 @@ from its newest checkpoint) and is evaluated on its run's held-out sets into
 evaluation of a point are launched as separate commands (``--launcher`` prefixes them, e.g.
 torchrun or srun, for multi-process layouts). ``table`` groups the points by every grid key except
 ``train.seed``: per task, the mean ± standard deviation of the score (accuracy; ROUGE-L for rouge_l
-tasks) over seeds, and the paper's number beside it where the paper reports that method on that task (its LLaMA-2-7B results, for
-orientation only). Writes ``results.json``, ``results.md`` and, with matplotlib, ``results.png``.
+tasks) over seeds, and the paper's number beside it where the paper reports that method on that task
+(its LLaMA-2-7B results, for orientation only). Writes ``results.json``, ``results.md`` and, with
+matplotlib, ``results.png``.
 """
 
 from __future__ import annotations

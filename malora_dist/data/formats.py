@@ -178,5 +178,6 @@ def map_record(record: dict, format_name: str) -> "MultipleChoice | Generation":
     try:
         return fmt.to_item(record)
     except DataError as err:
-        raise DataError(f"{err} (read as format {fmt.name}, the schema of {fmt.hub}: check the task's format)") from None
+        raise DataError(f"{err} (read as format {fmt.name}, the schema of {fmt.hub}: "
+                        "check the task's format)") from None
 

@@ -62,7 +62,8 @@ def format_instruction(question: str, options: list[str], labels: list[str]) -> 
 def required_field(record: dict, name: str) -> Any:
     value = record.get(name)
     if value is None:
-        raise DataError(f"missing field {name!r} (the record has {sorted(k for k, v in record.items() if v is not None)})")
+        present = sorted(k for k, v in record.items() if v is not None)
+        raise DataError(f"missing field {name!r} (the record has {present})")
     return value
 
 

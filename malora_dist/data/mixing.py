@@ -43,7 +43,8 @@ def mixing_probabilities(
     return [r / total if total else 0.0 for r in raw]  # all zero: no task is trained on (eval_only)
 
 
-def sequence_shares(example_probs: Sequence[float], num_examples: Sequence[int], num_sequences: Sequence[int]) -> list[float]:
+def sequence_shares(example_probs: Sequence[float], num_examples: Sequence[int],
+                    num_sequences: Sequence[int]) -> list[float]:
     """The share of *sequences* per task that gives each task ``example_probs`` of the examples:
     a packed sequence of task t holds num_examples/num_sequences examples on average."""
     raw = [p * s / e if e else 0.0 for p, e, s in zip(example_probs, num_examples, num_sequences)]

@@ -139,7 +139,8 @@ def _task_examples(cfg: DataConfig, task: TaskConfig, task_id: int, chat_tokeniz
     return records, examples, held
 
 
-def _to_examples(records: list[Record], task: TaskConfig, task_id: int, chat_tokenizer: Any, bad: BadRecords) -> list[Example]:
+def _to_examples(records: list[Record], task: TaskConfig, task_id: int, chat_tokenizer: Any,
+                 bad: BadRecords) -> list[Example]:
     examples = []
     for record in records:
         try:
@@ -168,7 +169,8 @@ def _empty_task_message(task: TaskConfig, stat: TaskStats, seq_len: int) -> str:
     if stat.skipped:
         message += f", skipped {stat.skipped} as bad (first: {stat.skip_reasons[0]})"
     if stat.dropped:
-        message += f", dropped {stat.dropped} longer than seq_len {seq_len} (raise data.seq_len or use overlong: truncate)"
+        message += (f", dropped {stat.dropped} longer than seq_len {seq_len} "
+                    "(raise data.seq_len or use overlong: truncate)")
     if stat.eval_examples:
         message += f", held out {stat.eval_examples}"
     return message + ". Check the task's paths and fields."

@@ -131,7 +131,8 @@ def _read_synthetic(source: str, held_out: bool) -> list[Record]:
     name = source[len(SYNTHETIC) :]
     if name not in synthetic.TASKS:
         raise DataError(f"{source!r}: unknown synthetic task {name!r}; choose from {', '.join(synthetic.TASKS)}")
-    return [Record(r, f"{source}[{split}] record {i + 1}") for i, r in enumerate(synthetic.synthetic_records(name, split, 0, size))]
+    records = synthetic.synthetic_records(name, split, 0, size)
+    return [Record(r, f"{source}[{split}] record {i + 1}") for i, r in enumerate(records)]
 
 
 def _resolve(patterns: list[str], base_dir: Optional[str], what: str) -> list[str]:

@@ -30,7 +30,8 @@ ROWS_PER_BATCH = 4
 
 
 def evaluate(model, tasks: list[EvalTask], tokenizer: Any, chat: bool, max_len: int, groups: ParallelGroups,
-             device: torch.device, row_tokens: int = ROW_TOKENS, rows_per_batch: int = ROWS_PER_BATCH) -> Optional[dict]:
+             device: torch.device, row_tokens: int = ROW_TOKENS,
+             rows_per_batch: int = ROWS_PER_BATCH) -> Optional[dict]:
     """Score ``tasks`` with ``model``; every rank calls this; rank 0 returns ``{name: task entry}``.
 
     dp rank r scores examples r, r + dp, … of the list of all tasks' examples; tp peers score the

@@ -88,8 +88,8 @@ def _shape(adapter: AdapterConfig, report: dict) -> str:
         lines.append(f"- {adapter.num_experts} experts, top-{adapter.top_k} routing"
                      f"{', gates renormalised' if adapter.normalize_gates else ''}"
                      f"{f', capacity factor {adapter.capacity_factor}' if adapter.capacity_factor else ''}")
-    lines.append(f"- scaling α/{'r̄' if adapter.has_subspace else 'r'} = {adapter.scaling:g}; dropout {adapter.dropout:g}"
-                 f"{'; DoRA' if adapter.dora else ''}")
+    lines.append(f"- scaling α/{'r̄' if adapter.has_subspace else 'r'} = {adapter.scaling:g}; "
+                 f"dropout {adapter.dropout:g}{'; DoRA' if adapter.dora else ''}")
     lines.append(f"- adapted linears: {', '.join(adapter.target_modules)} ({report['adapted_layers']} layers)")
     if adapter.frozen_parts:
         lines.append(f"- kept at their initial values: {', '.join(sorted(adapter.frozen_parts))}")

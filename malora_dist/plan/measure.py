@@ -160,7 +160,8 @@ def measured_run(config_path: str, overrides: list, model_config=None, steps: in
             continue
         optimizer.zero_grad(set_to_none=True)
         phases.append(times)
-    exchange_share = _exchange_share(lambda: _one_step(model, config, generator, micro_batches, params, groups, optimizer))
+    exchange_share = _exchange_share(
+        lambda: _one_step(model, config, generator, micro_batches, params, groups, optimizer))
     ids_trainable = {id(p) for p in params}
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))

@@ -67,7 +67,8 @@ def resolve_launch_env(env: Mapping[str, str]) -> LaunchEnv:
         if missing:
             raise ValueError(f"RANK/WORLD_SIZE are set but {missing} are not: start the job with torchrun, "
                              f"or set all of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
-        launch = LaunchEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+        launch = LaunchEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                           _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
                            env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "torchrun")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -76,13 +77,16 @@ def resolve_launch_env(env: Mapping[str, str]) -> LaunchEnv:
                              "run under srun, or set MASTER_ADDR")
         master = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
         # One port per job, so that two jobs sharing a node do not collide.
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000
-        launch = LaunchEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+        port = (_int(env, "MASTER_PORT") if "MASTER_PORT" in env
+                else DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+        launch = LaunchEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+                           _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                            master, port, "slurm")
     else:
         return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
     if not 0 <= launch.rank < launch.world_size:
-        raise ValueError(f"rank {launch.rank} is outside the world of {launch.world_size} processes ({launch.launcher})")
+        raise ValueError(f"rank {launch.rank} is outside the world of {launch.world_size} processes "
+                         f"({launch.launcher})")
     return launch
 
 

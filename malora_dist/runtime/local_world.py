@@ -54,7 +54,8 @@ def run_local_world(world_size: int, fn, *args, threads: int = 1, capture_logs: 
 
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(_worker, args=(world_size, free_port(), threads, out_dir, capture_logs, timeout_s, fn, args),
+            mp.start_processes(_worker,
+                               args=(world_size, free_port(), threads, out_dir, capture_logs, timeout_s, fn, args),
                                nprocs=world_size, start_method="spawn")
         except Exception as err:
             raise RuntimeError(f"a rank died: {err}\n{_log_tails(out_dir, world_size)}") from None

@@ -150,7 +150,8 @@ def aggregate(spec: dict, out: str) -> dict:
             cells[task] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
                            "n": len(values), "paper": paper}
         rows.append({"values": group["values"], "seeds": group["seeds"], "tasks": cells})
-    return {"grid": spec["grid"], "rows": rows, "done": sum(len(r["seeds"]) for r in rows), "points": len(spec["points"])}
+    return {"grid": spec["grid"], "rows": rows, "done": sum(len(r["seeds"]) for r in rows),
+            "points": len(spec["points"])}
 
 
 def _base_method(spec: dict) -> str:
