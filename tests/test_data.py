@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from malora_dist.commands.synthetic_data import main as synthetic_main
 from malora_dist.data import (
     DataConfig,
     DataError,
@@ -33,7 +34,6 @@ from malora_dist.data import (
 from malora_dist.data.mixing import GlobalBatchSampler, allocate
 from malora_dist.data.records import BadRecords
 from malora_dist.data.synthetic import TASKS, synthetic_records, write_synthetic
-from malora_dist.data.synthetic import main as synthetic_main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMONSENSE = REPO / "tests" / "fixtures" / "commonsense"

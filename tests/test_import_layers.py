@@ -157,6 +157,29 @@ def test_imports_inside_functions_are_optional_dependencies():
                           "dependency and why in OPTIONAL):\n" + "\n".join(deferred))
 
 
+def _runs_as_a_script(path: Path) -> bool:
+    tree = ast.parse(path.read_text(), str(path))
+    tests = [ast.unparse(node.test) for node in tree.body if isinstance(node, ast.If)]
+    return any("__name__" in test and "__main__" in test for test in tests)
+
+
+def test_command_lines_live_in_commands():
+    """Each command line is a module of commands/ (argument parsing only, the work in the library)."""
+    scripts = sorted(name for name, path in MODULES.items() if _runs_as_a_script(path) and _package(name) != "commands")
+    assert not scripts, f"modules with a command line outside malora_dist/commands: {scripts}"
+    commands = [name for name in MODULES if _package(name) == "commands" and not name.endswith("commands")]
+    assert commands and all(_runs_as_a_script(MODULES[name]) for name in commands)
+
+
+def test_the_circle_check_sees_a_circle(tmp_path, monkeypatch):
+    """A module of data/ that imports one which imports it back is reported."""
+    records = tmp_path / "records.py"
+    records.write_text(MODULES["malora_dist.data.records"].read_text() + "\nimport malora_dist.data.pipeline\n")
+    monkeypatch.setitem(MODULES, "malora_dist.data.records", records)
+    with pytest.raises(AssertionError, match="malora_dist.data.pipeline"):
+        test_no_circles_between_modules()
+
+
 @pytest.mark.parametrize("module", ["malora_dist.train.trainer", "malora_dist.runtime.groups"])
 def test_the_contract_sees_a_violation(module, tmp_path, monkeypatch):
     """The checks are not vacuous: an upward import and a circle written into a copy are found."""

@@ -23,13 +23,11 @@ on 40 test records each: capitals 0.97, zorbian 0.93, larger 0.97 (parity, then 
 both "even" and "odd", 0.42; the present parity alone for 2 epochs: 0.55).
 
 The fictional tables are fixed (the same for every seed); the seed picks the records, distractors
-and option order. ``python -m malora_dist.data.synthetic --out DIR --seed S`` writes
+and option order. ``python -m malora_dist.commands.synthetic_data --out DIR --seed S`` writes
 ``DIR/<task>/{train,test}.json``.
 """
-
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -192,20 +190,3 @@ def write_synthetic(
                 f.write("\n")
             paths[task][split] = path
     return paths
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="directory to write <task>/{train,test}.json into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE, help="records per task")
-    parser.add_argument("--test-size", type=int, default=DEFAULT_TEST_SIZE, help="records per task")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    args = parser.parse_args(argv)
-    paths = write_synthetic(args.out, args.seed, args.train_size, args.test_size, args.tasks.split(","))
-    for task, files in paths.items():
-        print(f"{task}: {files['train']} ({args.train_size}), {files['test']} ({args.test_size})")
-
-
-if __name__ == "__main__":
-    main()

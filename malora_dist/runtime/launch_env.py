@@ -5,12 +5,9 @@ are set); plain ``srun`` ranks come from ``SLURM_PROCID``/``SLURM_NTASKS``/``SLU
 master on the first node of the job's node list. Errors name the variable and the fix, before any
 process group is started.
 """
-
 from __future__ import annotations
 
-import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -88,27 +85,3 @@ def resolve_launch_env(env: Mapping[str, str]) -> LaunchEnv:
         raise ValueError(f"rank {launch.rank} is outside the world of {launch.world_size} processes "
                          f"({launch.launcher})")
     return launch
-
-
-def main(argv=None) -> int:
-    """``python -m malora_dist.runtime.launch_env master-addr|master-port`` for job scripts."""
-
-    args = sys.argv[1:] if argv is None else argv
-    if args not in (["master-addr"], ["master-port"]):
-        print("usage: python -m malora_dist.runtime.launch_env master-addr|master-port", file=sys.stderr)
-        return 2
-    env = dict(os.environ)
-    # A job script asks before any rank exists: answer as SLURM's rank 0 would.
-    env.setdefault("SLURM_PROCID", "0")
-    env.setdefault("SLURM_NTASKS", "1")
-    try:
-        launch = resolve_launch_env({k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")})
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(launch.master_addr if args == ["master-addr"] else launch.master_port)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
