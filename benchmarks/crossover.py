@@ -11,7 +11,8 @@ all-to-all, sparse kernel) and ``replicate`` (all experts on both ranks, dense k
 gradients all-reduced). One step = forward, backward (input requiring grad, as inside a network),
 the gradient reduction of ``malora_dist.parallel.gradients`` and the AdamW step of training.
 The placements alternate round by round (the order flips each round); medians and spread of rank 0's
-wall times are reported (and its process CPU time, which leaves out waiting for the other rank).
+wall times are reported (and its process CPU time, which leaves out waiting for the other rank). The
+step, the rounds and their statistics are ``benchmarks/layer_step.py``'s (shared with ``layer_speed.py``).
 
 The prediction is ``placement_costs`` with the link and compute rates measured by ``measure_link``
 at start-up (as ``auto`` does in training) and the cost terms the layer's parts report (the
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import operator
 import os
 import statistics
 import sys
@@ -35,13 +38,13 @@ import time
 
 import throughput
 import torch
+from layer_step import PHASES, paired, run_rounds, spread, step_s, time_step
 from throughput import machine_info, run_world
 
 METHODS = {
     "malora": dict(method="malora", rank=8, shared_dim=32, expert_rank=12, top_k=2),
     "molora": dict(method="molora", rank=8, top_k=2),
 }
-PARTS = ("forward_s", "backward_s", "reduce_s", "optimizer_s")
 
 
 def _layer(adapter, num_experts, n, m, device, groups=None, placement="replicate"):
@@ -61,34 +64,12 @@ def _layer(adapter, num_experts, n, m, device, groups=None, placement="replicate
     return model
 
 
-def _step(layer, optimizer, params, groups, x, grad, device) -> dict:
-    from malora_dist.parallel.gradients import reduce_gradients
-    from malora_dist.train.telemetry import device_synchronize
-
-    cpu = time.process_time()
-    marks = [time.perf_counter()]
-    out = layer(x)
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    out.backward(grad)
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    reduce_gradients(params, groups)
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    x.grad = None
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    return {**dict(zip(PARTS, (b - a for a, b in zip(marks, marks[1:])))), "cpu_s": time.process_time() - cpu}
-
-
 def crossover_world(spec: dict) -> dict:
     import torch.distributed as dist
 
     from malora_dist.adapters.inject import adapter_parameters
     from malora_dist.config.adapter import AdapterConfig
+    from malora_dist.parallel.gradients import reduce_gradients
     from malora_dist.parallel.placement import measure_link, placement_costs
     from malora_dist.runtime.distributed import pick_backend_and_device
     from malora_dist.runtime.groups import ParallelGroups
@@ -113,14 +94,12 @@ def crossover_world(spec: dict) -> dict:
                 gen = torch.Generator().manual_seed(1000 + groups.dp_rank)
                 x = torch.randn(tokens, n, generator=gen).to(device).requires_grad_()
                 grad = torch.randn(tokens, m, generator=gen).to(device)
-                samples = {"ep": [], "replicate": []}
-                for round_index in range(spec["warmup"] + spec["repeats"]):
-                    order = ("ep", "replicate") if round_index % 2 == 0 else ("replicate", "ep")
-                    for placement in order:
-                        layer, optimizer, params = runs[placement]
-                        sample = _step(layer, optimizer, params, groups, x, grad, device)
-                        if round_index >= spec["warmup"]:
-                            samples[placement].append(sample)
+                steps = {}
+                for placement, (layer, optimizer, params) in runs.items():
+                    reduce = functools.partial(reduce_gradients, params, groups)
+                    steps[placement] = functools.partial(time_step, layer, x, grad, optimizer, reduce)
+                # the order flips each round (rotated by one of two)
+                samples = run_rounds(steps, spec["warmup"], spec["repeats"], rotate=True)
                 cells.append({"method": method, "num_experts": num_experts, "tokens_per_rank": tokens,
                               "predicted": {"exchange_s": predicted.exchange_s, "replicate_s": predicted.replicate_s,
                                             "choice": predicted.choice,
@@ -132,25 +111,20 @@ def crossover_world(spec: dict) -> dict:
             "threads": torch.get_num_threads(), "device": str(device), "cells": cells}
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def summarize(rank0: dict) -> list:
     rows = []
     for cell in rank0["cells"]:
         measured = {}
         for placement, samples in cell["samples"].items():
-            steps = [sum(s[k] for k in PARTS) for s in samples]
-            measured[placement] = {"step_s": _spread(steps), **{k: statistics.median(s[k] for s in samples) for k in PARTS + ("cpu_s",)}}
+            measured[placement] = {"step_s": spread([step_s(s) for s in samples], count=True),
+                                   **{k: statistics.median(s[k] for s in samples) for k in PHASES + ("cpu_s",)}}
         ep, rep = measured["ep"]["step_s"]["median"], measured["replicate"]["step_s"]["median"]
-        paired = [sum(a[k] for k in PARTS) - sum(b[k] for k in PARTS)
-                  for a, b in zip(cell["samples"]["ep"], cell["samples"]["replicate"])]
+        ep_steps, replicate_steps = ([step_s(s) for s in cell["samples"][p]] for p in ("ep", "replicate"))
         pred = cell["predicted"]
         rows.append({
             "method": cell["method"], "num_experts": cell["num_experts"], "tokens_per_rank": cell["tokens_per_rank"],
             "measured": measured,
-            "measured_ep_minus_replicate_s": _spread(paired),
+            "measured_ep_minus_replicate_s": paired(ep_steps, replicate_steps, operator.sub, count=True),
             "measured_choice": "replicate" if rep <= ep else "ep",
             "predicted": pred,
             "predicted_ep_minus_replicate_s": pred["exchange_s"] - pred["replicate_s"],
