@@ -171,7 +171,8 @@ def plot(result: dict, path: str) -> bool:
     link = result["link_start"]
     fig.text(0.01, 0.005, f"{meta['date']} · {meta['cpu_model'] or ''} · 2 processes × {result['threads']} thread(s) · "
              f"n={result['shape']['n']} m={result['shape']['m']} · link {link['latency_s'] * 1e3:.2f} ms, "
-             f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, {link['op_s'] * 1e6:.0f} µs/op · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
+             f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+             f"{link['op_s'] * 1e6:.0f} µs/op · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
              fontsize=6)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=120)
@@ -183,19 +184,24 @@ def markdown(result: dict) -> str:
     """The README table of a result file: per cell ep and replicate step times, measured and predicted
     differences, and the winner of each (✗ where they disagree)."""
     meta, link = result["meta"], result["link_start"]
+    shared = " (above the core count: other jobs, or its own processes)" if meta.get("shared_machine") else ""
     lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']}, 2 processes × {result['threads']} thread(s), "
              f"n={result['shape']['n']} m={result['shape']['m']}, load average {meta['load_average_start'][0]:.1f} → "
-             f"{meta['load_average_end'][0]:.1f}{' (above the core count: other jobs, or its own processes)' if meta.get('shared_machine') else ''}; "
+             f"{meta['load_average_end'][0]:.1f}{shared}; "
              f"link measured {link['latency_s'] * 1e3:.3f} ms, {link['bytes_per_s'] / 1e9:.2f} GB/s, "
-             f"compute {link['flops_per_s'] / 1e9:.0f} GFLOP/s at a skinny matmul and {link['op_s'] * 1e6:.1f} µs per small op, copies at {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+             f"compute {link['flops_per_s'] / 1e9:.0f} GFLOP/s at a skinny matmul and {link['op_s'] * 1e6:.1f} µs per "
+             f"small op, copies at {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
              f"(at the end: {result['link_end']['latency_s'] * 1e3:.3f} ms). Model and measurement agree on "
              f"{result['agreement']:.0%} of the cells.", "",
-             "| method | N | tokens/rank | ep ms | replicate ms | measured ep − rep ms | predicted ep − rep ms | faster (measured / predicted) |",
+             "| method | N | tokens/rank | ep ms | replicate ms | measured ep − rep ms | predicted ep − rep ms "
+             "| faster (measured / predicted) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["cells"]:
+        ep_ms, replicate_ms = (1e3 * r["measured"][p]["step_s"]["median"] for p in ("ep", "replicate"))
         lines.append(f"| {r['method']} | {r['num_experts']} | {r['tokens_per_rank']} | "
-                     f"{1e3 * r['measured']['ep']['step_s']['median']:.1f} | {1e3 * r['measured']['replicate']['step_s']['median']:.1f} | "
-                     f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+.1f} | {1e3 * r['predicted_ep_minus_replicate_s']:+.2f} | "
+                     f"{ep_ms:.1f} | {replicate_ms:.1f} | "
+                     f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+.1f} | "
+                     f"{1e3 * r['predicted_ep_minus_replicate_s']:+.2f} | "
                      f"{r['measured_choice']} / {r['predicted']['choice']}{'' if r['agree'] else ' ✗'} |")
     return "\n".join(lines)
 
@@ -221,7 +227,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if throughput.print_markdown_from(args, markdown):
         return None
-    defaults = dict(methods="malora" if args.quick else "malora,molora", tokens="16,64" if args.quick else "16,128,1024",
+    defaults = dict(methods="malora" if args.quick else "malora,molora",
+                    tokens="16,64" if args.quick else "16,128,1024",
                     experts="4,8" if args.quick else "4,8,16,32,64,128,256", n=64 if args.quick else 576,
                     m=64 if args.quick else 576, warmup=1 if args.quick else 2, repeats=2 if args.quick else 7,
                     name="crossover_quick" if args.quick else "crossover")
@@ -255,12 +262,16 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     link = result["link_start"]
     print(f"2 processes × {result['threads']} thread(s), n={args.n} m={args.m}; link {link['latency_s'] * 1e3:.3f} ms, "
-          f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, {link['op_s'] * 1e6:.1f} µs/op, copy {link['copy_bytes_per_s'] / 1e9:.1f} GB/s (end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
-    print(f"  {'method':7s} {'N':>3s} {'T':>5s} {'ep ms':>8s} {'rep ms':>8s} {'meas Δ':>8s} {'pred Δ':>8s}  measured / predicted")
+          f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+          f"{link['op_s'] * 1e6:.1f} µs/op, copy {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+          f"(end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
+    print(f"  {'method':7s} {'N':>3s} {'T':>5s} {'ep ms':>8s} {'rep ms':>8s} {'meas Δ':>8s} {'pred Δ':>8s}  "
+          "measured / predicted")
     for r in result["cells"]:
-        print(f"  {r['method']:7s} {r['num_experts']:3d} {r['tokens_per_rank']:5d} "
-              f"{1e3 * r['measured']['ep']['step_s']['median']:8.2f} {1e3 * r['measured']['replicate']['step_s']['median']:8.2f} "
-              f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+8.2f} {1e3 * r['predicted_ep_minus_replicate_s']:+8.2f}  "
+        ep_ms, replicate_ms = (1e3 * r["measured"][p]["step_s"]["median"] for p in ("ep", "replicate"))
+        print(f"  {r['method']:7s} {r['num_experts']:3d} {r['tokens_per_rank']:5d} {ep_ms:8.2f} {replicate_ms:8.2f} "
+              f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+8.2f} "
+              f"{1e3 * r['predicted_ep_minus_replicate_s']:+8.2f}  "
               f"{r['measured_choice']:9s} / {r['predicted']['choice']:9s}{'' if r['agree'] else '  ✗'}")
     print(f"agreement {result['agreement']:.0%}; wrote {stem}.json in {meta['elapsed_s']:.0f} s")
     return result

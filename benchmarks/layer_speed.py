@@ -46,7 +46,8 @@ PAPER_METHODS = {
                                   kernel="fused"),
     "malora-d32-r12-sparse-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse",
                                       kernel="reference"),
-    "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense", kernel="fused"),
+    "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
+                                 kernel="fused"),
     "malora-d32-r12-dense-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
                                      kernel="reference"),
 }
