@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = {ep: run_local_world(ep, measure, ep) for ep in args.ep}
     mib = 1 << 20
-    print("| ep | expert tensors per rank (MiB) | ÷ ep=1 | all adapter tensors per rank (MiB) | RSS growth while building, max rank (MiB) |")
+    print("| ep | expert tensors per rank (MiB) | ÷ ep=1 | all adapter tensors per rank (MiB) "
+          "| RSS growth while building, max rank (MiB) |")
     print("|---|---|---|---|---|")
     first = results[args.ep[0]][0]["expert_bytes"]
     for ep, ranks in results.items():
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
               f"{ranks[0]['adapter_bytes'] / mib:.2f} | {worst['rss_growth_bytes'] / mib:.1f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"model": SMOLLM2, "adapter": ADAPTER, "results": {str(k): v for k, v in results.items()}}, f, indent=2)
+        json.dump({"model": SMOLLM2, "adapter": ADAPTER, "results": {str(k): v for k, v in results.items()}}, f,
+                  indent=2)
     return 0
 
 

@@ -11,7 +11,8 @@ all-to-all, sparse kernel) and ``replicate`` (all experts on both ranks, dense k
 gradients all-reduced). One step = forward, backward (input requiring grad, as inside a network),
 the gradient reduction of ``malora_dist.parallel.gradients`` and the AdamW step of training.
 The placements alternate round by round (the order flips each round); medians and spread of rank 0's
-wall times are reported (and its process CPU time, which leaves out waiting for the other rank).
+wall times are reported (and its process CPU time, which leaves out waiting for the other rank). The
+step, the rounds and their statistics are ``benchmarks/layer_step.py``'s (shared with ``layer_speed.py``).
 
 The prediction is ``placement_costs`` with the link and compute rates measured by ``measure_link``
 at start-up (as ``auto`` does in training) and the cost terms the layer's parts report (the
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import operator
 import os
 import statistics
 import sys
@@ -35,13 +38,13 @@ import time
 
 import throughput
 import torch
+from layer_step import PHASES, paired, run_rounds, spread, step_s, time_step
 from throughput import machine_info, run_world
 
 METHODS = {
     "malora": dict(method="malora", rank=8, shared_dim=32, expert_rank=12, top_k=2),
     "molora": dict(method="molora", rank=8, top_k=2),
 }
-PARTS = ("forward_s", "backward_s", "reduce_s", "optimizer_s")
 
 
 def _layer(adapter, num_experts, n, m, device, groups=None, placement="replicate"):
@@ -61,34 +64,12 @@ def _layer(adapter, num_experts, n, m, device, groups=None, placement="replicate
     return model
 
 
-def _step(layer, optimizer, params, groups, x, grad, device) -> dict:
-    from malora_dist.parallel.gradients import reduce_gradients
-    from malora_dist.train.telemetry import device_synchronize
-
-    cpu = time.process_time()
-    marks = [time.perf_counter()]
-    out = layer(x)
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    out.backward(grad)
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    reduce_gradients(params, groups)
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    x.grad = None
-    device_synchronize(device)
-    marks.append(time.perf_counter())
-    return {**dict(zip(PARTS, (b - a for a, b in zip(marks, marks[1:])))), "cpu_s": time.process_time() - cpu}
-
-
 def crossover_world(spec: dict) -> dict:
     import torch.distributed as dist
 
     from malora_dist.adapters.inject import adapter_parameters
     from malora_dist.config.adapter import AdapterConfig
+    from malora_dist.parallel.gradients import reduce_gradients
     from malora_dist.parallel.placement import measure_link, placement_costs
     from malora_dist.runtime.distributed import pick_backend_and_device
     from malora_dist.runtime.groups import ParallelGroups
@@ -113,14 +94,12 @@ def crossover_world(spec: dict) -> dict:
                 gen = torch.Generator().manual_seed(1000 + groups.dp_rank)
                 x = torch.randn(tokens, n, generator=gen).to(device).requires_grad_()
                 grad = torch.randn(tokens, m, generator=gen).to(device)
-                samples = {"ep": [], "replicate": []}
-                for round_index in range(spec["warmup"] + spec["repeats"]):
-                    order = ("ep", "replicate") if round_index % 2 == 0 else ("replicate", "ep")
-                    for placement in order:
-                        layer, optimizer, params = runs[placement]
-                        sample = _step(layer, optimizer, params, groups, x, grad, device)
-                        if round_index >= spec["warmup"]:
-                            samples[placement].append(sample)
+                steps = {}
+                for placement, (layer, optimizer, params) in runs.items():
+                    reduce = functools.partial(reduce_gradients, params, groups)
+                    steps[placement] = functools.partial(time_step, layer, x, grad, optimizer, reduce)
+                # the order flips each round (rotated by one of two)
+                samples = run_rounds(steps, spec["warmup"], spec["repeats"], rotate=True)
                 cells.append({"method": method, "num_experts": num_experts, "tokens_per_rank": tokens,
                               "predicted": {"exchange_s": predicted.exchange_s, "replicate_s": predicted.replicate_s,
                                             "choice": predicted.choice,
@@ -132,25 +111,20 @@ def crossover_world(spec: dict) -> dict:
             "threads": torch.get_num_threads(), "device": str(device), "cells": cells}
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def summarize(rank0: dict) -> list:
     rows = []
     for cell in rank0["cells"]:
         measured = {}
         for placement, samples in cell["samples"].items():
-            steps = [sum(s[k] for k in PARTS) for s in samples]
-            measured[placement] = {"step_s": _spread(steps), **{k: statistics.median(s[k] for s in samples) for k in PARTS + ("cpu_s",)}}
+            measured[placement] = {"step_s": spread([step_s(s) for s in samples], count=True),
+                                   **{k: statistics.median(s[k] for s in samples) for k in PHASES + ("cpu_s",)}}
         ep, rep = measured["ep"]["step_s"]["median"], measured["replicate"]["step_s"]["median"]
-        paired = [sum(a[k] for k in PARTS) - sum(b[k] for k in PARTS)
-                  for a, b in zip(cell["samples"]["ep"], cell["samples"]["replicate"])]
+        ep_steps, replicate_steps = ([step_s(s) for s in cell["samples"][p]] for p in ("ep", "replicate"))
         pred = cell["predicted"]
         rows.append({
             "method": cell["method"], "num_experts": cell["num_experts"], "tokens_per_rank": cell["tokens_per_rank"],
             "measured": measured,
-            "measured_ep_minus_replicate_s": _spread(paired),
+            "measured_ep_minus_replicate_s": paired(ep_steps, replicate_steps, operator.sub, count=True),
             "measured_choice": "replicate" if rep <= ep else "ep",
             "predicted": pred,
             "predicted_ep_minus_replicate_s": pred["exchange_s"] - pred["replicate_s"],
@@ -197,7 +171,8 @@ def plot(result: dict, path: str) -> bool:
     link = result["link_start"]
     fig.text(0.01, 0.005, f"{meta['date']} · {meta['cpu_model'] or ''} · 2 processes × {result['threads']} thread(s) · "
              f"n={result['shape']['n']} m={result['shape']['m']} · link {link['latency_s'] * 1e3:.2f} ms, "
-             f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, {link['op_s'] * 1e6:.0f} µs/op · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
+             f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+             f"{link['op_s'] * 1e6:.0f} µs/op · red: replicate wins, blue: ep wins · ✗: model and measurement disagree",
              fontsize=6)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=120)
@@ -209,19 +184,24 @@ def markdown(result: dict) -> str:
     """The README table of a result file: per cell ep and replicate step times, measured and predicted
     differences, and the winner of each (✗ where they disagree)."""
     meta, link = result["meta"], result["link_start"]
+    shared = " (above the core count: other jobs, or its own processes)" if meta.get("shared_machine") else ""
     lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']}, 2 processes × {result['threads']} thread(s), "
              f"n={result['shape']['n']} m={result['shape']['m']}, load average {meta['load_average_start'][0]:.1f} → "
-             f"{meta['load_average_end'][0]:.1f}{' (above the core count: other jobs, or its own processes)' if meta.get('shared_machine') else ''}; "
+             f"{meta['load_average_end'][0]:.1f}{shared}; "
              f"link measured {link['latency_s'] * 1e3:.3f} ms, {link['bytes_per_s'] / 1e9:.2f} GB/s, "
-             f"compute {link['flops_per_s'] / 1e9:.0f} GFLOP/s at a skinny matmul and {link['op_s'] * 1e6:.1f} µs per small op, copies at {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+             f"compute {link['flops_per_s'] / 1e9:.0f} GFLOP/s at a skinny matmul and {link['op_s'] * 1e6:.1f} µs per "
+             f"small op, copies at {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
              f"(at the end: {result['link_end']['latency_s'] * 1e3:.3f} ms). Model and measurement agree on "
              f"{result['agreement']:.0%} of the cells.", "",
-             "| method | N | tokens/rank | ep ms | replicate ms | measured ep − rep ms | predicted ep − rep ms | faster (measured / predicted) |",
+             "| method | N | tokens/rank | ep ms | replicate ms | measured ep − rep ms | predicted ep − rep ms "
+             "| faster (measured / predicted) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["cells"]:
+        ep_ms, replicate_ms = (1e3 * r["measured"][p]["step_s"]["median"] for p in ("ep", "replicate"))
         lines.append(f"| {r['method']} | {r['num_experts']} | {r['tokens_per_rank']} | "
-                     f"{1e3 * r['measured']['ep']['step_s']['median']:.1f} | {1e3 * r['measured']['replicate']['step_s']['median']:.1f} | "
-                     f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+.1f} | {1e3 * r['predicted_ep_minus_replicate_s']:+.2f} | "
+                     f"{ep_ms:.1f} | {replicate_ms:.1f} | "
+                     f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+.1f} | "
+                     f"{1e3 * r['predicted_ep_minus_replicate_s']:+.2f} | "
                      f"{r['measured_choice']} / {r['predicted']['choice']}{'' if r['agree'] else ' ✗'} |")
     return "\n".join(lines)
 
@@ -247,7 +227,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if throughput.print_markdown_from(args, markdown):
         return None
-    defaults = dict(methods="malora" if args.quick else "malora,molora", tokens="16,64" if args.quick else "16,128,1024",
+    defaults = dict(methods="malora" if args.quick else "malora,molora",
+                    tokens="16,64" if args.quick else "16,128,1024",
                     experts="4,8" if args.quick else "4,8,16,32,64,128,256", n=64 if args.quick else 576,
                     m=64 if args.quick else 576, warmup=1 if args.quick else 2, repeats=2 if args.quick else 7,
                     name="crossover_quick" if args.quick else "crossover")
@@ -281,12 +262,16 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     link = result["link_start"]
     print(f"2 processes × {result['threads']} thread(s), n={args.n} m={args.m}; link {link['latency_s'] * 1e3:.3f} ms, "
-          f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, {link['op_s'] * 1e6:.1f} µs/op, copy {link['copy_bytes_per_s'] / 1e9:.1f} GB/s (end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
-    print(f"  {'method':7s} {'N':>3s} {'T':>5s} {'ep ms':>8s} {'rep ms':>8s} {'meas Δ':>8s} {'pred Δ':>8s}  measured / predicted")
+          f"{link['bytes_per_s'] / 1e9:.2f} GB/s, {link['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+          f"{link['op_s'] * 1e6:.1f} µs/op, copy {link['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+          f"(end: {result['link_end']['latency_s'] * 1e3:.3f} ms)")
+    print(f"  {'method':7s} {'N':>3s} {'T':>5s} {'ep ms':>8s} {'rep ms':>8s} {'meas Δ':>8s} {'pred Δ':>8s}  "
+          "measured / predicted")
     for r in result["cells"]:
-        print(f"  {r['method']:7s} {r['num_experts']:3d} {r['tokens_per_rank']:5d} "
-              f"{1e3 * r['measured']['ep']['step_s']['median']:8.2f} {1e3 * r['measured']['replicate']['step_s']['median']:8.2f} "
-              f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+8.2f} {1e3 * r['predicted_ep_minus_replicate_s']:+8.2f}  "
+        ep_ms, replicate_ms = (1e3 * r["measured"][p]["step_s"]["median"] for p in ("ep", "replicate"))
+        print(f"  {r['method']:7s} {r['num_experts']:3d} {r['tokens_per_rank']:5d} {ep_ms:8.2f} {replicate_ms:8.2f} "
+              f"{1e3 * r['measured_ep_minus_replicate_s']['median']:+8.2f} "
+              f"{1e3 * r['predicted_ep_minus_replicate_s']:+8.2f}  "
               f"{r['measured_choice']:9s} / {r['predicted']['choice']:9s}{'' if r['agree'] else '  ✗'}")
     print(f"agreement {result['agreement']:.0%}; wrote {stem}.json in {meta['elapsed_s']:.0f} s")
     return result

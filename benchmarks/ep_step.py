@@ -77,13 +77,14 @@ def summarize(ranks: list, warmup: int) -> dict:
 def print_table(result: dict) -> None:
     print(f"\n{result['model']}, {result['processes']} processes × {result['threads_per_process']} thread, ep=2, "
           f"seq {result['seq_len']}, global batch {result['global_batch']} (micro {result['micro_batch']})")
-    print("| variant | step s | speed-up vs before (wall) | (CPU time) | collectives / step | host reads / step | a2a MB / step |")
+    print("| variant | step s | speed-up vs before (wall) | (CPU time) | collectives / step | host reads / step "
+          "| a2a MB / step |")
     print("|---|---|---|---|---|---|---|")
     for name, r in result["variants"].items():
         wall = f"×{r['speedup_wall']:.2f}" if "speedup_wall" in r else "—"
         cpu = f"×{r['speedup_cpu']:.2f}" if "speedup_cpu" in r else "—"
-        print(f"| {name} | {r['step_s']:.3f} | {wall} | {cpu} | {r['a2a_collectives']:.0f} | {r['a2a_host_reads']:.0f} | "
-              f"{r['a2a_bytes'] / 2**20:.2f} |")
+        print(f"| {name} | {r['step_s']:.3f} | {wall} | {cpu} | {r['a2a_collectives']:.0f} | "
+              f"{r['a2a_host_reads']:.0f} | {r['a2a_bytes'] / 2**20:.2f} |")
 
 
 def main(argv=None):
@@ -98,9 +99,9 @@ def main(argv=None):
     model = "tiny" if args.quick else "smollm2"
     seq_len = args.seq_len or (32 if args.quick else 64)
     repeats = args.repeats or (2 if args.quick else 5)
-    spec = {"model": {**throughput.model_section(model), "dtype": "float32"}, "seq_len": seq_len, "global_batch_size": 4,
-            "micro_batch_size": 2, "data_limit": 240, "steps": args.warmup + repeats, "profile": False,
-            "profile_top": 0, "variants": variants([m for m in args.methods.split(",") if m])}
+    spec = {"model": {**throughput.model_section(model), "dtype": "float32"}, "seq_len": seq_len,
+            "global_batch_size": 4, "micro_batch_size": 2, "data_limit": 240, "steps": args.warmup + repeats,
+            "profile": False, "profile_top": 0, "variants": variants([m for m in args.methods.split(",") if m])}
     meta = throughput.machine_info()  # its load average is the one at the start
     ranks = throughput.run_world(2, 1, throughput.train_world, spec)
     result = {"model": model, "seq_len": seq_len, "global_batch": 4, "micro_batch": 2, "meta": meta,

@@ -74,9 +74,11 @@ def main(argv=None):
     print(f"rank 0 of {args.ranks}, n={args.n} m={args.m}, {args.tokens} tokens/rank, top-2 ({slots} slots)")
     for name, r in result.items():
         print(f"  {name:7s} step bytes {r['step_bytes'] / 2**20:8.2f} MiB  (dispatch {r['dispatch_bytes']:,} B, "
-              f"combine {r['combine_bytes']:,} B, counts {r['count_exchange_bytes']} B; off-rank {r['remote_bytes']:,} B fwd)")
+              f"combine {r['combine_bytes']:,} B, counts {r['count_exchange_bytes']} B; "
+              f"off-rank {r['remote_bytes']:,} B fwd)")
     ratio = result["malora"]["step_bytes"] / result["molora"]["step_bytes"]
-    print(f"  MALoRA / MoLoRA bytes per step: {ratio:.3f} (closed form 2(d+m)/2(n+m) = {(32 + args.m) / (args.n + args.m):.3f})")
+    closed_form = (32 + args.m) / (args.n + args.m)
+    print(f"  MALoRA / MoLoRA bytes per step: {ratio:.3f} (closed form 2(d+m)/2(n+m) = {closed_form:.3f})")
     return result
 
 

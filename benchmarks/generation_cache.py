@@ -2,7 +2,8 @@
 
 Both runs decode the same chat prompt (whose answer is longer than 64 tokens) for up to
 ``--new-tokens`` tokens; the script checks that they produce the same tokens and prints the times,
-the number of tokens generated and the speed-up. Usage: ``python benchmarks/generation_cache.py [--new-tokens 64] [--repeats 3]``.
+the number of tokens generated and the speed-up. Usage:
+``python benchmarks/generation_cache.py [--new-tokens 64] [--repeats 3]``.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def cases(adapter_kernel="auto"):
 def case_name(case):
     keys = [f"{case['method']}", case["shape"], f"k{case['top_k']}"]
     keys += [case[k] for k in ("expert_kernel", "kernel") if k in case]
-    labels = {"normalize_gates": "normalize", "router_z_loss_coef": "zloss", "capacity_factor": "capacity", "leading": "3d"}
+    labels = {"normalize_gates": "normalize", "router_z_loss_coef": "zloss", "capacity_factor": "capacity",
+              "leading": "3d"}
     keys += [label for key, label in labels.items() if key in case]
     return "-".join(str(k) for k in keys)
 
@@ -194,13 +195,14 @@ def main(argv=None):
             if not row["ok"]:
                 failures.append(row)
             status = "ok  " if row["ok"] else "FAIL"
-            detail = (f"rel vs cpu {row['worst_rel_vs_cpu']:.2e} ({row['worst_tensor']}), vs fp64 {row['worst_rel_vs_fp64']:.2e} "
+            detail = (f"rel vs cpu {row['worst_rel_vs_cpu']:.2e} ({row['worst_tensor']}), "
+                      f"vs fp64 {row['worst_rel_vs_fp64']:.2e} "
                       f"(cpu itself {row['cpu_rel_vs_fp64']:.2e}), load equal {row['expert_load_equal']}"
                       if "error" not in row else row["error"])
             print(f"  {status} {name:40s} {row['dtype']:8s} {detail}", flush=True)
         if not args.no_bf16:
-            for label, convert in (("bfloat16", lambda l: l.to(torch.bfloat16)),
-                                   ("mixed", lambda l: _mixed(l))):
+            for label, convert in (("bfloat16", lambda layer: layer.to(torch.bfloat16)),
+                                   ("mixed", _mixed)):
                 row = {"case": name, "dtype": label, "reported_only": True}
                 try:
                     dev_layer = convert(copy.deepcopy(layer64).to(device))

@@ -50,7 +50,8 @@ def count(module, x, grad) -> dict:
     x.grad = None
     with WorkCounter() as counter:
         one_step(module, x, grad, one)
-    row = {"work_ops": int(counter.terms.ops), "matmuls": sum(n.rstrip("_") in ("mm", "addmm", "bmm", "_grouped_mm") for n in counter.names),
+    matmuls = sum(n.rstrip("_") in ("mm", "addmm", "bmm", "_grouped_mm") for n in counter.names)
+    row = {"work_ops": int(counter.terms.ops), "matmuls": matmuls,
            "gflop": counter.terms.flops / 1e9, "other_mb": counter.terms.copy_bytes / 2**20, "ops": counter.names}
     if x.is_cuda:
         from torch.profiler import ProfilerActivity, profile

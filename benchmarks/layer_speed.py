@@ -11,20 +11,22 @@ Each round times the forward, the backward and the optimizer step (AdamW as in t
 ``malora_dist.train.optim.build_optimizer``) separately; ``ratio_to_base`` is forward+backward over
 the base's forward+backward, the number the design targets (``cpu_ratio_to_base``: the same from the
 process CPU time, which a shared machine disturbs less). ``saved_mb`` is what autograd keeps for
-the backward (parameters excluded), from one extra untimed pass. ``benchmarks/throughput.py`` calls
-``measure`` with its own method list.
+the backward (parameters excluded), from one extra untimed pass. The step, the rounds and their
+statistics are ``benchmarks/layer_step.py``'s (shared with ``crossover.py``). ``benchmarks/throughput.py``
+calls ``measure`` with its own method list.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn as nn
+from layer_step import fwd_bwd_s, paired, run_rounds, spread, step_s, time_step
 
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.adapters.layout import AdapterLayout
@@ -44,7 +46,8 @@ PAPER_METHODS = {
                                   kernel="fused"),
     "malora-d32-r12-sparse-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="sparse",
                                       kernel="reference"),
-    "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense", kernel="fused"),
+    "malora-d32-r12-dense": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
+                                 kernel="fused"),
     "malora-d32-r12-dense-ref": dict(method="malora", rank=8, num_experts=8, top_k=2, expert_kernel="dense",
                                      kernel="reference"),
 }
@@ -76,33 +79,6 @@ def trainable(module):
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_step(module, optimizer, x, grad):
-    """(forward, backward, optimizer, forward+backward CPU) seconds of one training step of the layer.
-
-    The CPU time of the process (all its threads) does not count the time the process waited for a
-    core, so on a shared machine it is the steadier measure of the work done (on CPU devices).
-    """
-    device = x.device
-    _sync(device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    out = module(x)
-    _sync(device)
-    t1 = time.perf_counter()
-    out.backward(grad)
-    _sync(device)
-    t2, c2 = time.perf_counter(), time.process_time()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    _sync(device)
-    return t1 - t0, t2 - t1, time.perf_counter() - t2, c2 - c0
-
-
 def saved_for_backward_mb(module, x, grad):
     """MB of tensors autograd saves for the backward of one step, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
@@ -128,15 +104,10 @@ def profile_step(module, optimizer, x, grad, top=12):
 
     cuda = x.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        time_step(module, optimizer, x, grad)
+        time_step(module, x, grad, optimizer)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in events[:top]]
-
-
-def _spread(samples_s):
-    ms = [1e3 * s for s in samples_s]
-    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
 
 
 def measure(methods, n=2048, m=2048, tokens=2048, repeats=10, warmup=3, device="cpu", dtype=torch.float32,
@@ -150,13 +121,9 @@ def measure(methods, n=2048, m=2048, tokens=2048, repeats=10, warmup=3, device="
                   for name, mod in modules.items()}
     x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, m, device=device, dtype=dtype)
-    times = {name: [] for name in names}
-    for round_index in range(warmup + repeats):
-        for name in names:  # interleaved, so drift of the machine hits every method alike
-            x.grad = None
-            sample = time_step(modules[name], optimizers[name], x, grad)
-            if round_index >= warmup:
-                times[name].append(sample)
+    # interleaved, so drift of the machine hits every method alike
+    times = run_rounds({name: functools.partial(time_step, modules[name], x, grad, optimizers[name]) for name in names},
+                       warmup, repeats)
     saved, profiles = {}, {}
     for name in names:
         x.grad = None
@@ -164,28 +131,28 @@ def measure(methods, n=2048, m=2048, tokens=2048, repeats=10, warmup=3, device="
         if profile_top:
             x.grad = None
             profiles[name] = profile_step(modules[name], optimizers[name], x, grad, profile_top)
-    fwd_bwd = {name: [s[0] + s[1] for s in t] for name, t in times.items()}
-    cpu = {name: [s[3] for s in t] for name, t in times.items()}
+    fwd_bwd = {name: [fwd_bwd_s(s) for s in t] for name, t in times.items()}
+    cpu = {name: [s["fwd_bwd_cpu_s"] for s in t] for name, t in times.items()}
     base = statistics.median(fwd_bwd["base"])
     rows = {}
     for name, t in times.items():
-        step = [s[0] + s[1] + s[2] for s in t]
+        step = [step_s(s) for s in t]
         rows[name] = {
             "adapter": adapters[name],
-            "forward_ms": _spread([s[0] for s in t]),
-            "backward_ms": _spread([s[1] for s in t]),
-            "optimizer_ms": _spread([s[2] for s in t]),
-            "fwd_bwd_ms": _spread(fwd_bwd[name]),
-            "step_ms": _spread(step),
+            "forward_ms": spread([s["forward_s"] for s in t], 1e3),
+            "backward_ms": spread([s["backward_s"] for s in t], 1e3),
+            "optimizer_ms": spread([s["optimizer_s"] for s in t], 1e3),
+            "fwd_bwd_ms": spread(fwd_bwd[name], 1e3),
+            "step_ms": spread(step, 1e3),
             # the old keys of this script (forward+backward), kept for readers of older JSON
             "median_ms": 1e3 * statistics.median(fwd_bwd[name]),
             "min_ms": 1e3 * min(fwd_bwd[name]),
             "max_ms": 1e3 * max(fwd_bwd[name]),
             "ratio_to_base": statistics.median(fwd_bwd[name]) / base,
             # per-round ratios against the base of the same round: robust to slow drift of the machine
-            "paired_ratio": _ratio_spread(fwd_bwd[name], fwd_bwd["base"]),
+            "paired_ratio": paired(fwd_bwd[name], fwd_bwd["base"]),
             "overhead_ms": 1e3 * (statistics.median(fwd_bwd[name]) - base),
-            "fwd_bwd_cpu_ms": _spread(cpu[name]),
+            "fwd_bwd_cpu_ms": spread(cpu[name], 1e3),
             "cpu_ratio_to_base": statistics.median(cpu[name]) / statistics.median(cpu["base"]),
             "tokens_per_s": tokens / statistics.median(step),
             "trainable_params": sum(p.numel() for p in trainable(modules[name])),
@@ -205,11 +172,6 @@ def measure(methods, n=2048, m=2048, tokens=2048, repeats=10, warmup=3, device="
         "warmup": warmup,
         "results": rows,
     }
-
-
-def _ratio_spread(values, reference):
-    ratios = [v / r for v, r in zip(values, reference)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def print_table(result):

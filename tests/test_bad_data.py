@@ -94,7 +94,8 @@ def test_empty_jsonl_file_is_an_empty_task(tok, tmp_path):
 def test_answer_that_tokenises_to_nothing_is_skipped_and_counted(tok):
     # Unreachable from a record with this byte-level tokenizer (every non-empty text has tokens,
     # and empty answers are rejected as missing fields), so the tokenising step is called directly.
-    examples = [Example(0, "Question: a\nAnswer:", " yes", "f.jsonl:1"), Example(0, "Question: b\nAnswer:", "", "f.jsonl:2")]
+    examples = [Example(0, "Question: a\nAnswer:", " yes", "f.jsonl:1"),
+                Example(0, "Question: b\nAnswer:", "", "f.jsonl:2")]
     bad = BadRecords("skip")
     tokenized, _ = tokenize_examples(tok, examples, 64, "truncate", False, bad)
     assert len(tokenized) == 1 and bad.count == 1

@@ -39,7 +39,8 @@ CASES = {
                                   "line 2 column 19"]),
     "prompts not UTF-8": (generate_main, ["--config", TINY, "--prompts", "{prompts}"],
                           ["--prompts '{prompts}' is not UTF-8 text", "byte 0xe9", "save it as UTF-8"]),
-    "task with an unknown style": (evaluate_cli.main, ["--config", TINY, "--task", "foo=synthetic:capitals:nosuchstyle"],
+    "task with an unknown style": (evaluate_cli.main,
+                                   ["--config", TINY, "--task", "foo=synthetic:capitals:nosuchstyle"],
                                    ["--task 'foo=synthetic:capitals:nosuchstyle'", "'nosuchstyle'",
                                     "neither a style (text, label, generation) nor a format"]),
 }

@@ -34,7 +34,8 @@ def results(tmp_path_factory):
         "throughput": [sys.executable, "benchmarks/throughput.py", "--quick", "--output-dir", out,
                        "--memory-variants", "malora-d32-r12", "--method", EXTRA],
         "crossover": [sys.executable, "benchmarks/crossover.py", "--quick", "--output-dir", out],
-        "ep_step": [sys.executable, "benchmarks/ep_step.py", "--quick", "--output", os.path.join(out, "ep_step_quick.json")],
+        "ep_step": [sys.executable, "benchmarks/ep_step.py", "--quick",
+                    "--output", os.path.join(out, "ep_step_quick.json")],
     }
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -116,7 +117,8 @@ def test_throughput_training_rows(results):
 def test_throughput_targets_and_plots(results):
     result = results["throughput"]
     meta = result["meta"]
-    for key in ("date", "cpu_model", "cpu_count", "load_average_start", "load_average_end", "shared_machine", "command"):
+    for key in ("date", "cpu_model", "cpu_count", "load_average_start", "load_average_end", "shared_machine",
+                "command"):
         assert key in meta
     targets = result["targets"]
     assert len(targets) == 5

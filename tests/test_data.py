@@ -1,8 +1,8 @@
 """The multi-task data pipeline, on real files and the real SmolLM2 tokenizer.
 
 References are independent of the code under test: hand-read records of the commonsense samples
-(``tests/fixtures/commonsense``: real records of ARC, BoolQ, OpenBookQA and PIQA), the tokenizer called directly, brute-force attention masks, and mixing shares computed here
-from the formulas.
+(``tests/fixtures/commonsense``: real records of ARC, BoolQ, OpenBookQA and PIQA), the tokenizer
+called directly, brute-force attention masks, and mixing shares computed here from the formulas.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def test_pipeline_on_commonsense_tasks(tok):
         {"name": "obqa", "paths": [str(COMMONSENSE / "openbookqa" / "train.json")], "limit": 40, "style": "generation"},
         {"name": "piqa", "paths": [str(COMMONSENSE / "piqa" / "test.json")], "limit": 40},
     ]
-    data = build_multitask_data(DataConfig.from_dict({"tasks": tasks, "seq_len": 256, "eval_fraction": 0.25}), tok, seed=0)
+    config = DataConfig.from_dict({"tasks": tasks, "seq_len": 256, "eval_fraction": 0.25})
+    data = build_multitask_data(config, tok, seed=0)
     assert [data.stats[t["name"]].examples for t in tasks] == [40, 30, 30, 30]
     assert len(data.eval_examples["arc_e"]) == 46 and len(data.eval_examples["piqa"]) == 10
     (batch,) = data.micro_batches(data.sampler(8), step=0, dp_rank=1, dp_size=2, micro_batch_size=4)
@@ -131,8 +132,10 @@ def test_pipeline_on_commonsense_tasks(tok):
 
 
 def test_parse_separate_fields():
-    task = TaskConfig(name="arc", paths=["x.jsonl"], question_field="question", options_field="choices", answer_field="answerKey")
-    record = {"question": "Q?", "choices": {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}, "answerKey": "C"}
+    task = TaskConfig(name="arc", paths=["x.jsonl"], question_field="question", options_field="choices",
+                      answer_field="answerKey")
+    record = {"question": "Q?", "choices": {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]},
+              "answerKey": "C"}
     mc = parse_multiple_choice(record, task)
     assert (mc.options, mc.labels, mc.gold_index) == (["red", "blue", "green"], ["answer1", "answer2", "answer3"], 2)
     plain = {"question": "Q?", "choices": ["a", "b"], "answerKey": 1}
@@ -283,7 +286,9 @@ def test_packing_keeps_segments_apart(tok, syn, packing):
 
 
 def test_global_batch_independent_of_dp():
-    make = lambda: GlobalBatchSampler([7, 13, 5], [0.5, 0.3, 0.2], global_batch_size=8, seed=11)
+    def make():
+        return GlobalBatchSampler([7, 13, 5], [0.5, 0.3, 0.2], global_batch_size=8, seed=11)
+
     reference = make()
     for step in [9, 0, 3, 4, 27, 1]:  # any order: the batch of a step is a pure function of it
         expected = reference.global_batch(step)
@@ -317,11 +322,13 @@ def test_allocate_sums_exactly():
 def test_mixing_proportions(tok, syn, mixing, temperature, packing):
     limits = {"capitals": 60, "zorbian": 40, "larger": 20, "parity": 10}
     weights = {"capitals": 1.0, "zorbian": 1.0, "larger": 2.0, "parity": 1.0}
-    tasks = [{"name": t, "paths": [str(syn / t / "train.json")], "limit": n, "weight": weights[t]} for t, n in limits.items()]
+    tasks = [{"name": t, "paths": [str(syn / t / "train.json")], "limit": n, "weight": weights[t]}
+             for t, n in limits.items()]
     data = build_multitask_data(
         _config(syn, tasks=tasks, mixing=mixing, temperature=temperature, packing=packing), tok, seed=5
     )
-    size = {t: n * weights[t] if mixing == "proportional" else (n ** 0.5 * weights[t] if mixing == "temperature" else weights[t])
+    size = {t: n * weights[t] if mixing == "proportional"
+            else (n ** 0.5 * weights[t] if mixing == "temperature" else weights[t])
             for t, n in limits.items()}
     expected = [size[t] / sum(size.values()) for t in limits]
     sampler = data.sampler(global_batch_size=16)
@@ -359,11 +366,14 @@ def test_jsonl_and_parquet_through_datasets(tok, syn, tmp_path):
 
 
 def test_synthetic_source(tok):
-    task = lambda t: {"name": t, "paths": f"synthetic:{t}", "eval_paths": f"synthetic:{t}", "limit": 50}
+    def task(t):
+        return {"name": t, "paths": f"synthetic:{t}", "eval_paths": f"synthetic:{t}", "limit": 50}
+
     data = build_multitask_data(_config(None, tasks=[task("capitals"), task("parity")]), tok, seed=0)
     assert [data.stats[t].examples for t in ("capitals", "parity")] == [50, 50]
     held = data.eval_examples["parity"]
-    assert [e.mc.question for e in held] == [parse_multiple_choice(r).question for r in synthetic_records("parity", "test", 0, 60)]
+    assert [e.mc.question for e in held] == [parse_multiple_choice(r).question
+                                             for r in synthetic_records("parity", "test", 0, 60)]
     with pytest.raises(DataError, match="unknown synthetic task 'nope'"):
         build_multitask_data(_config(None, tasks=[{"name": "x", "paths": "synthetic:nope"}]), tok, seed=0)
 
@@ -373,7 +383,10 @@ def test_malformed_jsonl_line(tok, syn, tmp_path):
     lines[2] = lines[2][:-5]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    cfg = lambda mode: _config(syn, tasks=[{"name": "t", "paths": [str(path)]}], bad_records=mode)
+
+    def cfg(mode):
+        return _config(syn, tasks=[{"name": "t", "paths": [str(path)]}], bad_records=mode)
+
     with pytest.raises(DataError, match=rf"{path}:3: invalid JSON"):
         build_multitask_data(cfg("error"), tok, seed=0)
     data = build_multitask_data(cfg("skip"), tok, seed=0)
@@ -435,7 +448,8 @@ def test_eval_fraction_split(tok, syn):
     [
         ({"tasks": [{"name": "a", "paths": ["x"], "wieght": 2}]}, "data.tasks[0].wieght"),
         ({"tasks": [{"name": "a", "paths": ["x"]}], "packing_mode": 1}, "data.packing_mode"),
-        ({"tasks": [{"name": "a", "paths": ["x"]}, {"name": "b", "paths": ["y"], "weight": -1}]}, "data.tasks[1].weight"),
+        ({"tasks": [{"name": "a", "paths": ["x"]}, {"name": "b", "paths": ["y"], "weight": -1}]},
+         "data.tasks[1].weight"),
         ({"tasks": [{"name": "a", "paths": ["x"], "style": "cloze"}]}, "data.tasks[0].style"),
         ({"tasks": [{"name": "a"}]}, "data.tasks[0].paths"),
         ({"tasks": [{"name": "a", "paths": ["x"]}], "mixing": "uniform", "temperature": 2}, "data.temperature"),

@@ -103,7 +103,8 @@ def _train_examples(tok, fmt, style):
     from malora_dist.data import TaskConfig, record_to_example
 
     task = TaskConfig.from_dict(hub_task(fmt, style=style))
-    return [record_to_example(r, task, 0, f"line {i}") for i, r in enumerate(read_jsonl(FIXTURES / fmt / "train.jsonl"))]
+    records = read_jsonl(FIXTURES / fmt / "train.jsonl")
+    return [record_to_example(r, task, 0, f"line {i}") for i, r in enumerate(records)]
 
 
 def test_boolq_passage_goes_before_the_question(tok):
@@ -124,7 +125,8 @@ def test_free_form_formats_build_generation_examples(tok, fmt):
 
 def test_gsm8k_targets_and_reference_answers():
     examples = _train_examples(None, "gsm8k", "generation")
-    assert examples[0].prompt == "Tom has 3 boxes with 4 pencils each. He gives away 5 pencils. How many pencils does he have left?"
+    assert examples[0].prompt == ("Tom has 3 boxes with 4 pencils each. He gives away 5 pencils. "
+                                  "How many pencils does he have left?")
     # The calculator annotations go, the '#### N' line becomes MetaMathQA's final line.
     assert examples[0].target == (" Tom has 3 * 4 = 12 pencils.\nAfter giving some away he has 12 - 5 = 7 pencils.\n"
                                   "The answer is: 7")
@@ -167,7 +169,8 @@ def test_e2e_and_alpaca_prompts():
 
 def test_a_wrong_format_fails_at_the_first_record_naming_the_field(tok):
     task = {**hub_task("arc"), "name": "piqa"}  # PIQA's records read as ARC's
-    with pytest.raises(DataError, match=r"piqa/train\.jsonl:1: missing field 'choices' .*read as format arc, the schema of allenai/ai2_arc"):
+    with pytest.raises(DataError, match=r"piqa/train\.jsonl:1: missing field 'choices' "
+                                        r".*read as format arc, the schema of allenai/ai2_arc"):
         build(tok, [task])
 
 
@@ -254,7 +257,8 @@ BAD_CONFIGS = [
     ({"format": "humaneval", "metric": "multiple_choice"}, r"metric multiple_choice needs a multiple-choice format"),
     ({"format": "arc", "metric": "rouge_l"}, r"metric rouge_l needs style: generation"),
     ({"format": "arc", "metric": "bleu"}, r"data\.tasks\[0\]\.metric must be one of multiple_choice, exact_match"),
-    ({"format": "piqa", "question_field": "goal", "options_field": "x"}, r"question_field has no effect with format piqa"),
+    ({"format": "piqa", "question_field": "goal", "options_field": "x"},
+     r"question_field has no effect with format piqa"),
     ({"format": "boolq", "answer_field": "label"}, r"answer_field has no effect with format boolq"),
     ({"sample": 10, "limit": 5}, r"data\.tasks\[0\]\.sample cannot be combined with limit"),
     ({"sample": 0}, r"data\.tasks\[0\]\.sample must be a positive integer"),

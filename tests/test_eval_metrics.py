@@ -75,7 +75,8 @@ def test_gsm8k_references_on_real_test_records():
     assert [e.reference["answer"].replace(",", "") for e in examples] == truth
     assert all(score_answer("gsm8k", e.target, "", e.reference).score == 1.0 for e in examples)
     assert all(score_answer("gsm8k", r["answer"], "", e.reference).score == 1.0 for r, e in zip(records, examples))
-    shifted = [score_answer("gsm8k", examples[i - 1].target, "", examples[i].reference).score for i in range(1, len(records))]
+    shifted = [score_answer("gsm8k", examples[i - 1].target, "", examples[i].reference).score
+               for i in range(1, len(records))]
     same = sum(truth[i - 1] == truth[i] for i in range(1, len(records)))
     assert sum(shifted) == same
 
@@ -125,17 +126,18 @@ def completions(paths: dict) -> dict:
         "segfaults": ("    return x + 2\nimport faulthandler\nfaulthandler._sigsegv()\n", "killed"),
         "eats memory": ("    return x + 2\nblob = bytearray(8 << 30)\n", "failed"),
         "writes outside": (f"    return x + 2\nopen({new!r}, 'w').write('x')\n", "violation"),
-        "writes outside, hiding it": (f"    return x + 2\ntry:\n    open({new!r}, 'w').write('x')\nexcept BaseException:\n"
-                                      f"    pass\n", "violation"),
+        "writes outside, hiding it": (f"    return x + 2\ntry:\n    open({new!r}, 'w').write('x')\n"
+                                      f"except BaseException:\n    pass\n", "violation"),
         "deletes outside": (f"    return x + 2\nimport os\nos.remove({canary!r})\n", "violation"),
         "removes a tree": (f"    return x + 2\nimport shutil\nshutil.rmtree({keep!r})\n", "violation"),
         "moves outside": (f"    return x + 2\nimport os\nos.rename({canary!r}, 'here.txt')\n", "violation"),
         "cd and write": ("    return x + 2\nimport os\nos.chdir('/')\nopen('pwned.txt', 'w')\n", "violation"),
-        "opens a socket": ("    return x + 2\nimport socket\nsocket.create_connection(('127.0.0.1', 9))\n", "violation"),
+        "opens a socket": ("    return x + 2\nimport socket\nsocket.create_connection(('127.0.0.1', 9))\n",
+                           "violation"),
         "starts a process": (f"    return x + 2\nimport subprocess\nsubprocess.run(['touch', {new!r}])\n", "violation"),
         "os.system": (f"    return x + 2\nimport os\nos.system('touch {new}')\n", "violation"),
-        "writes its scratch dir": ("    return x + 2\nopen('notes.txt', 'w').write('ok')\nimport os\nos.remove('notes.txt')\n",
-                                   "passed"),
+        "writes its scratch dir": ("    return x + 2\nopen('notes.txt', 'w').write('ok')\n"
+                                   "import os\nos.remove('notes.txt')\n", "passed"),
     }
 
 
@@ -164,10 +166,12 @@ def test_sandbox_runs_in_a_fresh_scratch_dir_with_an_empty_environment(monkeypat
 @pytest.mark.parametrize("text,code,complete", [
     ("    return x + 2\n\ndef main():\n", "    return x + 2\n", True),  # Codex stop: a new top-level def
     ("    return x + 2\n", "    return x + 2\n", False),
-    ("```python\ndef add_two(x):\n    return x + 2\n```\nThis adds two.", "\ndef add_two(x):\n    return x + 2\n", True),
+    ("```python\ndef add_two(x):\n    return x + 2\n```\nThis adds two.",
+     "\ndef add_two(x):\n    return x + 2\n", True),
     ("```python\ndef add_two(x):\n", "\ndef add_two(x):\n", False),  # the def inside the block is no stop
     ("Here is the code:\n```", "Here is the code:", False),  # may go on as ```python
-    ("Here is the code:\n```python\ndef add_two(x):\n    return x + 2\n```\n", "\ndef add_two(x):\n    return x + 2\n", True),
+    ("Here is the code:\n```python\ndef add_two(x):\n    return x + 2\n```\n",
+     "\ndef add_two(x):\n    return x + 2\n", True),
     # A whole function without a fence (a chat answer): the stops count after the entry point's def.
     ("import math\n\ndef add_two(x: int) -> int:\n", "import math\n\ndef add_two(x: int) -> int:\n", False),
     ("import math\n\ndef ", "import math\n", False),  # the def line is not complete yet
@@ -179,7 +183,8 @@ def test_completion_code_and_when_decoding_stops(text, code, complete):
 
 
 def test_a_whole_function_with_imports_before_it_passes():
-    chat_answer = "import math\n\ndef add_two(x: int) -> int:\n    return int(math.fsum([x, 2]))\n\n# Example usage:\nadd_two(1)"
+    chat_answer = ("import math\n\ndef add_two(x: int) -> int:\n    return int(math.fsum([x, 2]))\n\n"
+                   "# Example usage:\nadd_two(1)")
     assert run_completion(ADD_TWO, chat_answer, timeout_s=SANDBOX_TIMEOUT_S).passed
 
 
@@ -237,8 +242,9 @@ FIXTURE_TASKS = {  # --task name -> (fixture format, metric)
 
 
 def run_evaluate(args: list, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=timeout)
+    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          timeout=timeout)
 
 
 @pytest.mark.slow
@@ -265,7 +271,8 @@ def test_every_suite_metric_runs_through_launch_evaluate(tmp_path):
                                                                      for e, ref in zip(examples, refs)])
         elif metric == "gsm8k":
             truth = [r["answer"].split("####")[-1].strip() for r in read_jsonl(FIXTURES / fmt / "test.jsonl")]
-            assert [e["correct"] for e in examples] == [final_number(e["prediction"]) == t for e, t in zip(examples, truth)]
+            assert [e["correct"] for e in examples] == [final_number(e["prediction"]) == t
+                                                        for e, t in zip(examples, truth)]
         else:
             assert all(e["status"] in ("passed", "failed", "exited early", "timed out", "killed", "violation")
                        for e in examples)

@@ -95,7 +95,8 @@ def test_cli_report_and_table(evaluated):
         assert entry["style"] == style and entry["n"] == LIMIT == len(entry["examples"])
         assert entry["accuracy"] == sum(e["correct"] for e in entry["examples"]) / LIMIT
         # --limit takes the first records of the file, in order
-        assert [e["where"] for e in entry["examples"]] == [f"synthetic:{task}[test] record {i}" for i in range(1, LIMIT + 1)]
+        assert [e["where"] for e in entry["examples"]] == [f"synthetic:{task}[test] record {i}"
+                                                           for i in range(1, LIMIT + 1)]
         assert any(line.split()[:3] == [name, style, str(LIMIT)] for line in stdout.splitlines())
 
 
@@ -289,7 +290,8 @@ def test_lora_export_loads_in_peft(trained_runs, tmp_path):
 
     run = os.path.join(trained_runs, "lora_dp2")
     out = str(tmp_path / "lora")
-    export_checkpoint(load_run_config(os.path.join(run, "config.yaml")), os.path.join(run, "checkpoints", "step_2"), out)
+    export_checkpoint(load_run_config(os.path.join(run, "config.yaml")), os.path.join(run, "checkpoints", "step_2"),
+                      out)
     probe = torch.tensor([[1, 17, 230, 4051, 99, 7, 12, 3000]])
     with torch.no_grad():
         peft_logits = PeftModel.from_pretrained(tiny_hf(), out).eval()(probe).logits

@@ -110,7 +110,8 @@ def test_torchrun_tp2_matches_plain_hf_model(setup):
         assert proc.returncode == 0, (name, stderr[-3000:])
     for answer in answers(setup / "torchrun_greedy.jsonl"):
         assert answer["token_ids"] == reference_greedy(str(setup / "adapter"), answer["prompt"])
-    cached, uncached = answers(setup / "torchrun_sampled_cached.jsonl"), answers(setup / "torchrun_sampled_uncached.jsonl")
+    cached = answers(setup / "torchrun_sampled_cached.jsonl")
+    uncached = answers(setup / "torchrun_sampled_uncached.jsonl")
     assert [a["token_ids"] for a in cached] == [a["token_ids"] for a in uncached]
     greedy = [a["token_ids"] for a in answers(setup / "torchrun_greedy.jsonl")]
     assert [a["token_ids"] for a in cached] != greedy  # it did sample

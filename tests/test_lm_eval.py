@@ -71,7 +71,8 @@ def setup(tmp_path_factory):
                                                 {"prompt": "The capital of France is", "target": " Paris"}]))
     (tasks / "mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.json"))
     (tasks / "gen.yaml").write_text(GEN_TASK.format(data=tasks / "gen.json"))
-    shutil.copy(os.path.join(REPO, "configs", "lm_eval", SHIPPED_TASK + ".yaml"), tasks)  # its data path is relative to the repo
+    # its data path is relative to the repo
+    shutil.copy(os.path.join(REPO, "configs", "lm_eval", SHIPPED_TASK + ".yaml"), tasks)
     return root, adapter, report
 
 

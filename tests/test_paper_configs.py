@@ -1,10 +1,11 @@
 """The paper recipes (configs/paper_{inter,intra}_*.yaml) hold the values of the paper's Tables 8–9.
 
 The expected values are read from ``tests/fixtures/paper_tables.md`` (the paper's tables as it prints
-them), not written in this file: its hyper-parameter table (lr, epochs, batch size, dropout / weight decay / warm-up, β, hardware), its
-ranks-and-α line, the experts and top-k, the balance-loss coefficient of the tables and the tables'
-target list. Every paper config found by glob is checked (configs/paper_{inter,intra}_<method>.yaml
-and the inter-domain ablations of configs/ablations/), so recipes added later are covered too.
+them), not written in this file: its hyper-parameter table (lr, epochs, batch size, dropout / weight
+decay / warm-up, β, hardware), its ranks-and-α line, the experts and top-k, the balance-loss
+coefficient of the tables and the tables' target list. Every paper config found by glob is checked
+(configs/paper_{inter,intra}_<method>.yaml and the inter-domain ablations of configs/ablations/), so
+recipes added later are covered too.
 """
 
 import glob

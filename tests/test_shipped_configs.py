@@ -159,7 +159,8 @@ def test_every_config_is_covered():
     lm_eval_tests = open(os.path.join(REPO, "tests", "test_lm_eval.py"), encoding="utf-8").read()
     for path in CONFIGS:
         if kind(path) == "lm_eval":
-            assert os.path.basename(path) in lm_eval_tests or os.path.splitext(os.path.basename(path))[0] in lm_eval_tests, path
+            name = os.path.basename(path)
+            assert name in lm_eval_tests or os.path.splitext(name)[0] in lm_eval_tests, path
 
 
 def test_no_shipped_config_names_shared():
@@ -299,7 +300,8 @@ def test_miniature_keeps_the_layout_kind(tmp_path):
                 if (section, key) not in shrunk:
                     assert mini[section][key] == value, (path, section, key)
         for task, mini_task in zip(shipped["data"]["tasks"], mini["data"]["tasks"]):
-            assert {k: v for k, v in task.items() if k != "sample"} == {k: v for k, v in mini_task.items() if k != "sample"}
+            assert ({k: v for k, v in task.items() if k != "sample"}
+                    == {k: v for k, v in mini_task.items() if k != "sample"})
             assert ("sample" in task) == ("sample" in mini_task)
 
 

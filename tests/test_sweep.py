@@ -26,7 +26,8 @@ def test_linked_keys_vary_together():
     """A baseline at its own rank: three points for three methods, not nine."""
     points = expand(parse_grid(["adapter.method/adapter.rank=lora/32,molora/8,malora/8", "train.seed=0,1"]))
     assert [p["values"] for p in points[::2]] == [
-        {"adapter.method": m, "adapter.rank": r, "train.seed": 0} for m, r in (("lora", 32), ("molora", 8), ("malora", 8))]
+        {"adapter.method": m, "adapter.rank": r, "train.seed": 0}
+        for m, r in (("lora", 32), ("molora", 8), ("malora", 8))]
     assert points[1]["name"] == "method-lora_rank-32_seed-1"
     with pytest.raises(ValueError, match="must give 2 parts"):
         parse_grid(["adapter.method/adapter.rank=lora/32,molora"])
@@ -47,7 +48,8 @@ def test_table_reads_reports_from_before_the_metric_key(tmp_path):
 
 
 def sweep(*args):
-    return subprocess.run([sys.executable, "-m", "malora_dist.commands.sweep", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "malora_dist.commands.sweep", *args], cwd=REPO, capture_output=True,
+                          text=True)
 
 
 @pytest.mark.slow
@@ -124,7 +126,8 @@ def test_train_only_then_evaluated_with_wider_batches(tmp_path):
     scored = sweep("run", "--out", out)
     assert scored.returncode == 0, scored.stderr[-3000:]
     wide = json.load(open(os.path.join(point, "eval.json")))["tasks"]
-    narrow = subprocess.run([sys.executable, "launch/evaluate.py", "--config", os.path.join(point, "run", "config.yaml"),
+    narrow = subprocess.run([sys.executable, "launch/evaluate.py",
+                             "--config", os.path.join(point, "run", "config.yaml"),
                              "--adapter", os.path.join(point, "run", "adapter"), "--limit", "4",
                              "--output", str(tmp_path / "narrow.json")], cwd=REPO, capture_output=True, text=True)
     assert narrow.returncode == 0, narrow.stderr[-3000:]

@@ -6,8 +6,8 @@ gradient path is exercised). Each layout runs its share of the global batch, one
 rank; its loss is the summed token loss over the global token count plus the mean over micro-batches
 of their balance losses (the reference runs the same micro-batches one after another), its
 gradients are summed by the reduction rules, gathered to full tensors and compared with the
-reference gradients. The base families beyond LLaMA cover the other plan styles the adapters sit on: Qwen3 and Gemma3 (per-head
-q/k norms, Gemma's scaled embedding and soft-capped logits), Phi-3 (fused ``qkv_proj`` /
+reference gradients. The base families beyond LLaMA cover the other plan styles the adapters sit
+on: Qwen3 and Gemma3 (per-head q/k norms, Gemma's scaled embedding and soft-capped logits), Phi-3 (fused ``qkv_proj`` /
 ``gate_up_proj``, all-gathered outputs). Each layout also exports its adapters (gathered to full
 tensors), loads them into the plain HF model and compares logits with the sharded model's. Two
 layouts recompute every decoder layer in backward (``train.activation_checkpointing``), with the
@@ -83,13 +83,14 @@ class Layout:
 
 LAYOUTS = {"tp2": Layout(2, 1, 2), "tp2xep2": Layout(2, 2, 4), "tp2xdp2": Layout(2, 1, 4),
            "ep2_recompute": Layout(1, 2, 2, True), "tp2_recompute": Layout(2, 1, 2, True)}
-CASES = [("llama", m, l) for m in ("malora", "molora", "lora") for l, layout in LAYOUTS.items()
+CASES = [("llama", m, name) for m in ("malora", "molora", "lora") for name, layout in LAYOUTS.items()
          if not layout.checkpointing and not (m == "lora" and layout.ep > 1)]
 # the variants at tp=2 (column and row bases) and, with experts, at tp=2 × ep=2
-CASES += [("llama_fp64" if (m, l) == ("hydralora", "tp2xep2") else "llama", m, l)
-          for m in VARIANTS for l in ("tp2", "tp2xep2") if not (ADAPTERS[m]["method"] == "lora" and l == "tp2xep2")]
-CASES += [(f, "malora", l) for f in ("qwen3", "gemma3_text", "phi3") for l in ("tp2", "tp2xep2")]
-CASES += [("llama", "malora", l) for l in ("ep2_recompute", "tp2_recompute")]
+CASES += [("llama_fp64" if (m, name) == ("hydralora", "tp2xep2") else "llama", m, name)
+          for m in VARIANTS for name in ("tp2", "tp2xep2")
+          if not (ADAPTERS[m]["method"] == "lora" and name == "tp2xep2")]
+CASES += [(f, "malora", name) for f in ("qwen3", "gemma3_text", "phi3") for name in ("tp2", "tp2xep2")]
+CASES += [("llama", "malora", name) for name in ("ep2_recompute", "tp2_recompute")]
 
 
 def base_model(family):
@@ -205,7 +206,7 @@ def world_main(cases):
 @pytest.fixture(scope="module")
 def results():
     out = {}
-    for world in sorted({l.world for l in LAYOUTS.values()}):
+    for world in sorted({layout.world for layout in LAYOUTS.values()}):
         cases = [c for c in CASES if LAYOUTS[c[2]].world == world]
         per_rank = run_world(world, world_main, cases)
         for case in cases:

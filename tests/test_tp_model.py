@@ -128,7 +128,8 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 # evaluation's option trees, two packed in one row (longer than every sliding window here)
-TREES = [OptionTree("a", [5, 17, 9, 30, 2, 8], [[11, 4], [7, 40, 3]]), OptionTree("b", [6, 1, 22, 13, 9], [[50], [2, 33]])]
+TREES = [OptionTree("a", [5, 17, 9, 30, 2, 8], [[11, 4], [7, 40, 3]]),
+         OptionTree("b", [6, 1, 22, 13, 9], [[50], [2, 33]])]
 
 
 def option_reference(hf_model: nn.Module) -> list[float]:
@@ -445,7 +446,8 @@ def test_load_local_directory(saved_dirs):
 
 def test_hub_name_offline_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="(?s)could not download 'malora-dist/no-such-model'.*pass a local directory.*GGUF"):
+    with pytest.raises(OSError,
+                       match="(?s)could not download 'malora-dist/no-such-model'.*pass a local directory.*GGUF"):
         load_hf_model("malora-dist/no-such-model")
 
 

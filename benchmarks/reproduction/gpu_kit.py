@@ -258,7 +258,8 @@ def study(scale: str, out: str, data_dir: str | None = None, model: str | None =
     sweep_dir = os.path.join(out, "sweep")
     seeds = ",".join(str(s) for s in range(size["seeds"]))
     overrides = [f"train.steps={size['steps']}", *size["sets"], *(sets or [])]
-    spec = [a for g in GRID + [f"train.seed={seeds}"] for a in ("--grid", g)] + [a for o in overrides for a in ("--set", o)]
+    set_args = [a for o in overrides for a in ("--set", o)]
+    spec = [a for g in GRID + [f"train.seed={seeds}"] for a in ("--grid", g)] + set_args
     spec += ["--rows-per-batch", str(size["rows_per_batch"])]
     spec += ["--eval-limit", str(size["eval_limit"])] if size["eval_limit"] else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
@@ -282,20 +283,20 @@ def study(scale: str, out: str, data_dir: str | None = None, model: str | None =
     # each point trains and scores its held-out sets in one process (sweep run-index)
     work = [(p["name"], [_python("-m", "malora_dist.commands.sweep", "run-index", str(p["index"]), "--out", sweep_dir)])
             for p in points]
-    work.append(("base", [_python("launch/evaluate.py", "--config", config, *[a for o in overrides for a in ("--set", o)],
+    work.append(("base", [_python("launch/evaluate.py", "--config", config, *set_args,
                                   "--rows-per-batch", str(size["rows_per_batch"]), *limit,
                                   "--output", os.path.join(out, "base_model_eval.json"))]))
     # the points first, the base model's scoring last: it needs no training and fills the tail
     stage("points", lambda: jobs.run(work, deadline))
     timings["jobs"] = jobs.times
-    stage("table", lambda: subprocess.run(_python("-m", "malora_dist.commands.sweep", "table", "--out", sweep_dir), cwd=REPO,
-                                          env=env, check=True))
+    stage("table", lambda: subprocess.run(_python("-m", "malora_dist.commands.sweep", "table", "--out", sweep_dir),
+                                          cwd=REPO, env=env, check=True))
     mixtures = [p for p in points if p["values"]["adapter.method"] != "lora"
                 and os.path.isdir(os.path.join(sweep_dir, "points", p["name"], "run", "adapter"))]
     labels = [f"{p['values']['adapter.method']}_s{p['values']['train.seed']}" for p in mixtures]
     adapters = [os.path.join(sweep_dir, "points", p["name"], "run", "adapter") for p in mixtures]
-    analysis = _python("-m", "malora_dist.commands.analyze", *adapters, "--out", os.path.join(out, "analysis"), "--delta",
-                       "--routing-examples", str(size["routing_examples"]), "--labels", ",".join(labels),
+    analysis = _python("-m", "malora_dist.commands.analyze", *adapters, "--out", os.path.join(out, "analysis"),
+                       "--delta", "--routing-examples", str(size["routing_examples"]), "--labels", ",".join(labels),
                        "--jobs", str(size["analysis_jobs"]))
     if adapters:  # none when the guard ended every point before its adapter was written
         stage("analysis", lambda: subprocess.run(analysis, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL))
