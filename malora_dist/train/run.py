@@ -88,8 +88,9 @@ def train_from_config(config_path: str, overrides: Optional[list] = None) -> str
 def run_training(config: RunConfig, hooks=None, prepared=None) -> str:
     """Train in the already started default process group (several runs may share one world).
 
-    ``hooks`` (tests, tools) may define ``on_start(trainer)``, called after any resume, and
-    ``on_end(trainer)``, called after the last step. ``prepared``: ``prepare_data(config)``'s result.
+    ``hooks`` (tests, tools) may define ``on_start(trainer)``, called after any resume,
+    ``on_end(trainer)``, called after the last step, and ``fault_injector(step, loss) -> loss``, given
+    to the trainer (``Trainer``'s argument of that name). ``prepared``: ``prepare_data(config)``'s result.
     """
     validate_run(config, dist.get_world_size())
     log = setup_logging(dist.get_rank())
@@ -113,10 +114,9 @@ def _train(config: RunConfig, groups: ParallelGroups, device: torch.device, log,
     sampler = data.sampler(train.global_batch_size)
     total_steps = train.steps if train.steps is not None else sampler.steps_for_epochs(train.epochs)
     model = build_model(config, groups, device)
-    trainer = Trainer(config, groups, device, model, data, total_steps, output_dir)
-    if train.eval_interval:
-
-        trainer.heldout = HeldOutSet(data, tokenizer, config, groups)
+    heldout = HeldOutSet(data, tokenizer, config, groups) if train.eval_interval else None
+    trainer = Trainer(config, groups, device, model, data, total_steps, output_dir, heldout=heldout,
+                      fault_injector=getattr(hooks, "fault_injector", None))
     checkpoints = CheckpointManager(config, groups, trainer)
     checkpoints.resume_or_start()
     if rank0:

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from malora_dist.config.run import RunConfig
 from malora_dist.parallel.gradients import clip_grad_norm_, reduce_gradients
 from malora_dist.runtime.groups import ParallelGroups
 from malora_dist.runtime.log import get_logger
-from malora_dist.train.heldout import record_best
+from malora_dist.train.heldout import HeldOutSet, record_best
 from malora_dist.train.metrics_log import MetricsWriter
 from malora_dist.train.optim import build_optimizer, build_scheduler
 from malora_dist.train.telemetry import PhaseTimer, Telemetry
@@ -155,8 +156,19 @@ class StepSums:
 
 
 class Trainer:
+    """Trains one run's adapters: ``train_step`` is one optimizer step in its phases.
+
+    Collaborators come with the constructor, each with a default: ``heldout``, the held-out set
+    evaluated every ``train.eval_interval`` steps (None: no held-out loss); ``metrics``, the writer
+    of ``metrics.jsonl`` (default: rank 0 writes in ``output_dir``); ``telemetry``, the memory and
+    utilisation readings of each metrics row; ``fault_injector`` (tests), a ``callable(step, loss)
+    -> loss`` applied to each micro-batch's loss before its backward.
+    """
+
     def __init__(self, config: RunConfig, groups: ParallelGroups, device: torch.device, model: nn.Module,
-                 data, total_steps: int, output_dir: str):
+                 data, total_steps: int, output_dir: str, *, heldout: Optional[HeldOutSet] = None,
+                 metrics: Optional[MetricsWriter] = None, telemetry: Optional[Telemetry] = None,
+                 fault_injector: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None):
         self.config = config
         self.groups = groups
         self.device = device
@@ -174,16 +186,16 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.is_logger = dist.get_rank() == 0
-        self.metrics = MetricsWriter(output_dir, self.is_logger, train.tensorboard)
-        self.telemetry = Telemetry(device)
+        self.metrics = metrics if metrics is not None else MetricsWriter(output_dir, self.is_logger, train.tensorboard)
+        self.telemetry = telemetry if telemetry is not None else Telemetry(device)
+        self.heldout = heldout
+        self.fault_injector = fault_injector
         self.log = get_logger()
         # (layer, expert) pairs seen without tokens, and those not yet in a log line (log_empty_experts).
         self._empty_experts_seen = set()
         self._empty_experts_unlogged = set()
         # Set by a SIGTERM handler; all-reduced each step so that every rank stops at the same step.
         self.stop_requested = False
-        self.fault_injector = None  # tests: a callable(step, loss) -> loss
-        self.heldout = None  # a HeldOutSet when train.eval_interval > 0
         self.step_expert_load: dict = {}  # adapted layer -> slots per expert over the last step's global batch
         enter_training_mode(model)
 
