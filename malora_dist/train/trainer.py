@@ -1,4 +1,5 @@
-"""The training loop: global-token loss scaling, gradient accumulation, reduction, clipping, AdamW.
+"""The trainer: one optimizer step in named phases (``Trainer.train_step``) and the loop around it
+(``Trainer.fit``: resume, steps, metrics, held-out loss, checkpoints, a stop on SIGTERM).
 
 Per optimizer step (docs/ARCHITECTURE.md §5.1 (the loss of a step)): every rank counts its loss
 tokens over all its micro-batches and one all-reduce gives the step's global count *before the first
@@ -22,6 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
@@ -30,9 +33,11 @@ from malora_dist.config.run import RunConfig
 from malora_dist.parallel.gradients import clip_grad_norm_, reduce_gradients
 from malora_dist.runtime.groups import ParallelGroups
 from malora_dist.runtime.log import get_logger
+from malora_dist.train.checkpoint import CheckpointManager
 from malora_dist.train.heldout import HeldOutSet, record_best
 from malora_dist.train.metrics_log import MetricsWriter
 from malora_dist.train.optim import build_optimizer, build_scheduler
+from malora_dist.train.run_info import write_run_info
 from malora_dist.train.telemetry import PhaseTimer, Telemetry
 
 IGNORE_INDEX = -100
@@ -156,13 +161,14 @@ class StepSums:
 
 
 class Trainer:
-    """Trains one run's adapters: ``train_step`` is one optimizer step in its phases.
+    """Trains one run's adapters: ``train_step`` is one optimizer step in its phases, ``fit`` the loop.
 
     Collaborators come with the constructor, each with a default: ``heldout``, the held-out set
     evaluated every ``train.eval_interval`` steps (None: no held-out loss); ``metrics``, the writer
     of ``metrics.jsonl`` (default: rank 0 writes in ``output_dir``); ``telemetry``, the memory and
     utilisation readings of each metrics row; ``fault_injector`` (tests), a ``callable(step, loss)
-    -> loss`` applied to each micro-batch's loss before its backward.
+    -> loss`` applied to each micro-batch's loss before its backward. The trainer builds its own
+    ``checkpoints`` (a ``CheckpointManager`` reads and restores the trainer's state).
     """
 
     def __init__(self, config: RunConfig, groups: ParallelGroups, device: torch.device, model: nn.Module,
@@ -197,7 +203,57 @@ class Trainer:
         # Set by a SIGTERM handler; all-reduced each step so that every rank stops at the same step.
         self.stop_requested = False
         self.step_expert_load: dict = {}  # adapted layer -> slots per expert over the last step's global batch
+        self.checkpoints = CheckpointManager(config, groups, self)  # saves and restores this trainer's state
         enter_training_mode(model)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self, hooks=None) -> bool:
+        """Train from the newest checkpoint (``checkpoint.resume``) or from step 0 to ``total_steps``;
+        return whether the run got there — False when a stop was asked (SIGTERM's ``STOP_EVENT``:
+        every rank saves the same step and leaves the loop). ``config.yaml`` and ``run_info.json``
+        are written after the resume, so a refused one leaves the run's files as they were.
+        ``hooks`` (tests, tools) may define ``on_start(trainer)``, called after the resume, and
+        ``on_end(trainer)``, called after the last step."""
+        self.checkpoints.resume_or_start()
+        if self.is_logger:
+            write_run_info(self.config, self.output_dir, self.groups)
+        if hasattr(hooks, "on_start"):
+            hooks.on_start(self)
+        groups = self.groups
+        self.log.info("training %s on %d process(es) (tp=%d, dp=%d, ep=%d) for %d steps from step %d",
+                      self.config.adapter.method, dist.get_world_size(), groups.tp, groups.dp, groups.ep,
+                      self.total_steps, self.step)
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_logger, desc="train",
+                        dynamic_ncols=True)
+        with logging_redirect_tqdm(loggers=[self.log]):  # log lines go above the progress bar, not into it
+            while self.step < self.total_steps:
+                result = self.train_step()
+                self._after_step(result, progress)
+                if self.stop_requested:
+                    self.log.warning("stop requested (SIGTERM): saved step %d on every rank, exiting", self.step)
+                    STOP_EVENT.clear()
+                    break
+        progress.close()
+        if hasattr(hooks, "on_end"):
+            hooks.on_end(self)
+        self.metrics.close()
+        return self.step == self.total_steps
+
+    def _after_step(self, result: StepResult, progress: tqdm) -> None:
+        """The step's metrics row (written every ``train.log_interval`` steps and at the last), the
+        progress bar, the held-out loss every ``train.eval_interval`` steps, and a checkpoint when
+        one is due or a stop was asked."""
+        train = self.config.train
+        row = self.metrics_row(result)
+        if self.step % train.log_interval == 0 or self.step == self.total_steps:
+            self.metrics.write(row)
+            self.log_empty_experts()
+        progress.update(1)
+        progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if train.eval_interval and self.step % train.eval_interval == 0:
+            self.evaluate_and_record()
+        if self.checkpoints.due() or self.stop_requested:
+            self.checkpoints.save()
 
     # ---- one optimizer step --------------------------------------------------------------
     def _micro_batches(self, step: int) -> list:
