@@ -255,12 +255,9 @@ class Trainer:
         if self.checkpoints.due() or self.stop_requested:
             self.checkpoints.save()
 
-    # ---- one optimizer step --------------------------------------------------------------
-    def _micro_batches(self, step: int) -> list:
-        train = self.config.train
-        return self.data.micro_batches(self.sampler, step, self.groups.dp_rank, self.groups.dp, train.micro_batch_size)
-
     def evaluate_and_record(self) -> None:
+        """The held-out loss at this step (the whole model in eval mode meanwhile), its metrics row,
+        and ``best.json`` when it is the lowest so far."""
         if self.heldout is None or self.heldout.sequences is None:
             return
         self.model.eval()
@@ -268,6 +265,11 @@ class Trainer:
         enter_training_mode(self.model)
         best = record_best(self.output_dir, self.step, loss) if self.is_logger else False
         self.metrics.write({"step": self.step, "eval_loss": loss, "best": best})
+
+    # ---- one optimizer step --------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list:
+        train = self.config.train
+        return self.data.micro_batches(self.sampler, step, self.groups.dp_rank, self.groups.dp, train.micro_batch_size)
 
     def _dropout_context(self, index: int, shape: torch.Size) -> DropoutContext:
         """Adapter dropout draws from (seed, step, each token's place in the global batch), never
