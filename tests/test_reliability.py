@@ -186,17 +186,16 @@ class NaNAt:
         self.at_start = {}  # 1-based step -> parameters before that step's update
 
     def on_start(self, trainer):
-        import torch.distributed as dist
-
         self.trainer = trainer
 
-        def inject(step0, loss):
-            self.at_start.setdefault(step0 + 1, [p.detach().clone() for p in trainer.params])
-            if dist.get_rank() == self.rank and step0 + 1 in self.steps:
-                return _NaNGradient.apply(loss) if self.gradient_only else loss * float("nan")
-            return loss
+    def fault_injector(self, step0, loss):
+        """Given to the trainer at construction (``run_training``'s hooks); runs after ``on_start``."""
+        import torch.distributed as dist
 
-        trainer.fault_injector = inject
+        self.at_start.setdefault(step0 + 1, [p.detach().clone() for p in self.trainer.params])
+        if dist.get_rank() == self.rank and step0 + 1 in self.steps:
+            return _NaNGradient.apply(loss) if self.gradient_only else loss * float("nan")
+        return loss
 
     def updates(self):
         """{step: largest parameter change made by that step}, for the steps that started."""
@@ -245,8 +244,8 @@ def world_main(root):
             run_module.run_training(load_run_config(TINY, overrides), hooks)
         except NonFiniteError as err:
             error = str(err)
-        out[name] = {"error": error, "updates": hooks.updates(), "final": [p.detach().clone() for p in hooks.trainer.params],
-                     "ep": hooks.trainer.groups.ep}
+        out[name] = {"error": error, "updates": hooks.updates(),
+                     "final": [p.detach().clone() for p in hooks.trainer.params], "ep": hooks.trainer.groups.ep}
     return out
 
 
@@ -352,7 +351,8 @@ def test_sigterm_saves_the_same_step_on_every_rank_and_resumes(reference, tmp_pa
     elapsed = time.monotonic() - sent
     print(f"torchrun and its workers exited {elapsed:.1f}s after SIGTERM")
     agent_log = open(os.path.join(logs, "torchrun.log")).read()
-    assert elapsed < TORCHRUN_KILL_GRACE_S and "Unable to shutdown process" not in agent_log, (elapsed, agent_log[-2000:])
+    assert elapsed < TORCHRUN_KILL_GRACE_S and "Unable to shutdown process" not in agent_log, \
+        (elapsed, agent_log[-2000:])
 
     saved = []
     for rank in (0, 1):
@@ -366,7 +366,8 @@ def test_sigterm_saves_the_same_step_on_every_rank_and_resumes(reference, tmp_pa
     assert os.path.exists(os.path.join(checkpoint, "COMPLETE"))
     with open(os.path.join(checkpoint, "meta.json")) as f:
         assert json.load(f)["step"] == step
-    newest = max(int(d.split("_")[1]) for d in os.listdir(os.path.join(out, "checkpoints")) if re.fullmatch(r"step_\d+", d))
+    newest = max(int(d.split("_")[1]) for d in os.listdir(os.path.join(out, "checkpoints"))
+                 if re.fullmatch(r"step_\d+", d))
     assert newest == step
     assert [r["step"] for r in loss_rows(out)] == list(range(1, step + 1))
     assert not os.path.exists(os.path.join(out, "adapter"))  # unfinished runs export nothing

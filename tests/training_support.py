@@ -40,15 +40,13 @@ class StopAfter:
     def __init__(self, step):
         self.step = step
 
-    def on_start(self, trainer):
+    def fault_injector(self, step, loss):
+        """Given to the trainer at construction (``run_training``'s hooks)."""
         from malora_dist.train.trainer import STOP_EVENT
 
-        def inject(step, loss):
-            if step + 1 == self.step:
-                STOP_EVENT.set()
-            return loss
-
-        trainer.fault_injector = inject
+        if step + 1 == self.step:
+            STOP_EVENT.set()
+        return loss
 
 
 class Record:

@@ -1,4 +1,5 @@
-"""The training loop: global-token loss scaling, gradient accumulation, reduction, clipping, AdamW.
+"""The trainer: one optimizer step in named phases (``Trainer.train_step``) and the loop around it
+(``Trainer.fit``: resume, steps, metrics, held-out loss, checkpoints, a stop on SIGTERM).
 
 Per optimizer step (docs/ARCHITECTURE.md §5.1 (the loss of a step)): every rank counts its loss
 tokens over all its micro-batches and one all-reduce gives the step's global count *before the first
@@ -17,10 +18,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from malora_dist.adapters.dropout import DropoutContext, set_dropout_context, token_places
@@ -29,9 +33,11 @@ from malora_dist.config.run import RunConfig
 from malora_dist.parallel.gradients import clip_grad_norm_, reduce_gradients
 from malora_dist.runtime.groups import ParallelGroups
 from malora_dist.runtime.log import get_logger
-from malora_dist.train.heldout import record_best
+from malora_dist.train.checkpoint import CheckpointManager
+from malora_dist.train.heldout import HeldOutSet, record_best
 from malora_dist.train.metrics_log import MetricsWriter
 from malora_dist.train.optim import build_optimizer, build_scheduler
+from malora_dist.train.run_info import write_run_info
 from malora_dist.train.telemetry import PhaseTimer, Telemetry
 
 IGNORE_INDEX = -100
@@ -101,9 +107,74 @@ class StepExpertLoad:
         return out
 
 
+@dataclass
+class StepTotals:
+    """A step's statistics over the global batch, read back from the one all-reduce of ``StepSums``."""
+    task_sums: torch.Tensor  # per task: [loss sum, loss tokens]
+    lm_sum: float
+    aux_sum: float
+    input_tokens: float
+    expert_load: dict  # adapted layer -> slots per expert
+    stop: bool
+
+    def task_loss(self, task_names: list) -> dict:
+        """{task: mean token loss} for the tasks with loss tokens in the step."""
+        return {name: (self.task_sums[0, i] / self.task_sums[1, i]).item()
+                for i, name in enumerate(task_names) if self.task_sums[1, i] > 0}
+
+
+class StepSums:
+    """What this rank's micro-batches of a step add up — per-task loss sums, the lm loss, router
+    loss and input tokens, the expert load — packed with the stop flag into one float64 vector, so
+    the step's statistics cost one all-reduce over dp."""
+
+    def __init__(self, model: nn.Module, num_tasks: int, device: torch.device):
+        self.device = device
+        self.num_tasks = num_tasks
+        self.task_sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)  # [lm loss sum, aux sum, input tokens]
+        self.load = StepExpertLoad(model, device)
+
+    @torch.no_grad()
+    def add(self, batch: dict, token_losses: torch.Tensor, loss: torch.Tensor, aux: torch.Tensor,
+            global_tokens: float) -> None:
+        """A micro-batch's share, ``loss`` being its token losses' sum over ``global_tokens``."""
+        mask = loss_token_mask(batch["labels"])
+        task_ids = batch["task_ids"][mask]
+        self.task_sums[0].index_add_(0, task_ids, token_losses.detach()[mask].double())
+        self.task_sums[1].index_add_(0, task_ids, torch.ones_like(task_ids, dtype=torch.float64))
+        self.totals += torch.stack([loss.detach().double() * global_tokens, aux.detach().double(),
+                                    torch.tensor(float(batch["input_ids"].numel()), dtype=torch.float64,
+                                                 device=self.device)])
+
+    def packed(self, stop: bool) -> torch.Tensor:
+        """The sums and the stop flag (last) in one vector, to all-reduce."""
+        return torch.cat([self.task_sums.reshape(-1), self.totals, self.load.counts,
+                          torch.tensor([float(stop)], dtype=torch.float64, device=self.device)])
+
+    def unpacked(self, stats: torch.Tensor) -> StepTotals:
+        """``packed``'s vector, all-reduced, read back (one host read)."""
+        n = self.num_tasks
+        lm_sum, aux_sum, input_tokens, *load_counts, stop = stats[2 * n:].tolist()
+        return StepTotals(task_sums=stats[: 2 * n].reshape(2, n), lm_sum=lm_sum, aux_sum=aux_sum,
+                          input_tokens=input_tokens, expert_load=self.load.per_layer(load_counts), stop=stop > 0)
+
+
 class Trainer:
+    """Trains one run's adapters: ``train_step`` is one optimizer step in its phases, ``fit`` the loop.
+
+    Collaborators come with the constructor, each with a default: ``heldout``, the held-out set
+    evaluated every ``train.eval_interval`` steps (None: no held-out loss); ``metrics``, the writer
+    of ``metrics.jsonl`` (default: rank 0 writes in ``output_dir``); ``telemetry``, the memory and
+    utilisation readings of each metrics row; ``fault_injector`` (tests), a ``callable(step, loss)
+    -> loss`` applied to each micro-batch's loss before its backward. The trainer builds its own
+    ``checkpoints`` (a ``CheckpointManager`` reads and restores the trainer's state).
+    """
+
     def __init__(self, config: RunConfig, groups: ParallelGroups, device: torch.device, model: nn.Module,
-                 data, total_steps: int, output_dir: str):
+                 data, total_steps: int, output_dir: str, *, heldout: Optional[HeldOutSet] = None,
+                 metrics: Optional[MetricsWriter] = None, telemetry: Optional[Telemetry] = None,
+                 fault_injector: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None):
         self.config = config
         self.groups = groups
         self.device = device
@@ -121,25 +192,72 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.is_logger = dist.get_rank() == 0
-        self.metrics = MetricsWriter(output_dir, self.is_logger, train.tensorboard)
-        self.telemetry = Telemetry(device)
+        self.metrics = metrics if metrics is not None else MetricsWriter(output_dir, self.is_logger, train.tensorboard)
+        self.telemetry = telemetry if telemetry is not None else Telemetry(device)
+        self.heldout = heldout
+        self.fault_injector = fault_injector
         self.log = get_logger()
         # (layer, expert) pairs seen without tokens, and those not yet in a log line (log_empty_experts).
         self._empty_experts_seen = set()
         self._empty_experts_unlogged = set()
         # Set by a SIGTERM handler; all-reduced each step so that every rank stops at the same step.
         self.stop_requested = False
-        self.fault_injector = None  # tests: a callable(step, loss) -> loss
-        self.heldout = None  # a HeldOutSet when train.eval_interval > 0
         self.step_expert_load: dict = {}  # adapted layer -> slots per expert over the last step's global batch
+        self.checkpoints = CheckpointManager(config, groups, self)  # saves and restores this trainer's state
         enter_training_mode(model)
 
-    # ---- one optimizer step --------------------------------------------------------------
-    def _micro_batches(self, step: int) -> list:
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self, hooks=None) -> bool:
+        """Train from the newest checkpoint (``checkpoint.resume``) or from step 0 to ``total_steps``;
+        return whether the run got there — False when a stop was asked (SIGTERM's ``STOP_EVENT``:
+        every rank saves the same step and leaves the loop). ``config.yaml`` and ``run_info.json``
+        are written after the resume, so a refused one leaves the run's files as they were.
+        ``hooks`` (tests, tools) may define ``on_start(trainer)``, called after the resume, and
+        ``on_end(trainer)``, called after the last step."""
+        self.checkpoints.resume_or_start()
+        if self.is_logger:
+            write_run_info(self.config, self.output_dir, self.groups)
+        if hasattr(hooks, "on_start"):
+            hooks.on_start(self)
+        groups = self.groups
+        self.log.info("training %s on %d process(es) (tp=%d, dp=%d, ep=%d) for %d steps from step %d",
+                      self.config.adapter.method, dist.get_world_size(), groups.tp, groups.dp, groups.ep,
+                      self.total_steps, self.step)
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_logger, desc="train",
+                        dynamic_ncols=True)
+        with logging_redirect_tqdm(loggers=[self.log]):  # log lines go above the progress bar, not into it
+            while self.step < self.total_steps:
+                result = self.train_step()
+                self._after_step(result, progress)
+                if self.stop_requested:
+                    self.log.warning("stop requested (SIGTERM): saved step %d on every rank, exiting", self.step)
+                    STOP_EVENT.clear()
+                    break
+        progress.close()
+        if hasattr(hooks, "on_end"):
+            hooks.on_end(self)
+        self.metrics.close()
+        return self.step == self.total_steps
+
+    def _after_step(self, result: StepResult, progress: tqdm) -> None:
+        """The step's metrics row (written every ``train.log_interval`` steps and at the last), the
+        progress bar, the held-out loss every ``train.eval_interval`` steps, and a checkpoint when
+        one is due or a stop was asked."""
         train = self.config.train
-        return self.data.micro_batches(self.sampler, step, self.groups.dp_rank, self.groups.dp, train.micro_batch_size)
+        row = self.metrics_row(result)
+        if self.step % train.log_interval == 0 or self.step == self.total_steps:
+            self.metrics.write(row)
+            self.log_empty_experts()
+        progress.update(1)
+        progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if train.eval_interval and self.step % train.eval_interval == 0:
+            self.evaluate_and_record()
+        if self.checkpoints.due() or self.stop_requested:
+            self.checkpoints.save()
 
     def evaluate_and_record(self) -> None:
+        """The held-out loss at this step (the whole model in eval mode meanwhile), its metrics row,
+        and ``best.json`` when it is the lowest so far."""
         if self.heldout is None or self.heldout.sequences is None:
             return
         self.model.eval()
@@ -147,6 +265,11 @@ class Trainer:
         enter_training_mode(self.model)
         best = record_best(self.output_dir, self.step, loss) if self.is_logger else False
         self.metrics.write({"step": self.step, "eval_loss": loss, "best": best})
+
+    # ---- one optimizer step --------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list:
+        train = self.config.train
+        return self.data.micro_batches(self.sampler, step, self.groups.dp_rank, self.groups.dp, train.micro_batch_size)
 
     def _dropout_context(self, index: int, shape: torch.Size) -> DropoutContext:
         """Adapter dropout draws from (seed, step, each token's place in the global batch), never
@@ -157,92 +280,96 @@ class Trainer:
         return DropoutContext(self.config.train.seed, self.step, token_places(first_row, rows, seq_len))
 
     def train_step(self) -> StepResult:
+        """One optimizer step, as its phases: count the global batch's loss tokens, forward and
+        backward each micro-batch, reduce, handle a non-finite step, update."""
         step_start = time.perf_counter()
-        model, groups, device = self.model, self.groups, self.device
-        num_tasks = len(self.data.task_names)
+        timer = PhaseTimer(self.device)
         batches = self._micro_batches(self.step)
-        local_tokens = sum(int(loss_token_mask(b["labels"]).sum()) for b in batches)
-        global_tokens = torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
-        if groups.dp_group is not None:
-            dist.all_reduce(global_tokens, group=groups.dp_group)
-        global_tokens = max(global_tokens.item(), 1.0)
-
-        micro_batches_per_step = self.config.train.global_batch_size // self.config.train.micro_batch_size
-        # per task: [loss sum, token count], then [lm loss sum, aux sum, input tokens]
-        task_sums = torch.zeros(2, num_tasks, dtype=torch.float64, device=device)
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
-        load = StepExpertLoad(model, device)
-        timer = PhaseTimer(device)
+        global_tokens = self._global_token_count(batches)
+        sums = StepSums(self.model, len(self.data.task_names), self.device)
         for index, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            set_dropout_context(model, self._dropout_context(index, batch["input_ids"].shape))
-            t0 = timer.mark()
-            logits = model(batch["input_ids"], batch["position_ids"])
-            token_losses = model.token_losses(logits, batch["labels"])
-            loss = token_losses.sum() / global_tokens
-            if self.fault_injector is not None:
-                loss = self.fault_injector(self.step, loss)
-            aux = auxiliary_loss(model).to(device) / micro_batches_per_step
-            load.add()
-            t1 = timer.mark()
-            (loss + aux).backward()
-            timer.add("forward_s", t0, t1)
-            timer.add("backward_s", t1, timer.mark())
-            with torch.no_grad():
-                mask = loss_token_mask(batch["labels"])
-                task_ids = batch["task_ids"][mask]
-                task_sums[0].index_add_(0, task_ids, token_losses.detach()[mask].double())
-                task_sums[1].index_add_(0, task_ids, torch.ones_like(task_ids, dtype=torch.float64))
-                totals += torch.stack([loss.detach().double() * global_tokens, aux.detach().double(),
-                                       torch.tensor(float(batch["input_ids"].numel()), dtype=torch.float64, device=device)])
-
+            self._forward_backward(index, batch, global_tokens, sums, timer)
         t2 = timer.mark()
+        grad_norm, totals = self._reduce(sums)
+        loss = totals.lm_sum / global_tokens
+        t3 = timer.mark()
+        timer.add("backward_s", t2, t3)  # the gradient reduction and clipping count as backward
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = self._skip_nonfinite(loss, totals.aux_sum, grad_norm)
+        self._optimizer_step(skipped)
+        timer.add("optimizer_s", t3, timer.mark())
+        times = timer.totals()  # the step's one wait for the device's queue (CUDA)
+        self.step += 1
+        return StepResult(
+            loss=loss, aux_loss=totals.aux_sum, grad_norm=float(grad_norm), skipped=skipped,
+            tokens=int(totals.input_tokens), lr=lr,
+            times={**times, "step_s": time.perf_counter() - step_start},
+            task_loss=totals.task_loss(self.data.task_names),
+        )
+
+    def _global_token_count(self, batches: list) -> float:
+        """The loss tokens of the whole global batch (at least 1): every micro-batch's loss is
+        divided by it, so it is known before the first backward — one all-reduce over dp."""
+        local_tokens = sum(int(loss_token_mask(b["labels"]).sum()) for b in batches)
+        global_tokens = torch.tensor([float(local_tokens)], dtype=torch.float64, device=self.device)
+        if self.groups.dp_group is not None:
+            dist.all_reduce(global_tokens, group=self.groups.dp_group)
+        return max(global_tokens.item(), 1.0)
+
+    def _forward_backward(self, index: int, batch: dict, global_tokens: float, sums: StepSums,
+                          timer: PhaseTimer) -> None:
+        """Forward and backward of the step's ``index``-th micro-batch on this rank. Its loss is its
+        summed token loss over the step's global token count, its router loss its share of the
+        step's mean over all micro-batches, so the gradients summed over micro-batches and ranks are
+        the single-process ones. Its statistics go to ``sums``, reduced once per step."""
+        model, device = self.model, self.device
+        micro_batches_per_step = self.config.train.global_batch_size // self.config.train.micro_batch_size
+        batch = {k: v.to(device) for k, v in batch.items()}
+        set_dropout_context(model, self._dropout_context(index, batch["input_ids"].shape))
+        t0 = timer.mark()
+        logits = model(batch["input_ids"], batch["position_ids"])
+        token_losses = model.token_losses(logits, batch["labels"])
+        loss = token_losses.sum() / global_tokens
+        if self.fault_injector is not None:
+            loss = self.fault_injector(self.step, loss)
+        aux = auxiliary_loss(model).to(device) / micro_batches_per_step
+        sums.load.add()
+        t1 = timer.mark()
+        (loss + aux).backward()
+        timer.add("forward_s", t0, t1)
+        timer.add("backward_s", t1, timer.mark())
+        sums.add(batch, token_losses, loss, aux, global_tokens)
+
+    def _reduce(self, sums: StepSums) -> tuple[torch.Tensor, StepTotals]:
+        """The step's collectives after the last backward: gradients summed over their replicas and
+        clipped to the global norm (which the non-finite check needs), then this rank's statistics
+        and its stop flag packed into one all-reduce over dp — the flag also over tp, so that a stop
+        asked on any rank stops every rank at the same step. Returns the norm before clipping and
+        the global batch's statistics; sets ``stop_requested`` and ``step_expert_load``."""
+        groups = self.groups
         reduce_gradients(self.params, groups)
         grad_norm = clip_grad_norm_(self.params, self.config.train.grad_clip, groups)
-        stats = torch.cat([task_sums.reshape(-1), totals, load.counts,
-                           torch.tensor([float(self.stop_requested or STOP_EVENT.is_set())], dtype=torch.float64, device=device)])
+        stats = sums.packed(self.stop_requested or STOP_EVENT.is_set())
         if groups.dp_group is not None:
             dist.all_reduce(stats, group=groups.dp_group)
         if groups.tp_group is not None:  # a stop request on any rank reaches its tp peers too
             flag = stats[-1:].clone()
             dist.all_reduce(flag, group=groups.tp_group)
             stats[-1] = flag[0]
-        task_sums = stats[: 2 * num_tasks].reshape(2, num_tasks)
-        lm_sum, aux_sum, input_tokens, *load_counts, stop = stats[2 * num_tasks:].tolist()
-        self.step_expert_load = load.per_layer(load_counts)
-        self.stop_requested = stop > 0
-        loss_value = lm_sum / global_tokens
-        # The loss and the norm are the same on every rank after the reductions above, so every
-        # rank takes the same decision here without another collective.
-        finite = math.isfinite(loss_value) and math.isfinite(aux_sum) and bool(torch.isfinite(grad_norm))
-        t3 = timer.mark()
-        timer.add("backward_s", t2, t3)  # the gradient reduction and clipping count as backward
-        lr = self.optimizer.param_groups[0]["lr"]
-        skipped = False
-        if not finite:
-            skipped = self._handle_nonfinite(loss_value, float(grad_norm))
-        else:
-            self.consecutive_skips = 0
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        timer.add("optimizer_s", t3, timer.mark())
-        times = timer.totals()  # the step's one wait for the device's queue (CUDA)
-        self.step += 1
-        step_s = time.perf_counter() - step_start
-        task_loss = {
-            name: (task_sums[0, i] / task_sums[1, i]).item()
-            for i, name in enumerate(self.data.task_names) if task_sums[1, i] > 0
-        }
-        return StepResult(
-            loss=loss_value, aux_loss=aux_sum, grad_norm=float(grad_norm), skipped=skipped,
-            tokens=int(input_tokens), lr=lr,
-            times={**times, "step_s": step_s},
-            task_loss=task_loss,
-        )
+        totals = sums.unpacked(stats)
+        self.step_expert_load = totals.expert_load
+        self.stop_requested = totals.stop
+        return grad_norm, totals
 
-    def _handle_nonfinite(self, loss: float, grad_norm: float) -> bool:
-        message = (f"non-finite loss or gradient at step {self.step + 1} (loss={loss}, grad_norm={grad_norm}); "
+    def _skip_nonfinite(self, loss: float, aux_loss: float, grad_norm: torch.Tensor) -> bool:
+        """Whether this step's update is skipped: a non-finite loss, router loss or gradient norm
+        aborts the run (``train.nonfinite: abort``) or skips the update (``skip``, at most
+        ``train.max_consecutive_skips`` in a row). They are the same on every rank after the
+        reductions, so every rank takes the same decision without another collective."""
+        if math.isfinite(loss) and math.isfinite(aux_loss) and bool(torch.isfinite(grad_norm)):
+            self.consecutive_skips = 0
+            return False
+        message = (f"non-finite loss or gradient at step {self.step + 1} (loss={loss}, grad_norm={float(grad_norm)}); "
                    f"train.nonfinite={self.config.train.nonfinite}")
         if self.config.train.nonfinite == "abort":
             raise NonFiniteError(message + ": stopping before the optimizer step")
@@ -253,6 +380,15 @@ class Trainer:
             raise NonFiniteError(f"{self.consecutive_skips} consecutive non-finite steps (limit "
                                  f"train.max_consecutive_skips={self.config.train.max_consecutive_skips})")
         return True
+
+    def _optimizer_step(self, skipped: bool) -> None:
+        """AdamW on the clipped gradients unless the step is skipped, then the scheduler — on a
+        skipped step too: the learning rate follows the step count, as a resumed run sets it from
+        the step — and the gradients freed for the next step's accumulation."""
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # ---- metrics ---------------------------------------------------------------------------
     def _expert_load(self) -> tuple[dict, int]:
