@@ -68,7 +68,8 @@ def _full_fingerprint(config) -> dict:
     """The hash every key had in checkpoints written before nested defaults were dropped (those still
     resume: a saved hash may match either form)."""
     full = config.to_dict()
-    return {f"{section}.{key}": _value_hash(value) for section in FINGERPRINT_KEYS for key, value in full[section].items()}
+    return {f"{section}.{key}": _value_hash(value)
+            for section in FINGERPRINT_KEYS for key, value in full[section].items()}
 
 
 def _default_fingerprint(config) -> dict:
@@ -207,7 +208,8 @@ class CheckpointManager:
             if complete:
                 newest = path
             else:
-                warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER} marker: the run stopped while writing it)")
+                warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER} marker: the run stopped "
+                              f"while writing it)")
         return newest
 
     def resume_or_start(self) -> None:
@@ -242,9 +244,10 @@ class CheckpointManager:
         state = self._state_dict()  # the right keys and shapes, to be filled in place
         dcp.load(state, checkpoint_id=path)
         self._load_state_dict(state)
+        steps_taken = meta["optimizer_steps_taken"]
+        optimizer_state = self.trainer.optimizer.state
         for param in self.trainer.params:
-            self.trainer.optimizer.state[param]["step"] = torch.tensor(meta["optimizer_steps_taken"], dtype=torch.float32,
-                                                                      device=param.device)
+            optimizer_state[param]["step"] = torch.tensor(steps_taken, dtype=torch.float32, device=param.device)
         self.trainer.step = meta["step"]
         self.trainer.skipped_steps = meta["skipped_steps"]
         scheduler = self.trainer.scheduler

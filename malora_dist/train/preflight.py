@@ -49,7 +49,8 @@ def validate_run(config: RunConfig, world_size: int) -> None:
     par, train, adapter = config.parallel, config.train, config.adapter
     dp = validate_layout(world_size, par.tp, par.ep, adapter.num_experts if adapter.is_moe else None)
     if par.ep > 1 and not adapter.is_moe:
-        raise ValueError(f"parallel.ep={par.ep} needs a mixture of experts: adapter.method is {adapter.method}; set ep: 1")
+        raise ValueError(f"parallel.ep={par.ep} needs a mixture of experts: adapter.method is {adapter.method}; "
+                         f"set ep: 1")
     if train.global_batch_size % (train.micro_batch_size * dp):
         raise ValueError(
             f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size × dp "
