@@ -1,4 +1,4 @@
-"""What training changed: the analysis of ``analysis.py`` applied to the experts' learned changes.
+"""What training changed: the subspace measures (``subspaces.py``) applied to the experts' learned changes.
 
 The present values of an expert mix what training put there with where it started: MoLoRA's A_t
 and MALoRA's P_t S_A start as independent random draws, and after a short run they sit near their
@@ -8,7 +8,7 @@ step-0 values are recomputed from the run's seed (``initial_state.py``) and subt
 - the effective down-projection (A_t; MALoRA's P_t S_A, the product's change, not the product of
   the changes) and the up-projection (B_t, B̄_t, which start at zero, so their change is their
   value): CCA similarity between experts, with the random-subspace level of the same shapes, and
-  the singular values of the concatenated changes, as ``analysis.py`` computes them for the present;
+  the singular values of the concatenated changes, as ``subspaces.py`` computes them for the present;
 - how far each side moved: ‖Δ‖_F / ‖X⁰‖_F over the layer's experts (none where X⁰ = 0);
 - MALoRA's own factors: the coefficients P_t − P_t⁰ (rows in the d-dimensional coordinates of
   S_A; CCA between experts against the random level of r̄-dimensional subspaces of d) and the

@@ -40,8 +40,6 @@ def analyse(path: str, routing_examples: int = 0, delta: bool = False, seed: Opt
     num_experts = config.num_experts if config.is_moe else 1
     result = {"source": path, **analyse_state(state, config.method, num_experts)}
     if delta:
-        # delta_analysis builds on this module's functions, so it is imported where it is used
-
         run_seed = seed_for(path, seed)
         initial = initial_adapter_state(state, config, run_seed)
         result["delta"] = {"seed": run_seed, "max_abs_change": max_abs_change(state, initial),

@@ -26,7 +26,7 @@ reads the same):
 
 - **What training changed** (``--delta``): the same CCA and spectra of trained − step-0 values,
   per expert (MALoRA's effective P_t S_A included), the step-0 values recomputed from the run's
-  seed (``RUN/config.yaml``, or ``--seed``), beside the present view (``delta_analysis.py``). A
+  seed (``RUN/config.yaml``, or ``--seed``), beside the present view (``malora_dist.analysis.delta``). A
   relative change near √2 on every layer means the start is not the one that trained the adapter
   (another seed, or a file from before the initial values were a function of (seed, layer, expert)).
 
