@@ -2,8 +2,8 @@
 log-probabilities), or a greedy answer's exact match, final number (GSM8K), ROUGE-L (E2E) or
 pass@1 against the problem's tests in a sandbox (HumanEval).
 
-``evaluate_run(config, ...)`` inside a started process group, or ``evaluate_from_config`` (which starts and stops the process group;
-``malora-eval`` / ``launch/evaluate.py`` call it).
+``evaluate_run(config, ...)`` inside a started process group, or ``evaluate_from_config`` (which
+starts and stops the process group; ``malora-eval`` and ``launch/evaluate.py`` call it).
 Prompts and continuations come from ``malora_dist.data`` (``build_prompt`` / ``option_continuations``,
 ``encode_prompts`` / ``encode_continuations``), so scoring sees the token sequences training saw.
 """
