@@ -12,9 +12,10 @@ experts kernel, the fused Functions) picks how they run:
 - ``experts`` (``DenseExperts`` | ``GroupedExperts``, or their per-expert-subspace forms): this
   rank's experts only;
 - ``shared_up`` (``SharedUpProjection``, ``adapter.shared_side: up`` only): MALoRA's shared
-  subspace mirrored to the up side, applied once per token to the experts' combined d-vectors;
-- ``dora`` (``DoraMagnitude``, ``adapter.dora`` only): DoRA's magnitude, which rescales the base's
-  output and the update together.
+  subspace mirrored to the up side, applied once per token to the experts' combined d-vectors.
+
+DoRA (``adapter.dora``) is ``dora.DoraLinear``, this layer with its magnitude part and its own
+forward; ``layer_class.adapter_linear`` builds the class of a config's variant.
 
 The layer wraps ``base_layer`` (an ``nn.Linear`` or a tensor-parallel base from
 ``malora_dist.models``, whose ``parallel_mode`` picks the tensor-parallel mappings) and never
@@ -31,8 +32,7 @@ import torch
 import torch.nn as nn
 
 from malora_dist.adapters.accumulate import add_into
-from malora_dist.adapters.dispatch import AllToAllDispatch, DenseBatch, DenseDispatch, GroupedDispatch
-from malora_dist.adapters.dora import DoraMagnitude
+from malora_dist.adapters.dispatch import AllToAllDispatch, DenseDispatch, GroupedDispatch
 from malora_dist.adapters.dropout import LayoutFreeDropout
 from malora_dist.adapters.experts import DenseExperts, GroupedExperts
 from malora_dist.adapters.fused import WeightCache, fused_layer_forward, use_fused
@@ -46,7 +46,7 @@ from malora_dist.adapters.shared_up import SharedUpProjection
 from malora_dist.adapters.subspace_experts import DenseSubspaceExperts, GroupedSubspaceExperts
 from malora_dist.adapters.tags import tag
 from malora_dist.adapters.tensor_parallel import TensorParallelHooks
-from malora_dist.adapters.variant import AdapterVariant
+from malora_dist.adapters.variant import PLAIN, SHARED_UP, AdapterVariant
 from malora_dist.config.adapter import AdapterConfig
 
 
@@ -61,6 +61,12 @@ def expert_kernel(config: AdapterConfig, experts_split: bool) -> str:
 
 
 class AdapterLinear(nn.Module):
+    """The adapted linear of the plain forward (and of ``shared_side: up``'s, whose S_B part applies
+    after the experts); DoRA's forward is ``dora.DoraLinear``'s. ``layer_class.adapter_linear`` builds
+    the class of a config's variant."""
+
+    FORWARDS = (PLAIN, SHARED_UP)  # the forward kinds (variant.py) this class runs
+
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str = "",
                  layout: AdapterLayout = SINGLE_PROCESS, seed: int = 0):
         super().__init__()
@@ -72,6 +78,10 @@ class AdapterLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         config.check_fits(self.in_features, name, self.out_features)
         self.variant = AdapterVariant.of(config, self.in_features, self.out_features)
+        if self.variant.forward not in self.FORWARDS:  # a DoRA config would lose its magnitude here
+            raise ValueError(f"{type(self).__name__} does not run the {self.variant.forward} forward of "
+                             f"{name or 'this layer'}: build it with layer_class.adapter_linear (inject_adapters "
+                             f"does)")
         hooks = TensorParallelHooks(getattr(base_layer, "parallel_mode", None), getattr(base_layer, "tp_group", None))
         self.num_experts, self.top_k = self.variant.num_experts, self.variant.top_k
         self.scaling = config.scaling
@@ -129,15 +139,11 @@ class AdapterLinear(nn.Module):
                                                 layout.ep_size, layout.ep_rank, source_major=fused)
                                if layout.experts_split else GroupedDispatch(self.num_experts, config.capacity_factor))
         self.shared_up = SharedUpProjection(values["shared_B"], hooks) if variant.has("shared_B") else None
-        self.dora = DoraMagnitude(self.base_layer, hooks) if variant.has("magnitude") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         if self.fused_weights is not None:
             out = fused_layer_forward(self, flat_x)  # this rank's output columns under a column base
-            return out.view(*x.shape[:-1], out.shape[-1])
-        if self.dora is not None:
-            out = self._dora_forward(flat_x)
             return out.view(*x.shape[:-1], out.shape[-1])
         if self.siblings is not None:  # one exchange with the layers that read the same x
             out = self.siblings.forward(self, x, flat_x)
@@ -177,19 +183,6 @@ class AdapterLinear(nn.Module):
         if self.shared_up is not None:
             return self.shared_up(update, out)
         return update if added else add_into(out, update)
-
-    # ---- DoRA (method lora with adapter.dora): the magnitude rescales base and update together ----
-    def _dora_forward(self, flat_x: torch.Tensor) -> torch.Tensor:
-        _, z = self.shared(flat_x, None)
-        out = self.base_layer(flat_x)
-        update = self.experts(DenseBatch(z, None), torch.zeros_like(out))
-        scale = self.dora.scale(self.base_layer.weight, self.experts.down[0], self.experts.up[0], self.scaling)
-        bias = getattr(self.base_layer, "bias", None)
-        dropout = self.shared.dropout
-        on_dropped = None
-        if dropout.training and dropout.p > 0:  # PEFT's second base product, on drop(x)
-            on_dropped = self.base_layer(z) if bias is None else self.base_layer(z) - bias
-        return self.dora.combine(out, on_dropped, update, scale, bias)
 
     # ---- the layout-free view of the parameters (adapter files, checkpoints, tests) ----------
     def adapter_tensors(self) -> list[tuple[str, nn.Parameter]]:

@@ -4,8 +4,8 @@
 parts the layer holds and what every reader of those parts needs to know about them, so that no
 reader works it out again from the config's keys:
 
-- the layer (``layer.py``) builds, initialises, tags and freezes its parts from ``parts`` and runs
-  its ``forward`` kind;
+- the layer (``layer.py``; DoRA's ``dora.py``) builds, initialises, tags and freezes its parts from
+  ``parts``, and ``layer_class.py`` picks the class that runs ``forward``;
 - the adapter files (``file_format.py``, ``parallel/adapter_files.py``) name each tensor after its
   part's ``name`` and ``path`` and check the file's tensor against the part's full ``shape``;
 - the placement costs (``parallel/placement.py``) price ``sent_width`` / ``returned_width`` per
@@ -182,7 +182,7 @@ class AdapterVariant:
 
 
 def forward_kind(config: AdapterConfig) -> str:
-    """The forward an adapted linear of ``config`` runs."""
+    """The forward an adapted linear of ``config`` runs (``layer_class.py`` picks its class by it)."""
     if config.dora:
         return DORA
     return SHARED_UP if config.has_shared_up else PLAIN
