@@ -79,10 +79,10 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
         return torch.zeros(())
     losses = finish_router_losses([layer.router_stats for layer in layers])
     for layer, losses_of_layer in zip(layers, losses):
-        layer.router.stats = None
+        layer.router.clear()
         layer.expert_load = losses_of_layer.expert_load
     config = layers[0].config
-    total = config.balance_loss_coef * torch.stack([l.balance for l in losses]).mean()
+    total = config.balance_loss_coef * torch.stack([one.balance for one in losses]).mean()
     if config.router_z_loss_coef > 0:
-        total = total + config.router_z_loss_coef * torch.stack([l.z for l in losses]).mean()
+        total = total + config.router_z_loss_coef * torch.stack([one.z for one in losses]).mean()
     return total

@@ -12,7 +12,10 @@ experts kernel, the fused Functions) picks how they run:
 - ``experts`` (``DenseExperts`` | ``GroupedExperts``, or their per-expert-subspace forms): this
   rank's experts only;
 - ``shared_up`` (``SharedUpProjection``, ``adapter.shared_side: up`` only): MALoRA's shared
-  subspace mirrored to the up side, applied once per token to the experts' combined d-vectors.
+  subspace mirrored to the up side, applied once per token to the experts' combined d-vectors;
+- ``fused_layer`` / ``fused_route`` (``FusedLayer`` | ``FusedRoute``, where ``adapter.kernel``
+  picks them): the fused Functions, which own their weight caches and report the routing
+  statistics to ``router``.
 
 DoRA (``adapter.dora``) is ``dora.DoraLinear``, this layer with its magnitude part and its own
 forward; ``layer_class.adapter_linear`` builds the class of a config's variant.
@@ -35,9 +38,9 @@ from malora_dist.adapters.accumulate import add_into
 from malora_dist.adapters.dispatch import AllToAllDispatch, DenseDispatch, GroupedDispatch
 from malora_dist.adapters.dropout import LayoutFreeDropout
 from malora_dist.adapters.experts import DenseExperts, GroupedExperts
-from malora_dist.adapters.fused import WeightCache, fused_layer_forward, use_fused
+from malora_dist.adapters.fused import FusedLayer, use_fused
 from malora_dist.adapters.fused_experts import FusedGroupedExperts
-from malora_dist.adapters.fused_route import fused_route, prepare_route_weights
+from malora_dist.adapters.fused_route import FusedRoute
 from malora_dist.adapters.initial_values import initial_values
 from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
 from malora_dist.adapters.projection import SharedProjection
@@ -90,8 +93,8 @@ class AdapterLinear(nn.Module):
         self.expert_load: Optional[torch.Tensor] = None  # slots per expert in the last micro-batch (auxiliary_loss)
         self.kernel = expert_kernel(config, layout.experts_split)
         # the fused Functions where they implement this layer (adapter.kernel): one for the whole layer
-        # with dense experts, two around the rows' exchange with grouped ones (fused_route,
-        # fused_experts); the parts below stay the parameters' owners and the reference path
+        # with dense experts, two around the rows' exchange with grouped ones (FusedRoute,
+        # FusedGroupedExperts); the parts stay the parameters' owners and the reference path
         fused = use_fused(config, layout, base_layer, hooks.mode is not None, self.kernel, name)
         base_weight = getattr(base_layer, "weight", None)
         on_meta = base_weight is not None and base_weight.device.type == "meta"  # a skeleton: shapes only
@@ -104,8 +107,8 @@ class AdapterLinear(nn.Module):
                 param.malora_ep_sharded = layout.experts_split
             if part.frozen:
                 param.requires_grad_(False)
-        self.fused_weights = WeightCache() if fused and self.kernel == "dense" else None
-        self.fused_route = WeightCache(prepare_route_weights) if fused and self.kernel == "sparse" else None
+        self.fused_layer = FusedLayer() if fused and self.kernel == "dense" else None
+        self.fused_route = FusedRoute() if fused and self.kernel == "sparse" else None
         # the exchange this layer shares with the layers that read the same input (siblings.py)
         self.siblings = None
         if base_weight is not None and not on_meta:
@@ -142,8 +145,8 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
-        if self.fused_weights is not None:
-            out = fused_layer_forward(self, flat_x)  # this rank's output columns under a column base
+        if self.fused_layer is not None:
+            out = self.fused_layer(self, flat_x)  # this rank's output columns under a column base
             return out.view(*x.shape[:-1], out.shape[-1])
         if self.siblings is not None:  # one exchange with the layers that read the same x
             out = self.siblings.forward(self, x, flat_x)
@@ -163,7 +166,7 @@ class AdapterLinear(nn.Module):
         """``(z, routing, out)``: the experts' input (S_A·drop(x), or drop(x)), the top-k routing, and
         the base's output where the fused routing Function computed it with them (else None)."""
         if self.fused_route is not None:
-            return fused_route(self, flat_x)
+            return self.fused_route(self, flat_x)
         logits, z = self.shared(flat_x, getattr(self.router, "weight", None))
         return z, self.router(logits), None
 
@@ -213,7 +216,7 @@ class AdapterLinear(nn.Module):
     @property
     def fused(self) -> bool:
         """A fused Function runs this layer (the whole layer, or its routing and experts)."""
-        return self.fused_weights is not None or self.fused_route is not None
+        return self.fused_layer is not None or self.fused_route is not None
 
     @property
     def router_stats(self):
