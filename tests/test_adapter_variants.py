@@ -264,7 +264,7 @@ def test_analysis_reads_each_methods_down_projections(tmp_path):
         layer = model["proj"]
         with torch.no_grad():  # Ā_t starts at zero under shared_side: up; give every part values
             randomize_adapter_(layer, torch.Generator().manual_seed(0))
-        down, up = layer_experts(adapter_state(model), "proj", config.method, 4)
+        down, up = layer_experts(adapter_state(model), "proj", config)
         for t in range(4):
             if config.method == "hydralora":
                 expected = layer.shared_A
