@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from reference import adapter_params, dense_adapter_output, randomize_adapter_, rel_err
 
+from malora_dist.adapters.dora import DoraLinear
 from malora_dist.adapters.inject import adapter_layers, adapter_parameters, inject_adapters
 from malora_dist.adapters.layer import AdapterLinear
 from malora_dist.config.adapter import AdapterConfig
@@ -155,7 +156,7 @@ def test_dora_matches_peft_in_outputs_and_every_gradient(dropout, bias):
     torch.manual_seed(0)
     base = nn.Linear(N_IN, M_OUT, bias=bias).double()
     config = AdapterConfig(method="lora", rank=4, dora=True, dropout=dropout)
-    layer = AdapterLinear(base, config, name="layer").double()
+    layer = DoraLinear(base, config, name="layer").double()
     assert torch.allclose(layer.dora.weight, base.weight.norm(dim=1))  # ‖W0‖ per output feature
     gen = torch.Generator().manual_seed(1)
     randomize_adapter_(layer, gen)
@@ -191,7 +192,7 @@ def test_dora_matches_peft_in_outputs_and_every_gradient(dropout, bias):
 def test_dora_is_the_base_at_step_zero():
     torch.manual_seed(0)
     base = nn.Linear(N_IN, M_OUT)
-    layer = AdapterLinear(base, AdapterConfig(method="lora", rank=4, dora=True), name="layer")
+    layer = DoraLinear(base, AdapterConfig(method="lora", rank=4, dora=True), name="layer")
     x = torch.randn(5, N_IN)
     assert torch.allclose(layer(x), base(x), atol=1e-6)
 
@@ -263,7 +264,7 @@ def test_analysis_reads_each_methods_down_projections(tmp_path):
         layer = model["proj"]
         with torch.no_grad():  # Ā_t starts at zero under shared_side: up; give every part values
             randomize_adapter_(layer, torch.Generator().manual_seed(0))
-        down, up = layer_experts(adapter_state(model), "proj", config.method, 4)
+        down, up = layer_experts(adapter_state(model), "proj", config)
         for t in range(4):
             if config.method == "hydralora":
                 expected = layer.shared_A

@@ -69,7 +69,7 @@ def run_pair(fused, reference, first_place):
 def test_fused_matches_reference_in_fp64(method, top_k, dropout, z_loss, bias):
     fused = make_layer("fused", method, top_k, dropout, z_loss, bias)
     reference = make_layer("reference", method, top_k, dropout, z_loss, bias)
-    assert fused.fused_weights is not None and reference.fused_weights is None
+    assert fused.fused_layer is not None and reference.fused_layer is None
     (out_f, aux_f, gx_f, grads_f), (out_r, aux_r, gx_r, grads_r) = run_pair(fused, reference, 3)
     assert rel_err(out_f, out_r) <= 1e-12
     assert abs(aux_f - aux_r) <= 1e-12 * max(1.0, abs(aux_r))
@@ -183,15 +183,16 @@ def test_weights_are_prepared_once_per_optimizer_step():
     layer = make_layer("fused", "malora")
     x = torch.randn(TOKENS, N_IN, dtype=torch.float64)
     layer(x)
-    first = layer.fused_weights.get((layer.router.weight, layer.shared.weight, layer.expert_down, layer.expert_up),
-                                    torch.float64)
+    first = layer.fused_layer.weights.get((layer.router.weight, layer.shared.weight, layer.expert_down,
+                                           layer.expert_up), torch.float64)
     layer(x)
-    again = layer.fused_weights.get((layer.router.weight, layer.shared.weight, layer.expert_down, layer.expert_up),
-                                    torch.float64)
+    again = layer.fused_layer.weights.get((layer.router.weight, layer.shared.weight, layer.expert_down,
+                                           layer.expert_up), torch.float64)
     assert again is first  # no change, no rebuild
     reference = make_layer("reference", "malora")
     # plain SGD moves the parameters' _version; the fused AdamW (train/optim.py's) does not
-    for optimizer in (torch.optim.SGD(layer.parameters(), lr=0.1), torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)):
+    for optimizer in (torch.optim.SGD(layer.parameters(), lr=0.1),
+                      torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)):
         (layer(x) ** 2).sum().backward()
         optimizer.step()
         reference.load_state_dict(layer.state_dict())
@@ -234,8 +235,8 @@ def test_predicate_accepts_only_what_the_fused_kernel_implements():
 
 def test_auto_picks_the_whole_layer_function_for_dense_experts_and_the_grouped_pair_for_sparse():
     dense, grouped = make_layer("auto", "malora"), make_layer("auto", "malora", expert_kernel="sparse")
-    assert dense.fused_weights is not None and dense.fused_route is None
-    assert grouped.fused_weights is None and grouped.fused_route is not None
+    assert dense.fused_layer is not None and dense.fused_route is None
+    assert grouped.fused_layer is None and grouped.fused_route is not None
     assert isinstance(grouped.experts, FusedGroupedExperts)
     reference = make_layer("reference", "malora", expert_kernel="sparse")
     assert not reference.fused and type(reference.experts) is GroupedExperts
@@ -270,7 +271,8 @@ def test_grouped_experts_pad_bf16_rank_for_grouped_mm(monkeypatch):
     reference parts to bf16's precision."""
     calls = []
     real = fused_experts.grouped_mm
-    monkeypatch.setattr(fused_experts, "grouped_mm", lambda a, b, offs: calls.append(tuple(a.shape) + tuple(b.shape)) or real(a, b, offs=offs))
+    monkeypatch.setattr(fused_experts, "grouped_mm",
+                        lambda a, b, offs: calls.append(tuple(a.shape) + tuple(b.shape)) or real(a, b, offs=offs))
 
     def layer(kernel, dtype):
         torch.manual_seed(0)

@@ -1,14 +1,19 @@
-"""DoRA's magnitude part (Liu et al. 2024), as PEFT computes it (``LoraConfig(use_dora=True)``).
+"""DoRA (Liu et al. 2024) as PEFT computes it (``LoraConfig(use_dora=True)``): its magnitude part and
+the layer that runs its forward.
 
 ``y = W0 x + (s − 1) ⊙ W0 drop(x) + s ⊙ scaling·B A drop(x)``, ``s = magnitude / ‖W0 + scaling·B A‖``,
 the norm taken per output feature (over n) and detached from the gradient (DoRA §4.3, as PEFT).
 Without active dropout ``W0 drop(x)`` is the base's own output, so ``y = s ⊙ (W0 x + scaling·B A x)``;
-with it, PEFT pays a second base product on the dropped input, and so does this part, so that the
+with it, PEFT pays a second base product on the dropped input, and so does this layer, so that the
 two agree. The magnitude starts at ``‖W0‖`` (B = 0), which makes the layer the base at step zero.
 
 Tensor parallelism: a column-parallel base holds whole output rows, so the magnitude and the norm
 are sharded with them; a row-parallel base holds a slice of every row, so the squared row sums are
 all-reduced over tp (no autograd: the norm is detached) and the magnitude is replicated.
+
+``DoraLinear`` is ``AdapterLinear`` (method lora: one expert, no router) with the magnitude part and
+this forward in place of the plain one, so the plain layer has no DoRA branch; the magnitude is the
+variant's ``magnitude`` part (``dora.weight``, PEFT's ``lora_magnitude_vector`` in files).
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from malora_dist.adapters.dispatch import DenseBatch
+from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layout import AdapterLayout
 from malora_dist.adapters.tensor_parallel import TensorParallelHooks
+from malora_dist.adapters.variant import DORA
 
 
 class DoraMagnitude(nn.Module):
@@ -66,3 +75,29 @@ class DoraMagnitude(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.weight.shape[0]}"
+
+
+class DoraLinear(AdapterLinear):
+    """Method lora with ``adapter.dora``: the magnitude rescales the base's output and the update
+    together. Never fused (the fused Functions do not implement ``dora``) and never exchanged (one
+    expert, on every rank)."""
+
+    FORWARDS = (DORA,)
+
+    def _build_parts(self, values: dict, hooks: TensorParallelHooks, layout: AdapterLayout, fused: bool) -> None:
+        super()._build_parts(values, hooks, layout, fused)
+        self.dora = DoraMagnitude(self.base_layer, hooks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat_x = x.reshape(-1, x.shape[-1])
+        _, z = self.shared(flat_x, None)
+        out = self.base_layer(flat_x)
+        update = self.experts(DenseBatch(z, None), torch.zeros_like(out))
+        scale = self.dora.scale(self.base_layer.weight, self.experts.down[0], self.experts.up[0], self.scaling)
+        bias = getattr(self.base_layer, "bias", None)
+        dropout = self.shared.dropout
+        on_dropped = None
+        if dropout.training and dropout.p > 0:  # PEFT's second base product, on drop(x)
+            on_dropped = self.base_layer(z) if bias is None else self.base_layer(z) - bias
+        out = self.dora.combine(out, on_dropped, update, scale, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])

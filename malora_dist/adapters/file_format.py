@@ -16,6 +16,7 @@ loading PEFT.
 
 from __future__ import annotations
 
+from malora_dist.adapters.variant import PART_PATHS
 from malora_dist.config.adapter import AdapterConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -34,11 +35,11 @@ PEFT_MODEL_PREFIX = "base_model.model."
 TASK_TYPE = "CAUSAL_LM"
 
 
-# Each part of the adapter layer (its ``adapter_tensors`` name) and its parameter's path in the layer,
-# which PEFT's state dict and so the file use.
-PART_PATHS = {"expert_down": "experts.down", "expert_up": "experts.up", "expert_subspace": "experts.subspace",
-              "shared_A": "shared.weight", "shared_B": "shared_up.weight", "router.weight": "router.weight"}
+# A mixture's file key names a part by its parameter's path in the layer (variant.py's PART_PATHS),
+# as PEFT's state dict does; a part is read back from that path.
 PATH_PARTS = {path: part for part, path in PART_PATHS.items()}
+# PEFT's LoRA names the parts of method lora (A, B and DoRA's magnitude) after the adapted linear.
+LORA_PART_KEYS = {"expert_down": "lora_A.weight", "expert_up": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 
 
 def mixture_file_key(layer_name: str, part: str) -> str:

@@ -52,7 +52,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from malora_dist.adapters.gating import RouterStatistics
 from malora_dist.adapters.layout import AdapterLayout
 from malora_dist.config.adapter import AdapterConfig
 
@@ -188,7 +187,8 @@ class WeightCache:
 
     def get(self, params: tuple, dtype: torch.dtype) -> PreparedWeights:
         # inference mode makes inference tensors, which a later training forward must not reuse
-        key = (dtype, _optimizer_steps, torch.is_inference_mode_enabled()) + tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        key = (dtype, _optimizer_steps, torch.is_inference_mode_enabled()) + tuple(
+            (p.data_ptr(), p._version) if p is not None else None for p in params)
         if key != self._key:
             self._weights = self._build(*params, dtype)
             self._key = key
@@ -334,7 +334,8 @@ class FusedAdapterFunction(torch.autograd.Function):
         num_router = weights.router_rows
         grad_router = grad_second = grad_x = None
         if keep is None:
-            grad_first_rows = grad_rest if grad_logits is None else torch.cat([grad_logits.to(grad_rest.dtype), grad_rest], 1)
+            grad_first_rows = (grad_rest if grad_logits is None
+                               else torch.cat([grad_logits.to(grad_rest.dtype), grad_rest], 1))
             grad_first = wide_product(grad_first_rows.t(), x)  # (N + w, n): router and second at once
             if num_router:
                 grad_router, grad_second = grad_first[:num_router], grad_first[num_router:]
@@ -376,21 +377,30 @@ def fused_adapter(x: torch.Tensor, base_weight: torch.Tensor, base_bias: Optiona
     return FusedAdapterFunction.apply(spec, weights, x, base_weight, base_bias, router, shared, down, up)
 
 
-def fused_layer_forward(layer, flat_x: torch.Tensor) -> torch.Tensor:
-    """``AdapterLinear.forward`` on the fused path: (T, n) → (T, m), router statistics set."""
-    router = getattr(layer.router, "weight", None)
-    shared, down, up = layer.shared.weight, layer.experts.down, layer.experts.up
-    weights = layer.fused_weights.get((router, shared, down, up), flat_x.dtype)
-    dropout, hooks = layer.shared.dropout, layer.shared.hooks
-    keep = dropout.mask_for(flat_x, hooks.input_features(flat_x.shape[-1]))
-    spec = FusedSpec(num_experts=layer.num_local_experts, top_k=layer.top_k, scaling=layer.scaling,
-                     z_loss=router is not None and layer.router.z_loss, keep=keep,
-                     keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0,
-                     tp_mode=hooks.mode, tp_group=hooks.group)
-    base = layer.base_layer
-    out, prob_sums, z_sum, counts = fused_adapter(flat_x, base.weight, base.bias, router, shared, down, up,
-                                                  spec, weights)
-    if router is not None:
-        layer.router.stats = RouterStatistics(counts, flat_x.shape[0], prob_sums, z_sum if spec.z_loss else None,
-                                              layer.top_k, layer.router.slice_group)
-    return out
+class FusedLayer:
+    """The whole-layer Function as a part of an adapted linear (dense experts, all on this rank): it
+    owns the weights as the Function reads them, rebuilt once per optimizer step, and reports the
+    routing statistics it computed to the layer's router. The layer's other parts stay the
+    parameters' owners; this part reads them at each call."""
+
+    def __init__(self):
+        self.weights = WeightCache()
+
+    def __call__(self, layer, flat_x: torch.Tensor) -> torch.Tensor:
+        """``AdapterLinear.forward`` on the fused path: (T, n) → (T, m) (this rank's output columns
+        under a column base)."""
+        router = getattr(layer.router, "weight", None)
+        shared, down, up = layer.shared.weight, layer.experts.down, layer.experts.up
+        weights = self.weights.get((router, shared, down, up), flat_x.dtype)
+        dropout, hooks = layer.shared.dropout, layer.shared.hooks
+        keep = dropout.mask_for(flat_x, hooks.input_features(flat_x.shape[-1]))
+        spec = FusedSpec(num_experts=layer.num_local_experts, top_k=layer.top_k, scaling=layer.scaling,
+                         z_loss=router is not None and layer.router.z_loss, keep=keep,
+                         keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0,
+                         tp_mode=hooks.mode, tp_group=hooks.group)
+        base = layer.base_layer
+        out, prob_sums, z_sum, counts = fused_adapter(flat_x, base.weight, base.bias, router, shared, down, up,
+                                                      spec, weights)
+        if router is not None:
+            layer.router.record(counts, flat_x.shape[0], prob_sums, z_sum)
+        return out

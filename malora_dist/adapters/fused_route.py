@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from malora_dist.adapters.fused import _sum_over_tp, logits_gradient, wide_product
-from malora_dist.adapters.gating import RouterStatistics, slot_counts
+from malora_dist.adapters.fused import WeightCache, _sum_over_tp, logits_gradient, wide_product
+from malora_dist.adapters.gating import slot_counts
 from malora_dist.adapters.router import Routing
 
 
@@ -143,21 +143,28 @@ class FusedRouteFunction(torch.autograd.Function):
         return None, None, grad_x, None, None, grad_router, grad_shared
 
 
-def fused_route(layer, flat_x: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
-    """``(z, routing, out)`` of ``AdapterLinear.route`` on the fused path, with the base's output
-    ``out``; the router statistics set."""
-    router, shared = layer.router.weight, layer.shared.weight
-    weights = layer.fused_route.get((router, shared), flat_x.dtype)
-    dropout, hooks = layer.shared.dropout, layer.shared.hooks
-    keep = dropout.mask_for(flat_x, hooks.input_features(flat_x.shape[-1])) if shared is not None else None
-    spec = RouteSpec(top_k=layer.top_k, scaling=layer.scaling, z_loss=layer.router.z_loss, keep=keep,
-                     keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0,
-                     tp_mode=hooks.mode, tp_group=hooks.group)
-    base = layer.base_layer
-    out, z, gates, experts, prob_sums, z_sum, counts = FusedRouteFunction.apply(
-        spec, weights, flat_x, base.weight, base.bias, router, shared)
-    if shared is None:  # MoLoRA: the experts read drop(x) itself
-        z = dropout(flat_x, hooks.input_features(flat_x.shape[-1]))
-    layer.router.stats = RouterStatistics(counts, flat_x.shape[0], prob_sums, z_sum if spec.z_loss else None,
-                                          layer.top_k, layer.router.slice_group)
-    return z, Routing(experts, gates, counts), out
+class FusedRoute:
+    """The routing Function as a part of an adapted linear whose experts take rows: it owns the
+    weights as the Function reads them (``[W_g; S_A]``, rebuilt once per optimizer step) and reports
+    the routing statistics it computed to the layer's router."""
+
+    def __init__(self):
+        self.weights = WeightCache(prepare_route_weights)
+
+    def __call__(self, layer, flat_x: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
+        """``(z, routing, out)`` of ``AdapterLinear.route`` on the fused path, with the base's output
+        ``out``."""
+        router, shared = layer.router.weight, layer.shared.weight
+        weights = self.weights.get((router, shared), flat_x.dtype)
+        dropout, hooks = layer.shared.dropout, layer.shared.hooks
+        keep = dropout.mask_for(flat_x, hooks.input_features(flat_x.shape[-1])) if shared is not None else None
+        spec = RouteSpec(top_k=layer.top_k, scaling=layer.scaling, z_loss=layer.router.z_loss, keep=keep,
+                         keep_scale=1.0 / (1.0 - dropout.p) if keep is not None else 1.0,
+                         tp_mode=hooks.mode, tp_group=hooks.group)
+        base = layer.base_layer
+        out, z, gates, experts, prob_sums, z_sum, counts = FusedRouteFunction.apply(
+            spec, weights, flat_x, base.weight, base.bias, router, shared)
+        if shared is None:  # MoLoRA: the experts read drop(x) itself
+            z = dropout(flat_x, hooks.input_features(flat_x.shape[-1]))
+        layer.router.record(counts, flat_x.shape[0], prob_sums, z_sum)
+        return z, Routing(experts, gates, counts), out

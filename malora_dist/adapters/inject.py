@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from malora_dist.adapters.gating import finish_router_losses
 from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layer_class import adapter_linear
 from malora_dist.adapters.layout import SINGLE_PROCESS, AdapterLayout
 from malora_dist.adapters.siblings import group_siblings
 from malora_dist.config.adapter import AdapterConfig
@@ -40,7 +41,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, seed: int = 0,
         if leaf in targets and _is_linear_like(module) and not isinstance(module, AdapterLinear):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             layout = layout_for(name, module) if layout_for is not None else SINGLE_PROCESS
-            setattr(parent, leaf, AdapterLinear(module, config, name=name, layout=layout, seed=seed))
+            setattr(parent, leaf, adapter_linear(module, config, name=name, layout=layout, seed=seed))
             found.add(leaf)
     missing = sorted(targets - found)
     if missing:
@@ -78,10 +79,10 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
         return torch.zeros(())
     losses = finish_router_losses([layer.router_stats for layer in layers])
     for layer, losses_of_layer in zip(layers, losses):
-        layer.router.stats = None
+        layer.router.clear()
         layer.expert_load = losses_of_layer.expert_load
     config = layers[0].config
-    total = config.balance_loss_coef * torch.stack([l.balance for l in losses]).mean()
+    total = config.balance_loss_coef * torch.stack([one.balance for one in losses]).mean()
     if config.router_z_loss_coef > 0:
-        total = total + config.router_z_loss_coef * torch.stack([l.z for l in losses]).mean()
+        total = total + config.router_z_loss_coef * torch.stack([one.z for one in losses]).mean()
     return total

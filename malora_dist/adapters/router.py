@@ -46,6 +46,18 @@ class TopKRouter(nn.Module):
         self.stats = router_statistics(probs, logits, experts, self.z_loss, self.slice_group)
         return Routing(experts, self.scaling * self.hooks.into_sharded_up(gates), self.stats.slot_counts)
 
+    def record(self, slot_counts: torch.Tensor, tokens: int, prob_sums: torch.Tensor,
+               z_sum: Optional[torch.Tensor]) -> None:
+        """Keep the routing sums of a forward that routed for this router (the fused Functions,
+        which compute logits, gates and these sums in one pass): (N,) slots per expert, the tokens
+        routed, (N,) probability sums and Σ logsumexp² (read only with a z-loss)."""
+        self.stats = RouterStatistics(slot_counts, tokens, prob_sums, z_sum if self.z_loss else None, self.top_k,
+                                      self.slice_group)
+
+    def clear(self) -> None:
+        """Forget the last forward's sums once the router losses are formed from them."""
+        self.stats = None
+
     def extra_repr(self) -> str:
         return f"experts={self.weight.shape[0]}, top_k={self.top_k}"
 

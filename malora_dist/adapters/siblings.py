@@ -114,5 +114,4 @@ def group_siblings(model: nn.Module) -> int:
 
 
 def _exchanges(layer) -> bool:
-    return (isinstance(layer.dispatcher, AllToAllDispatch) and layer.dora is None
-            and layer.dispatcher.exchange.group is not None)
+    return isinstance(layer.dispatcher, AllToAllDispatch) and layer.dispatcher.exchange.group is not None

@@ -51,8 +51,3 @@ class TensorParallelHooks:
         """Global indices of the input features this rank holds (a row base's slice of n)."""
         start = self.rank * local_width if self.mode == "row" else 0
         return range(start, start + local_width)
-
-    def split_dim(self, kind: str) -> Optional[int]:
-        """Which dim of a (…, rows, cols) adapter matrix tp splits: ``n`` under a row base, ``m``
-        under a column base; ``kind`` says which of n or m the matrix's last or middle dim is."""
-        return {("row", "n"): -1, ("column", "m"): -2}.get((self.mode, kind))

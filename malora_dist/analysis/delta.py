@@ -20,16 +20,20 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from malora_dist.adapters.variant import AdapterVariant
 from malora_dist.analysis.subspaces import (
     analyse_layer,
     by_projection,
     layer_experts,
     layer_prefixes,
+    layer_sizes,
     mean_pairwise,
     mean_present,
     random_subspace_similarity,
     spectrum,
 )
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.parallel.adapter_files import checkpoint_keys
 
 # Per-layer numbers of the change beside analyse_layer's, averaged per projection type as they are.
 CHANGE_SUMMARIES = ("change_down", "change_up", "cca_coefficients_random", "change_coefficients", "change_shared")
@@ -43,11 +47,12 @@ def relative_change(now: list, start: list) -> Optional[float]:
     return math.sqrt(sum(float((n.double() - s.double()).square().sum()) for n, s in zip(now, start))) / start_norm
 
 
-def shared_projection_change(state: dict, initial: dict, prefix: str, num_experts: int) -> dict:
+def shared_projection_change(state: dict, initial: dict, prefix: str, config: AdapterConfig) -> dict:
     """MALoRA's factors: P_t (r̄ × d) per expert and the shared S_A (d × n), their changes."""
-    keys = [f"{prefix}.experts.{t}.down" for t in range(num_experts)]
+    num_experts = config.num_experts
+    keys = checkpoint_keys(prefix, "expert_down", num_experts, config.method)
     coefficients = [state[k].double() - initial[k].double() for k in keys]
-    shared_key = f"{prefix}.shared_A"
+    (shared_key,) = checkpoint_keys(prefix, "shared_A", num_experts, config.method)
     shared = state[shared_key].double() - initial[shared_key].double()
     return {
         "cca_coefficients": mean_pairwise(coefficients, transpose=True) if num_experts > 1 else None,
@@ -59,17 +64,17 @@ def shared_projection_change(state: dict, initial: dict, prefix: str, num_expert
     }
 
 
-def analyse_change(state: dict, initial: dict, method: str, num_experts: int) -> dict:
+def analyse_change(state: dict, initial: dict, config: AdapterConfig) -> dict:
     """Per adapted layer and per projection type, the analysis of ``state − initial``."""
     layers = {}
-    for prefix in layer_prefixes(state, method):
-        down, up = layer_experts(state, prefix, method, num_experts)
-        down0, up0 = layer_experts(initial, prefix, method, num_experts)
+    for prefix in layer_prefixes(state, config.method):
+        down, up = layer_experts(state, prefix, config)
+        down0, up0 = layer_experts(initial, prefix, config)
         layer = analyse_layer([d - d0 for d, d0 in zip(down, down0)], [u - u0 for u, u0 in zip(up, up0)])
         layer["change_down"] = relative_change(down, down0)
         layer["change_up"] = relative_change(up, up0)
-        if method != "lora" and f"{prefix}.shared_A" in state and f"{prefix}.experts.0.subspace" not in state:
-            layer.update(shared_projection_change(state, initial, prefix, num_experts))
+        if AdapterVariant.of(config, *layer_sizes(state, prefix, config)).has("shared_A"):  # MALoRA, HydraLoRA
+            layer.update(shared_projection_change(state, initial, prefix, config))
         layers[prefix] = layer
     return {"layers": layers, "by_projection": change_by_projection(layers)}
 

@@ -37,13 +37,12 @@ def analyse(path: str, routing_examples: int = 0, delta: bool = False, seed: Opt
     """The analysis of one adapter; with ``delta`` also that of what training changed, from the
     step-0 values of ``seed`` (default: the seed of the adapter's run, ``RUN/config.yaml``)."""
     state, config = read_adapter(path)
-    num_experts = config.num_experts if config.is_moe else 1
-    result = {"source": path, **analyse_state(state, config.method, num_experts)}
+    result = {"source": path, **analyse_state(state, config)}
     if delta:
         run_seed = seed_for(path, seed)
         initial = initial_adapter_state(state, config, run_seed)
         result["delta"] = {"seed": run_seed, "max_abs_change": max_abs_change(state, initial),
-                           **analyse_change(state, initial, config.method, num_experts)}
+                           **analyse_change(state, initial, config)}
     if routing_examples:
         result["routing"] = routing_by_task(path, routing_examples)
     return result

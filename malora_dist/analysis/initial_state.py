@@ -15,11 +15,11 @@ from typing import Optional
 import torch.nn as nn
 
 from malora_dist.adapters.inject import inject_adapters
+from malora_dist.analysis.subspaces import layer_prefixes, layer_sizes
 from malora_dist.config.adapter import AdapterConfig
 from malora_dist.config.run import load_run_config
 from malora_dist.parallel.adapter_files import adapter_state
 
-LORA_PREFIX = "base_model.model."
 # DoRA's magnitude starts at the norms of the base weights, which an adapter file does not hold:
 # it has no step-0 value here (the analysis does not read it).
 BASE_DEPENDENT = ("magnitude_vector",)
@@ -43,24 +43,6 @@ def run_seed(path: str) -> int:
     return load_run_config(config).train.seed
 
 
-def _layer_shapes(state: dict, config: AdapterConfig) -> dict:
-    """{layer name: (in_features n, out_features m)}, read off the file's tensors."""
-    shapes = {}
-    if config.method == "lora":
-        for key, value in state.items():
-            if key.endswith(".lora_A.weight"):
-                name = key[len(LORA_PREFIX):-len(".lora_A.weight")]
-                shapes[name] = (value.shape[1], state[f"{LORA_PREFIX}{name}.lora_B.weight"].shape[0])
-        return shapes
-    for key, value in state.items():
-        if key.endswith(".router.weight"):  # W_g is N × n
-            name = key[:-len(".router.weight")]
-            # the output side: S_B (m × d) where the shared subspace is on the up side, else B_t (m × r)
-            up = state.get(f"{name}.shared_B", state[f"{name}.experts.0.up"])
-            shapes[name] = (value.shape[1], up.shape[0])
-    return shapes
-
-
 def _skeleton(shapes: dict) -> nn.Module:
     """A module tree holding one empty linear at each layer name (dots make the nesting)."""
     root = nn.Module()
@@ -79,7 +61,7 @@ def _skeleton(shapes: dict) -> nn.Module:
 def initial_adapter_state(state: dict, config: AdapterConfig, seed: int) -> dict:
     """The step-0 tensors of an adapter whose trained tensors are ``state`` (checkpoint keys, as
     ``read_adapter_state`` gives them), trained from ``seed``: same keys, same shapes."""
-    shapes = _layer_shapes(state, config)
+    shapes = {prefix: layer_sizes(state, prefix, config) for prefix in layer_prefixes(state, config.method)}
     if not shapes:
         raise ValueError("the adapter holds no adapted layer to recompute")
     model = inject_adapters(_skeleton(shapes), config, seed=seed, share_exchanges=False)

@@ -10,6 +10,10 @@ from typing import Optional
 
 import torch
 
+from malora_dist.adapters.variant import AdapterVariant
+from malora_dist.config.adapter import AdapterConfig
+from malora_dist.parallel.adapter_files import checkpoint_keys
+
 # Singular values below this fraction of the largest span no direction (B̄ = 0 at init spans none).
 RANK_TOLERANCE = 1e-6
 
@@ -42,20 +46,40 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def layer_experts(state: dict, prefix: str, method: str, num_experts: int) -> tuple[list, list]:
-    """(down, up) per expert of one layer, in float64: down (r × n) rows in the input space, up (m × r)."""
-    state = {k: v.double() for k, v in state.items() if k.startswith((prefix, f"base_model.model.{prefix}"))}
-    if method == "lora":
-        return ([state[f"base_model.model.{prefix}.lora_A.weight"]], [state[f"base_model.model.{prefix}.lora_B.weight"]])
-    down = [state[f"{prefix}.experts.{t}.down"] for t in range(num_experts)]
-    if f"{prefix}.experts.0.subspace" in state:  # adapter.subspace: per_expert
-        down = [p @ state[f"{prefix}.experts.{t}.subspace"] for t, p in enumerate(down)]
-    elif f"{prefix}.shared_A" in state:  # an expert's down-projection is P_t S_A (HydraLoRA: P_t = I)
-        down = [p @ state[f"{prefix}.shared_A"] for p in down]
-    up = [state[f"{prefix}.experts.{t}.up"] for t in range(num_experts)]
-    if f"{prefix}.shared_B" in state:  # adapter.shared_side: up: an expert's up-projection is S_B P_t
-        up = [state[f"{prefix}.shared_B"] @ p for p in up]
-    return down, up
+def layer_sizes(state: dict, prefix: str, config: AdapterConfig) -> tuple[int, int]:
+    """(n, m) of one adapted layer, read off its tensors under checkpoint keys: LoRA's A (r × n) and
+    B (m × r); a mixture's router (N × n) and its output side, S_B (m × d) where the shared subspace
+    is on the up side, else B_t (m × r)."""
+    keys = functools.partial(checkpoint_keys, prefix, num_experts=1, method=config.method)
+    if config.method == "lora":
+        return state[keys("expert_down")[0]].shape[1], state[keys("expert_up")[0]].shape[0]
+    up = state.get(keys("shared_B")[0], state[keys("expert_up")[0]])
+    return state[keys("router.weight")[0]].shape[1], up.shape[0]
+
+
+def layer_experts(state: dict, prefix: str, config: AdapterConfig) -> tuple[list, list]:
+    """(down, up) per expert of one layer, in float64: down (r × n) rows in the input space, up (m × r),
+    each the product of its variant's factors (``down_factors``, ``up_factors``): MoLoRA's A_t and
+    B_t; MALoRA's P_t S_A and B̄_t (HydraLoRA: P_t = I); P_t S_t with per-expert subspaces; Ā_t and
+    S_B P_t with the shared subspace on the up side."""
+    variant = AdapterVariant.of(config, *layer_sizes(state, prefix, config))
+    tensors = {}
+    for part in variant.parts:
+        if part.name not in variant.down_factors + variant.up_factors:
+            continue
+        keys = checkpoint_keys(prefix, part.name, variant.num_experts, config.method)
+        values = [state[k].double() for k in keys]
+        shape = part.shape[1:] if part.per_expert else part.shape
+        if any(tuple(v.shape) != shape for v in values):
+            raise ValueError(f"{prefix}.{part.name}: the state holds {tuple(values[0].shape)}, where the "
+                             f"{config.method} variant holds {shape}")
+        tensors[part.name] = values if part.per_expert else values * variant.num_experts
+
+    def product(factors: tuple, t: int) -> torch.Tensor:
+        return functools.reduce(torch.matmul, [tensors[name][t] for name in factors])
+
+    experts = range(variant.num_experts)
+    return [product(variant.down_factors, t) for t in experts], [product(variant.up_factors, t) for t in experts]
 
 
 def layer_prefixes(state: dict, method: str) -> list[str]:
@@ -113,10 +137,12 @@ def analyse_layer(down: list, up: list) -> dict:
     }
 
 
-def analyse_state(state: dict, method: str, num_experts: int) -> dict:
-    layers = {prefix: analyse_layer(*layer_experts(state, prefix, method, num_experts))
-              for prefix in layer_prefixes(state, method)}
-    return {"method": method, "num_experts": num_experts, "layers": layers, "by_projection": by_projection(layers)}
+def analyse_state(state: dict, config: AdapterConfig) -> dict:
+    layers = {prefix: analyse_layer(*layer_experts(state, prefix, config))
+              for prefix in layer_prefixes(state, config.method)}
+    num_experts = config.num_experts if config.is_moe else 1
+    return {"method": config.method, "num_experts": num_experts, "layers": layers,
+            "by_projection": by_projection(layers)}
 
 
 def mean_present(values) -> Optional[float]:

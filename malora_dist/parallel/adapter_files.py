@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from malora_dist.adapters.file_format import (
     CONFIG_NAME,
+    LORA_PART_KEYS,
+    PEFT_MODEL_PREFIX,
     WEIGHTS_NAME,
     adapter_config_from_json,
     config_json,
@@ -28,35 +30,40 @@ from malora_dist.adapters.file_format import (
     split_mixture_file_key,
 )
 from malora_dist.adapters.inject import adapter_layers, inject_adapters
+from malora_dist.adapters.variant import PER_EXPERT_PARTS, Part
 from malora_dist.config.adapter import AdapterConfig
 from malora_dist.config.loading import load_json
 from malora_dist.parallel.sharding import full_tensor, local_slice
 from malora_dist.runtime.groups import ParallelGroups
 
 
-def _file_keys(prefix: str, suffix: str, num_experts: int, method: str) -> list[str]:
-    """Checkpoint keys of one full tensor: one per expert for MoE experts (in global order), PEFT's names for LoRA."""
-    if suffix == "magnitude":  # DoRA: PEFT's key (lora only)
-        return [f"base_model.model.{prefix}.lora_magnitude_vector"]
-    if not _is_stacked(suffix):
-        return [f"{prefix}.{suffix}"]
+def checkpoint_keys(prefix: str, part: str, num_experts: int, method: str) -> list[str]:
+    """Checkpoint keys of one part's full tensor: PEFT's names for method lora, one key per expert
+    (in global order) for a mixture's per-expert part, else the layer's name and the part's."""
     if method == "lora":
-        return [f"base_model.model.{prefix}.{'lora_A' if suffix == 'expert_down' else 'lora_B'}.weight"]
-    return [f"{prefix}.experts.{t}.{suffix.split('_')[1]}" for t in range(num_experts)]
+        return [f"{PEFT_MODEL_PREFIX}{prefix}.{LORA_PART_KEYS[part]}"]
+    if part in PER_EXPERT_PARTS:
+        return [f"{prefix}.experts.{t}.{part.split('_')[1]}" for t in range(num_experts)]
+    return [f"{prefix}.{part}"]
 
 
-def _is_stacked(suffix: str) -> bool:
-    return suffix in ("expert_down", "expert_up", "expert_subspace")
+# train/checkpoint.py reads the checkpoint keys under these names.
+_file_keys = checkpoint_keys
 
 
-def _tensor_keys(name: str, layer: nn.Module, suffix: str, peft_form: bool) -> tuple[list, bool]:
-    """The keys of one adapter tensor and whether the full tensor is split over them on dim 0.
+def _is_stacked(part: str) -> bool:
+    return part in PER_EXPERT_PARTS
+
+
+def _tensor_keys(name: str, layer: nn.Module, part: Part, peft_form: bool) -> tuple[list, bool]:
+    """The keys of one part's tensor and whether the full tensor is split over them on dim 0 (its
+    experts, one key each).
 
     ``peft_form``: the file keys of the PEFT mixture method (one full tensor, named as the
     parameter is named in the layer); LoRA's checkpoint keys are already PEFT's."""
     if peft_form and layer.method != "lora":
-        return [mixture_file_key(name, suffix)], False
-    return _file_keys(name, suffix, layer.num_experts, layer.method), _is_stacked(suffix)
+        return [mixture_file_key(name, part.name)], False
+    return checkpoint_keys(name, part.name, layer.num_experts, layer.method), part.per_expert
 
 
 def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None, peft_form: bool = False) -> dict:
@@ -65,9 +72,9 @@ def adapter_state(model: nn.Module, groups: Optional[ParallelGroups] = None, pef
     groups = groups or ParallelGroups.single()
     state = {}
     for name, layer in adapter_layers(model):
-        for suffix, param in layer.adapter_tensors():
+        for part, (_, param) in zip(layer.variant.parts, layer.adapter_tensors()):
             full = full_tensor(param, groups).cpu().clone()  # a snapshot, never a view of the live parameter
-            keys, split = _tensor_keys(name, layer, suffix, peft_form)
+            keys, split = _tensor_keys(name, layer, part, peft_form)
             state.update(zip(keys, full.unbind(0) if split else [full]))
     return state
 
@@ -113,8 +120,8 @@ def read_adapter_state(directory: str) -> tuple[dict, AdapterConfig]:
     converted = {}
     for key, value in state.items():
         layer_name, part = split_mixture_file_key(key)
-        keys = _file_keys(layer_name, part, config.num_experts, config.method)
-        converted.update(zip(keys, value.unbind(0) if _is_stacked(part) else [value]))
+        keys = checkpoint_keys(layer_name, part, config.num_experts, config.method)
+        converted.update(zip(keys, value.unbind(0) if part in PER_EXPERT_PARTS else [value]))
     return converted, config
 
 
@@ -136,19 +143,18 @@ def load_adapter_state(model: nn.Module, state: dict, groups: ParallelGroups, so
     adapter parameters."""
     expected = set()
     for name, layer in adapter_layers(model):
-        for suffix, param in layer.adapter_tensors():
-            keys, split = _tensor_keys(name, layer, suffix, peft_form)
+        for part, (_, param) in zip(layer.variant.parts, layer.adapter_tensors()):
+            keys, split = _tensor_keys(name, layer, part, peft_form)
             missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"{source} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}: "
                                  f"it does not match this model's adapter layout")
             full = torch.stack([state[k] for k in keys]) if split else state[keys[0]]
-            part = local_slice(full, param, groups)
-            if part.shape != param.shape:
-                raise ValueError(f"{source}: {name}.{suffix} has shape {tuple(full.shape)}, which does not fit "
-                                 f"a local parameter of shape {tuple(param.shape)}")
+            if tuple(full.shape) != part.shape:
+                raise ValueError(f"{source}: {name}.{part.name} has shape {tuple(full.shape)}, where this model's "
+                                 f"{layer.method} adapter holds {part.shape}")
             with torch.no_grad():
-                param.copy_(part)
+                param.copy_(local_slice(full, param, groups))
             expected.update(keys)
     unexpected = sorted(set(state) - expected)
     if unexpected:

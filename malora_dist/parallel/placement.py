@@ -8,11 +8,13 @@ all-to-all's latency and bandwidth on the EP group that carries it, the gradient
 bandwidth on the dp group, the matmul rate, the cost of one small op and the copy bandwidth.
 
 - ep: the all-to-all dispatcher's collectives and bytes (``AllToAllDispatch.link_terms``, at the
-  activations' dtype), plus the local work of the dispatcher and the grouped experts on N/ep
-  experts, counted from their own ATen ops (``count_work``);
+  activations' dtype; per slot the variant's ``sent_width`` out and ``returned_width`` back), plus
+  the local work of the dispatcher and the grouped experts on N/ep experts, counted from their own
+  ATen ops (``count_work``);
 - replicate: the extra gradient all-reduce bytes of holding all N experts instead of N/ep,
-  ``2·(dp−1)/dp·N·P − 2·(edp−1)/edp·(N/ep)·P`` (P = bytes of one expert, fp32 master weights),
-  plus the local work of the kernel the layer would use for N local experts.
+  ``2·(dp−1)/dp·N·P − 2·(edp−1)/edp·(N/ep)·P`` (P = bytes of one expert's trainable parts in the
+  variant, fp32 gradients), plus the local work of the kernel the layer would use for N local
+  experts.
 
 What it leaves out (see benchmarks/README.md, "Crossover"): ranks waiting for each other at every
 collective beyond the measured latency, and cache effects at large N·T.
@@ -30,8 +32,9 @@ import torch.nn as nn
 
 from malora_dist.adapters.cost import CostTerms, count_work
 from malora_dist.adapters.dispatch import AllToAllDispatch
-from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layer_class import adapter_linear
 from malora_dist.adapters.layout import AdapterLayout
+from malora_dist.adapters.variant import AdapterVariant
 from malora_dist.config.adapter import AdapterConfig
 
 PLACEMENTS = ("ep", "replicate", "auto")
@@ -154,7 +157,7 @@ def _counted_work(config: AdapterConfig, n: int, m: int, ep: int, dtype: torch.d
     same at either placement)."""
     layout = AdapterLayout(ep_size=ep) if ep > 1 else AdapterLayout()
     base = nn.Linear(n, m, bias=False).to(dtype)
-    layer = AdapterLinear(base, config, layout=layout)
+    layer = adapter_linear(base, config, layout=layout)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.expert_up.normal_(generator=gen)
@@ -174,18 +177,21 @@ def _counted_work(config: AdapterConfig, n: int, m: int, ep: int, dtype: torch.d
 
 
 def placement_costs(config: AdapterConfig, n: int, m: int, tokens_per_rank: int, dp: int, ep: int, link: LinkModel,
-                    micro_batches: int = 1, dtype: torch.dtype = torch.float32, exchange_members: int = 1) -> PlacementCosts:
+                    micro_batches: int = 1, dtype: torch.dtype = torch.float32,
+                    exchange_members: int = 1) -> PlacementCosts:
     """Predicted seconds per step of each placement for one layer (``n``, ``m``: full sizes);
     ``tokens_per_rank``: per step, over its ``micro_batches``; ``exchange_members``: the adapted
     layers that would share this layer's exchange (q/k/v: 3, gate/up: 2; ``siblings.py``)."""
-    width = config.d if config.has_shared_projection else n  # what travels per slot
-    back = config.d if config.has_shared_up else m  # what returns per slot (S_B applies after the return)
+    variant = AdapterVariant.of(config, n, m)
     tokens = max(tokens_per_rank // micro_batches, 1)
     bytes_per_number = torch.empty((), dtype=dtype).element_size()
-    exchange = (AllToAllDispatch.link_terms(tokens * config.top_k, width, back, ep, bytes_per_number, exchange_members)
+    # what travels per slot, and what comes back (d where S_B applies after the return)
+    exchange = (AllToAllDispatch.link_terms(tokens * variant.top_k, variant.sent_width, variant.returned_width, ep,
+                                            bytes_per_number, exchange_members)
                 + layer_work(config, n, m, ep, tokens, dtype)).scaled(micro_batches)
-    expert_bytes = config.adapter_rank * (width + back) * 4  # fp32 master weights and gradients
+    expert_bytes = variant.trainable_numbers_per_expert * 4  # fp32 gradients; frozen parts have none
     num, edp = config.num_experts, dp // ep
     extra = 2 * (dp - 1) / dp * num * expert_bytes - 2 * (edp - 1) / edp * num / ep * expert_bytes
-    replicate = CostTerms(reduce_bytes=max(extra, 0.0)) + layer_work(config, n, m, 1, tokens, dtype).scaled(micro_batches)
+    replicate = (CostTerms(reduce_bytes=max(extra, 0.0))
+                 + layer_work(config, n, m, 1, tokens, dtype).scaled(micro_batches))
     return PlacementCosts(exchange.seconds(link), replicate.seconds(link), exchange, replicate)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from malora_dist.adapters.file_format import ADAPTER_ATTR
-from malora_dist.adapters.layer import AdapterLinear
+from malora_dist.adapters.layer_class import adapter_linear
 from malora_dist.config.adapter import AdapterConfig
 
 MERGE_REFUSED = (
@@ -58,8 +58,8 @@ class MaloraDistLayer(nn.Module, BaseTunerLayer):
         """Add an adapter; ``name`` (the linear's name in the model) seeds its initial values as
         ``inject_adapters`` would."""
         # the reference kernel: the fused one computes W0 x inside its Function, and here the tuner layer owns W0
-        self.adapter_modules[adapter_name] = AdapterLinear(ZeroBase(self.in_features, self.out_features),
-                                                           dataclasses.replace(config, kernel="reference"), name=name)
+        self.adapter_modules[adapter_name] = adapter_linear(ZeroBase(self.in_features, self.out_features),
+                                                            dataclasses.replace(config, kernel="reference"), name=name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 

@@ -152,7 +152,7 @@ def rank_memory(config: RunConfig, model: nn.Module, decisions: dict, local: nn.
     hf = local.config
     tokens = config.train.micro_batch_size * config.data.seq_len
     act_bytes = torch.empty((), dtype=DTYPES[config.model.dtype]).element_size()
-    rows = sum(_travelling_rows(layer, config, tokens) for name, layer in adapter_layers(model)
+    rows = sum(_travelling_rows(layer, tokens) for name, layer in adapter_layers(model)
                if decisions.get(name) == "ep") * act_bytes
     layers = hf.num_hidden_layers
     per_layer = (full - outside) / layers
@@ -160,7 +160,6 @@ def rank_memory(config: RunConfig, model: nn.Module, decisions: dict, local: nn.
     return RankMemory(**static, activation_bytes=int(full + rows), checkpointed_activation_bytes=int(with_ac))
 
 
-def _travelling_rows(layer, config: RunConfig, tokens: int) -> int:
+def _travelling_rows(layer, tokens: int) -> int:
     """Numbers received per micro-batch by a layer whose experts are split: k·T rows of what travels."""
-    width = config.adapter.d if config.adapter.has_shared_projection else layer.in_features
-    return config.adapter.top_k * tokens * width
+    return layer.variant.top_k * tokens * layer.variant.sent_width

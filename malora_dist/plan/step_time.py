@@ -35,6 +35,7 @@ import torch
 from malora_dist.adapters.dispatch import AllToAllDispatch
 from malora_dist.adapters.inject import adapter_layers, adapter_parameters
 from malora_dist.adapters.tags import is_ep_sharded
+from malora_dist.adapters.variant import AdapterVariant
 from malora_dist.parallel.gradients import clip_grad_norm_
 from malora_dist.parallel.placement import LinkModel, layer_work
 from malora_dist.plan.machine import Machine
@@ -128,10 +129,10 @@ def exchange_s(model, decisions: dict, config, groups, machine: Machine) -> floa
         if decisions.get(name) != "ep":
             continue
         n, m = _local_sizes(layer, groups.tp)
-        width = adapter.d if adapter.has_shared_projection else n
-        back = adapter.d if adapter.has_shared_up else m
+        variant = AdapterVariant.of(adapter, n, m)  # at this rank's sizes: its rows' widths
         members = len(layer.siblings.members) if layer.siblings is not None else 1  # sharing one exchange
-        terms = AllToAllDispatch.link_terms(tokens * adapter.top_k, width, back, groups.ep, element, members)
+        terms = AllToAllDispatch.link_terms(tokens * variant.top_k, variant.sent_width, variant.returned_width,
+                                            groups.ep, element, members)
         extra = layer_work(adapter, n, m, groups.ep, tokens, dtype).seconds(link) \
             - layer_work(adapter, n, m, 1, tokens, dtype).seconds(link)
         total += terms.seconds(link) + max(extra, 0.0)
