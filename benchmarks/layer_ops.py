@@ -39,7 +39,7 @@ def one_step(module, x, grad, one):
         out.backward(grad)
     else:
         torch.autograd.backward([out, stats.prob_sums], [grad, one.expand(stats.prob_sums.shape)])
-        module.router.stats = None
+        module.router.clear()
     for p in module.parameters():
         p.grad = None
 

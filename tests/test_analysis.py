@@ -96,7 +96,8 @@ def test_random_subspace_baseline_against_numpy():
     space has similarity 1 with any other."""
     rng = np.random.default_rng(11)
     for ambient, dim in ((64, 8), (16, 4)):
-        draws = [_numpy_cca(rng.standard_normal((ambient, dim)), rng.standard_normal((ambient, dim))) for _ in range(400)]
+        draws = [_numpy_cca(rng.standard_normal((ambient, dim)), rng.standard_normal((ambient, dim)))
+                 for _ in range(400)]
         assert random_subspace_similarity(ambient, dim) == pytest.approx(np.mean(draws), abs=0.02)
     assert random_subspace_similarity(6, 6) == pytest.approx(1.0)
     assert random_subspace_similarity(64, 8) < random_subspace_similarity(16, 4) < 1

@@ -77,7 +77,8 @@ def _expert_matrices(state, name, method):
     """(down_t, up_t, P_t or None) per expert of one layer, as numpy float64, from checkpoint keys."""
     if method == "lora":
         prefix = f"base_model.model.{name}"
-        return [state[f"{prefix}.lora_A.weight"].double().numpy()], [state[f"{prefix}.lora_B.weight"].double().numpy()], None
+        down, up = state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"]
+        return [down.double().numpy()], [up.double().numpy()], None
     coefficients = [state[f"{name}.experts.{t}.down"].double().numpy() for t in range(4)]
     up = [state[f"{name}.experts.{t}.up"].double().numpy() for t in range(4)]
     if f"{name}.shared_A" in state:
@@ -113,7 +114,8 @@ def test_the_learned_change_of_a_trained_run(trained_runs, tmp_path, run):
             assert layer["cca_down"] is None
             continue
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-        assert layer["cca_down"]["mean"] == pytest.approx(np.mean([_numpy_cca(d_down[i].T, d_down[j].T) for i, j in pairs]))
+        expected_down = np.mean([_numpy_cca(d_down[i].T, d_down[j].T) for i, j in pairs])
+        assert layer["cca_down"]["mean"] == pytest.approx(expected_down)
         assert layer["cca_up"]["mean"] == pytest.approx(np.mean([_numpy_cca(d_up[i], d_up[j]) for i, j in pairs]))
         assert layer["cca_down_random"] == random_subspace_similarity(down[0].shape[1], min(down[0].shape))
         if method == "malora":

@@ -229,7 +229,8 @@ def distributed_run(case, groups):
         "ref_dropped": ref_dropped,
         "traffic": layer.traffic.as_dict(),
         "init_gap": init_gap,
-        "local_expert_bytes": sum(p.numel() * p.element_size() for n, p in layer.adapter_tensors() if n.startswith("expert")),
+        "local_expert_bytes": sum(p.numel() * p.element_size() for n, p in layer.adapter_tensors()
+                                  if n.startswith("expert")),
         "local_slots": case.tokens[rank] * case.top_k,
         "decisions": decisions,
     }

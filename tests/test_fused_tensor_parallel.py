@@ -47,7 +47,8 @@ def adapter_config(method: str, kernel: str) -> AdapterConfig:
 
 def full_values(method: str) -> dict:
     """Random full adapter tensors (B ≠ 0), from a one-process build."""
-    model = inject_adapters(build_tiny_causal_lm(MODEL, seed=0, dtype=torch.float64), adapter_config(method, "reference"))
+    base = build_tiny_causal_lm(MODEL, seed=0, dtype=torch.float64)
+    model = inject_adapters(base, adapter_config(method, "reference"))
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in adapter_parameters(model):

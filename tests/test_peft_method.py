@@ -192,7 +192,8 @@ def test_registration_is_idempotent_and_the_package_import_does_not_load_peft():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["MALORA_DIST"] is MaloraDistConfig
     assert isinstance(MaloraDistConfig(method="molora").peft_type, PeftType)
     # training and export write the PEFT form without importing PEFT
-    code = "import sys, malora_dist, malora_dist.export.checkpoint; assert 'peft' not in sys.modules, sorted(sys.modules)"
+    code = ("import sys, malora_dist, malora_dist.export.checkpoint; "
+            "assert 'peft' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
 
 
@@ -220,4 +221,5 @@ def test_low_cpu_mem_usage_and_a_bf16_base(tmp_path):
         logits = model(IDS).logits
     assert {p.dtype for n, p in model.named_parameters() if ".malora_dist_adapter." in n} == {torch.float32}
     assert logits.dtype == torch.bfloat16
-    assert (logits.float() - expected).abs().max() <= 5e-2 * expected.abs().max()  # bf16 rounding, not a missing adapter
+    # bf16 rounding, not a missing adapter
+    assert (logits.float() - expected).abs().max() <= 5e-2 * expected.abs().max()

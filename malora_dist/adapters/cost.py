@@ -1,10 +1,11 @@
 """Cost terms of the adapter's parts, for the ``auto`` placement (docs/ARCHITECTURE.md §6 (placement)).
 
-Each part reports what it costs in a few currencies, priced by the measured link
-and device (``malora_dist.parallel.placement.LinkModel``): collectives (latency each), bytes on the
-expert-parallel link, gradient all-reduce bytes on the dp link, small ops (a fixed cost each: dispatch, launch), bytes read and written by ops that move data
-(copy bandwidth) and matmul FLOPs (matmul rate). The local work is not hand-counted: ``count_work``
-runs the part's own forward and backward under a dispatch mode and counts the ATen ops it issues,
+Each part reports what it costs in a few currencies, priced by the measured link and device
+(``malora_dist.parallel.placement.LinkModel``): collectives (latency each), bytes on the
+expert-parallel link, gradient all-reduce bytes on the dp link, small ops (a fixed cost each:
+dispatch, launch), bytes read and written by ops that move data (copy bandwidth) and matmul FLOPs
+(matmul rate). The local work is not hand-counted: ``count_work`` runs the part's own forward and
+backward under a dispatch mode and counts the ATen ops it issues,
 so the terms follow the code.
 """
 
@@ -65,7 +66,8 @@ class WorkCounter(TorchDispatchMode):
         flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
         flat_out = torch.utils._pytree.tree_leaves(out)
         if name.rstrip("_") in _MATMULS:
-            # the two factors: the last two tensors (addmm: the first is the added term), or grouped_mm's first two (its offsets follow)
+            # the two factors: the last two tensors (addmm: the first is the added term), or grouped_mm's
+            # first two (its offsets follow)
             operands = [t for t in flat_in if isinstance(t, torch.Tensor)]
             a, b = operands[:2] if name == "_grouped_mm" else operands[-2:]
             self.terms.flops += 2 * a.numel() * b.shape[-1]

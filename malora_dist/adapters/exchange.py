@@ -162,7 +162,8 @@ class ExpertExchange:
             batches.append(RowBatch(rows[perm], local, flight.local_counts[s]))
         return batches
 
-    def give_back(self, results: list[torch.Tensor], flight: InFlight, traffic: list[TrafficCounter]) -> list[torch.Tensor]:
+    def give_back(self, results: list[torch.Tensor], flight: InFlight,
+                  traffic: list[TrafficCounter]) -> list[torch.Tensor]:
         """Send each member's expert outputs back to the ranks their tokens came from; each member's
         rows return in the order it sent them."""
         source_major = [r if perm is None else torch.empty_like(r).index_copy(0, perm, r)
@@ -174,7 +175,8 @@ class ExpertExchange:
             counter.combine_bytes_remote += (sum(flight.recv_splits[s]) - flight.recv_splits[s][self.ep_rank]) * width
         members = len(results)
         back = self._all_to_all(_pack(source_major, flight.recv_splits, self.ep_size),
-                                _sizes(flight.send_splits, widths, members), _sizes(flight.recv_splits, widths, members))
+                                _sizes(flight.send_splits, widths, members),
+                                _sizes(flight.recv_splits, widths, members))
         back = wait_tensor(back) if self.group is not None else back
         return _unpack(back, flight.send_splits, widths, self.ep_size)
 

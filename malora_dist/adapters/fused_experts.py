@@ -57,7 +57,8 @@ def padded_rank(rank: int, dtype: torch.dtype) -> int:
     return -(-rank // per_16_bytes) * per_16_bytes
 
 
-def prepare_grouped_weights(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype, sources: int = 1) -> GroupedWeights:
+def prepare_grouped_weights(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype,
+                            sources: int = 1) -> GroupedWeights:
     """``sources`` > 1: the stack repeated once per source rank, for rows left in the source-major
     order they arrived in (``RowBatch.sources``): group g uses expert g % E."""
     with torch.no_grad():

@@ -27,7 +27,8 @@ def kaiming_uniform(rows: int, cols: int, generator: torch.Generator | None = No
     return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
 
 
-def malora_expert_svd(shared_dim: int, in_features: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def malora_expert_svd(shared_dim: int, in_features: int,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_t Σ_t, V_t)`` of the cropped SVD of one expert's Kaiming-uniform draw ``K_t`` (d×n)."""
     u, s, vh = torch.linalg.svd(kaiming_uniform(shared_dim, in_features, generator), full_matrices=False)
     return u * s, vh
@@ -49,7 +50,8 @@ def malora_expert_subspace_init(expert: int, shared_dim: int, in_features: int, 
 def malora_coefficients_init(expert: int, shared_dim: int, expert_rank: int, in_features: int, beta: float,
                              seed: int, layer: str) -> torch.Tensor:
     """``P_t = (U_t Σ_t)[:r̄] / β`` for one expert."""
-    return malora_expert_svd(shared_dim, in_features, generator_for(seed, layer, "down", expert))[0][:expert_rank] / beta
+    scaled_u, _ = malora_expert_svd(shared_dim, in_features, generator_for(seed, layer, "down", expert))
+    return scaled_u[:expert_rank] / beta
 
 
 def lora_down_init(expert: int, rank: int, in_features: int, seed: int, layer: str) -> torch.Tensor:

@@ -51,7 +51,8 @@ class SharedProjection(nn.Module):
         self.dropout = dropout
         self.hooks = hooks
 
-    def forward(self, x: torch.Tensor, router_weight: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                router_weight: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(router logits or None, the adapter's input z)."""
         if self.weight is not None and router_weight is not None and self._fusable(router_weight):
             # One product for the router and S_A (both read x): one skinny input-gradient GEMM and one

@@ -47,14 +47,6 @@ def checkpoint_keys(prefix: str, part: str, num_experts: int, method: str) -> li
     return [f"{prefix}.{part}"]
 
 
-# train/checkpoint.py reads the checkpoint keys under these names.
-_file_keys = checkpoint_keys
-
-
-def _is_stacked(part: str) -> bool:
-    return part in PER_EXPERT_PARTS
-
-
 def _tensor_keys(name: str, layer: nn.Module, part: Part, peft_form: bool) -> tuple[list, bool]:
     """The keys of one part's tensor and whether the full tensor is split over them on dim 0 (its
     experts, one key each).

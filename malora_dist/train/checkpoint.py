@@ -34,8 +34,9 @@ import torch.distributed.checkpoint as dcp
 
 from malora_dist.adapters.inject import adapter_layers
 from malora_dist.adapters.tags import is_expert
+from malora_dist.adapters.variant import PER_EXPERT_PARTS
 from malora_dist.config.loading import field_default, without_defaults
-from malora_dist.parallel.adapter_files import _file_keys, _is_stacked
+from malora_dist.parallel.adapter_files import checkpoint_keys
 from malora_dist.parallel.sharding import gather_tp, slice_tp
 from malora_dist.runtime.log import get_logger
 from malora_dist.train import balance_record
@@ -91,8 +92,8 @@ def _entries(model, groups):
     """(key, param, local expert index or None) for every tensor this rank offers or needs."""
     for name, layer in adapter_layers(model):
         for suffix, param in layer.adapter_tensors():
-            keys = _file_keys(name, suffix, layer.num_experts, layer.method)
-            if not _is_stacked(suffix):
+            keys = checkpoint_keys(name, suffix, layer.num_experts, layer.method)
+            if suffix not in PER_EXPERT_PARTS:
                 yield keys[0], param, None
             elif is_expert(param):
                 for j in range(layer.num_local_experts):
