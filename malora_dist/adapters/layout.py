@@ -18,7 +18,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class AdapterLayout:
     """slice_group: the ranks that hold other tokens of this rank's micro-batches, over which the
-    router losses' counts are all-reduced (``routing.RouterStatistics``). None for every layout
+    router losses' counts are all-reduced (``gating.RouterStatistics``). None for every layout
     today: dp and ep ranks hold whole sequences of their own, tp peers the same ones.
     ep_group, ep_size, ep_rank: the expert-parallel group that splits the experts, or
     (None, 1, 0) when every rank holds all experts."""

@@ -42,7 +42,7 @@ class AdapterConfig:
     target_modules: names of the linear layers to adapt.
     balance_loss_coef: coefficient of the Switch load-balancing loss N Σ_i f_i P̄_i, taken over each
         micro-batch (``train.micro_batch_size`` sequences, the same at every layout) and averaged
-        over the MoE layers and the step's micro-batches (``routing.balance_loss``).
+        over the MoE layers and the step's micro-batches (``gating.balance_loss``).
     router_z_loss_coef: coefficient of the router z-loss (mean squared logsumexp of the logits
         over a micro-batch's tokens, averaged as the balance loss).
     normalize_gates: renormalise the top-k gates to sum to one (the paper does not).

@@ -1,7 +1,7 @@
 """What a checkpoint records about its balance loss, and what a resumed run says about it.
 
 The token set of the balance loss is part of what a run computes, but lives outside the fingerprinted
-config sections: it is each micro-batch of ``train.micro_batch_size`` sequences (``routing.balance_loss``).
+config sections: it is each micro-batch of ``train.micro_batch_size`` sequences (``gating.balance_loss``).
 New checkpoints record that definition and the micro-batch size. Resuming compares them with the run:
 
 - a different ``train.micro_batch_size`` is allowed (train keys are the user's to change on resume,

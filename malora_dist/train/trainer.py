@@ -5,7 +5,7 @@ Per optimizer step (docs/ARCHITECTURE.md §5.1 (the loss of a step)): every rank
 tokens over all its micro-batches and one all-reduce gives the step's global count *before the first
 backward*; each micro-batch's loss is its summed token loss over that global count, so summed
 gradients equal the single-process gradient whatever the layout, padding or answer masks. The router
-losses are taken over each micro-batch (``routing.balance_loss`` says why): a fixed slice of the
+losses are taken over each micro-batch (``gating.balance_loss`` says why): a fixed slice of the
 global batch, so the same sequences at every layout; the step's auxiliary loss is their mean over all
 the step's micro-batches (global_batch_size / micro_batch_size of them, on whichever ranks they lie),
 so each rank adds its micro-batches' losses over that count and the summed gradients are the
