@@ -179,6 +179,33 @@ def test_bf16_base_stays_as_close_to_fp64_as_the_reference():
         assert fused_err <= max(2 * reference_err, 2e-2), errors
 
 
+@pytest.mark.parametrize("method,dropout", [("malora", 0.0), ("malora", 0.3), ("molora", 0.0)])
+def test_routing_on_a_bf16_base_is_the_reference_parts_routing(method, dropout):
+    """The routing Function computes the router (and S_A) as the reference parts do on a bf16 base
+    with fp32 adapter weights: the fp32 weights, x upcast; so the probabilities, the router losses
+    and the top-k choices are the reference's (rounding W_g and S_A to bf16 changed them)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, TOKENS // 2, N_IN, generator=gen, dtype=torch.float64)
+    places = token_places(0, 2, TOKENS // 2)
+    layers = {kernel: make_layer(kernel, method, 2, dropout, 0.1, dtype=torch.bfloat16, expert_kernel="sparse")
+              for kernel in ("fused", "reference")}
+    assert layers["fused"].fused_route is not None and layers["reference"].fused_route is None
+    results = {}
+    for kernel, layer in layers.items():
+        layer.train()
+        set_dropout_context(layer, DropoutContext(seed=3, step=2, token_place=places))
+        out = layer(x.to(torch.bfloat16))
+        stats = layer.router_stats
+        results[kernel] = (out.detach(), stats.prob_sums.detach(), stats.slot_counts.clone(),
+                           auxiliary_loss(layer).item())
+    out, prob_sums, counts, aux = results["fused"]
+    ref_out, ref_prob_sums, ref_counts, ref_aux = results["reference"]
+    assert torch.equal(counts, ref_counts)
+    assert rel_err(prob_sums.double(), ref_prob_sums.double()) <= 1e-6
+    assert aux == pytest.approx(ref_aux, rel=1e-6)
+    assert rel_err(out.double(), ref_out.double()) <= 1e-2  # the experts' bf16 products, summed in other orders
+
+
 def test_weights_are_prepared_once_per_optimizer_step():
     layer = make_layer("fused", "malora")
     x = torch.randn(TOKENS, N_IN, dtype=torch.float64)
