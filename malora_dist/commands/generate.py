@@ -26,15 +26,10 @@ import sys
 from typing import Optional
 
 from malora_dist.config.loading import read_text
-from malora_dist.config.run import load_run_config
-from malora_dist.evaluation.run import pinned_keys
 from malora_dist.inference.answers import generate_all, share_from_rank0
 from malora_dist.inference.decoding import Sampling
-from malora_dist.inference.model import fit_eval_layout, validate_eval_layout
-from malora_dist.parallel.adapter_files import read_adapter_config
+from malora_dist.inference.model import serving_config, validate_eval_layout
 from malora_dist.runtime.distributed import init_distributed, shutdown_distributed
-from malora_dist.runtime.launch_env import resolve_launch_env
-from malora_dist.runtime.log import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,13 +79,7 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.cache)
-        config = load_run_config(args.config, args.set)
-        if args.adapter is not None and not os.path.isdir(args.adapter):
-            raise ValueError(f"--adapter {args.adapter!r} is not a directory")
-        adapter = read_adapter_config(args.adapter) if args.adapter is not None else None
-        launch = resolve_launch_env(os.environ)
-        setup_logging(launch.rank)
-        config = fit_eval_layout(config, launch.world_size, adapter, pinned_keys(args.set))
+        config, launch, adapter = serving_config(args.config, args.set, args.adapter)
         validate_eval_layout(config, launch.world_size, adapter)
         # torchrun and srun connect stdin to the first rank only: it reads and shares the prompts.
         prompts = read_prompts(args.prompts) if args.prompts is not None or launch.rank == 0 else None

@@ -10,15 +10,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from malora_dist.config.run import RunConfig, load_run_config
+from malora_dist.config.run import RunConfig
 from malora_dist.evaluation.report import task_entry
 from malora_dist.evaluation.scoring import generate_answers, make_item, score_multiple_choice
 from malora_dist.evaluation.tasks import EvalTask, load_eval_tasks, task_configs_from_specs
-from malora_dist.inference.model import build_eval_model, fit_eval_layout, validate_eval_layout
+from malora_dist.inference.model import build_eval_model, serving_config, validate_eval_layout
 from malora_dist.parallel.adapter_files import read_adapter_config
 from malora_dist.runtime.distributed import init_distributed, pick_backend_and_device, shutdown_distributed
 from malora_dist.runtime.groups import ParallelGroups
-from malora_dist.runtime.launch_env import resolve_launch_env
 from malora_dist.runtime.log import setup_logging
 from malora_dist.train.build import load_run_tokenizer
 
@@ -96,11 +95,6 @@ def evaluate_run(config: RunConfig, task_configs: Optional[list] = None, adapter
     }
 
 
-def pinned_keys(overrides: list) -> frozenset:
-    """The config keys that ``--set section.key=value`` overrides name."""
-    return frozenset(o.partition("=")[0].strip() for o in overrides)
-
-
 def evaluate_from_config(config_path: str, overrides: list, adapter_dir: Optional[str] = None,
                          task_specs: Optional[list] = None, limit: Optional[int] = None,
                          row_tokens: int = ROW_TOKENS, rows_per_batch: int = ROWS_PER_BATCH) -> Optional[dict]:
@@ -113,14 +107,8 @@ def evaluate_from_config(config_path: str, overrides: list, adapter_dir: Optiona
     for flag, value in (("--limit", limit), ("--row-tokens", row_tokens), ("--rows-per-batch", rows_per_batch)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    config = load_run_config(config_path, overrides)
     task_configs = task_configs_from_specs(task_specs) if task_specs else None
-    if adapter_dir is not None and not os.path.isdir(adapter_dir):
-        raise ValueError(f"--adapter {adapter_dir!r} is not a directory")
-    launch = resolve_launch_env(os.environ)  # a broken launch environment fails before any process group
-    setup_logging(launch.rank)
-    adapter = read_adapter_config(adapter_dir) if adapter_dir is not None else None
-    config = fit_eval_layout(config, launch.world_size, adapter, pinned_keys(overrides))
+    config, _, _ = serving_config(config_path, overrides, adapter_dir)
     init_distributed(config.parallel.timeout_s)
     try:
         return evaluate_run(config, task_configs, adapter_dir, limit, row_tokens, rows_per_batch)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from malora_dist.config.adapter import AdapterConfig
-from malora_dist.config.run import RunConfig
+from malora_dist.config.run import RunConfig, load_run_config
 from malora_dist.parallel.adapter_files import load_adapter, read_adapter_config
 from malora_dist.parallel.parallelize import build_adapters
 from malora_dist.runtime.groups import ParallelGroups, validate_layout
-from malora_dist.runtime.log import get_logger
+from malora_dist.runtime.launch_env import LaunchEnv, resolve_launch_env
+from malora_dist.runtime.log import get_logger, setup_logging
 from malora_dist.train.build import load_base
 
 
@@ -64,3 +66,22 @@ def build_eval_model(config: RunConfig, groups: ParallelGroups, device: torch.de
         build_adapters(model, read_adapter_config(adapter_dir), groups)
         load_adapter(model, adapter_dir, groups)  # fills the injected, sliced adapters
     return model.eval()
+
+
+def pinned_keys(overrides: list) -> frozenset:
+    """The config keys that ``--set section.key=value`` overrides name."""
+    return frozenset(o.partition("=")[0].strip() for o in overrides)
+
+
+def serving_config(config_path: str, overrides: list,
+                   adapter_dir: Optional[str]) -> tuple[RunConfig, LaunchEnv, Optional[AdapterConfig]]:
+    """The run config in the layout this launch can hold, the launch, and the adapter's config: what
+    evaluation and generation read before they start the process group. Bad input (the config, the
+    adapter directory, the launch environment) raises ``ValueError`` before any process group."""
+    config = load_run_config(config_path, overrides)
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise ValueError(f"--adapter {adapter_dir!r} is not a directory")
+    launch = resolve_launch_env(os.environ)
+    setup_logging(launch.rank)
+    adapter = read_adapter_config(adapter_dir) if adapter_dir is not None else None
+    return fit_eval_layout(config, launch.world_size, adapter, pinned_keys(overrides)), launch, adapter
